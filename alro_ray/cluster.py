@@ -1,0 +1,28 @@
+"""Connecting to Ray: a cluster when one is named (RAY_ADDRESS, as `ray job submit` sets it),
+else a local one sized for this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("alro_ray")
+
+
+def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    # A capped object store keeps small containers from running out of /dev/shm.
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        log_to_driver=True,
+    )
+    log.info("started a local Ray: %s", ray.cluster_resources())

@@ -1,0 +1,164 @@
+"""Evaluation metrics (spec §5): NDCG@k, position bias, time per query.
+
+Pure numpy, no scipy: the rank correlations are small (C points) and written out here
+so their tie handling is explicit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_KS: tuple[int, ...] = (3, 10, 25)
+
+
+def _relevance_array(relevance: Sequence[float]) -> np.ndarray:
+    rel = np.asarray(relevance, dtype=np.float64)
+    if rel.ndim != 1:
+        raise ValueError(f"relevance must be a 1-D sequence, got shape {rel.shape}")
+    if not np.all(np.isfinite(rel)):
+        raise ValueError("relevance must be finite")
+    # Negative ratings give negative gains, so NDCG could leave [0, 1]: reject them.
+    if np.any(rel < 0):
+        raise ValueError("relevance must be non-negative")
+    return rel
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+def _dcg(rel: np.ndarray, k: int) -> float:
+    top = rel[:k]  # k beyond the list simply takes the whole list
+    ranks = np.arange(1, top.size + 1, dtype=np.float64)
+    return float(np.sum((np.exp2(top) - 1.0) / np.log2(1.0 + ranks)))
+
+
+def dcg_at_k(relevance_in_ranked_order: Sequence[float], k: int) -> float:
+    """DCG@k: sum over the first k ranks n (1-based) of (2^r - 1) / log2(1 + n)."""
+    _check_k(k)
+    return _dcg(_relevance_array(relevance_in_ranked_order), k)
+
+
+def ndcg_at_k(relevance_in_ranked_order: Sequence[float], k: int) -> float | None:
+    """NDCG@k against the ideal (descending) order of the same list, both truncated at k.
+
+    Returns None when the ideal DCG@k is 0 (every gain is 0, or the list is empty):
+    NDCG is undefined there, and callers skip such lists and count them.
+    """
+    _check_k(k)
+    rel = _relevance_array(relevance_in_ranked_order)
+    ideal = _dcg(np.sort(rel)[::-1], k)
+    if ideal <= 0.0:
+        return None
+    return _dcg(rel, k) / ideal
+
+
+def mean_ndcg(
+    ranked_relevance_lists: Iterable[Sequence[float]], ks: Sequence[int] = DEFAULT_KS
+) -> dict:
+    """Mean NDCG@k over lists, skipping lists whose NDCG is undefined.
+
+    Returns {"ndcg@<k>": mean or None if no list is usable, "lists": n_used,
+    "lists_undefined": n_skipped}. With non-negative ratings a list is undefined for
+    every k or for none (its ideal top gain is 0 exactly when all gains are 0), so one
+    count serves all ks.
+    """
+    ks = tuple(ks)
+    for k in ks:
+        _check_k(k)
+    sums = {k: 0.0 for k in ks}
+    used = undefined = 0
+    for relevance in ranked_relevance_lists:
+        rel = _relevance_array(relevance)
+        if not np.any(rel > 0):
+            undefined += 1
+            continue
+        used += 1
+        for k in ks:
+            value = ndcg_at_k(rel, k)
+            assert value is not None  # guaranteed by the any(rel > 0) check above
+            sums[k] += value
+    out: dict = {f"ndcg@{k}": (sums[k] / used if used else None) for k in ks}
+    out["lists"] = used
+    out["lists_undefined"] = undefined
+    return out
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x; tied values share the mean of the ranks they span."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    ranks = np.empty(x.size, dtype=np.float64)
+    start = 0
+    while start < x.size:
+        end = start
+        while end + 1 < x.size and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson correlation of average ranks. 0.0 if either side is constant."""
+    rx = _average_ranks(np.asarray(x, dtype=np.float64))
+    ry = _average_ranks(np.asarray(y, dtype=np.float64))
+    if rx.size != ry.size:
+        raise ValueError("x and y must have the same length")
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
+    if denom == 0.0:
+        return 0.0
+    return float(np.sum(dx * dy) / denom)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b (corrects for ties on either side). 0.0 if either side is constant."""
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    if xa.size != ya.size:
+        raise ValueError("x and y must have the same length")
+    iu = np.triu_indices(xa.size, k=1)  # every unordered pair once
+    sx = np.sign(xa[:, None] - xa[None, :])[iu]
+    sy = np.sign(ya[:, None] - ya[None, :])[iu]
+    n_x = np.count_nonzero(sx)  # pairs not tied in x
+    n_y = np.count_nonzero(sy)
+    if n_x == 0 or n_y == 0:
+        return 0.0
+    return float(np.sum(sx * sy) / np.sqrt(float(n_x) * float(n_y)))
+
+
+def position_bias(predicted_ranks_by_position: np.ndarray) -> dict:
+    """Position bias (paper Figure 3).
+
+    Input [N, C]: row q, column p = predicted rank (1 = top) of the candidate shown at
+    prompt position p (0-based) for query q.
+
+    Returns {"mean_rank_by_position": C floats, "spearman": rho, "kendall_tau": tau},
+    the correlations being between the 1-based position (1..C) and the mean rank there.
+    Sign convention: 0 = no bias; positive = earlier prompt positions get better (smaller)
+    ranks, i.e. primacy bias (+1: mean rank rises strictly with position); negative =
+    later positions are favoured (recency bias). A constant mean rank gives 0.0.
+    """
+    ranks = np.asarray(predicted_ranks_by_position, dtype=np.float64)
+    if ranks.ndim != 2 or ranks.shape[0] == 0 or ranks.shape[1] == 0:
+        raise ValueError(f"expected a non-empty [N, C] array, got shape {ranks.shape}")
+    mean_rank = ranks.mean(axis=0)
+    positions = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
+    return {
+        "mean_rank_by_position": [float(v) for v in mean_rank],
+        "spearman": spearman(positions, mean_rank),
+        "kendall_tau": kendall_tau(positions, mean_rank),
+    }
+
+
+def time_per_query(total_seconds: float, n_queries: int) -> float:
+    """TPQ: wall-clock seconds per ranked query."""
+    if n_queries <= 0:
+        raise ValueError(f"n_queries must be positive, got {n_queries}")
+    if total_seconds < 0:
+        raise ValueError(f"total_seconds must be non-negative, got {total_seconds}")
+    return float(total_seconds) / n_queries

@@ -1,0 +1,178 @@
+"""One ALRO training step's forward: batch collation and the objective on a model (spec §3).
+
+Sequences are LEFT-padded so every row's response (header, C identifiers, eos) sits at the same
+offsets from the end. The model then computes logits only for that tail (`logits_to_keep`):
+with a 49k vocabulary the LM head is a large share of the step, and the loss needs no other
+position. The loss functions in `losses.py` are called on that tail as if it were a whole
+sequence, so they stay plain functions of (logits, mask, ids, positions).
+
+With beta > 0 the permuted prompt shares the whole history prefix with the original one. With
+`shared_prefix` the prefix runs once and both candidate orders continue from its KV cache
+(gradients flow through the cache), instead of two full passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from alro_ray.config import LossConfig
+from alro_ray.losses import (
+    LossTerms,
+    alro_loss,
+    literal_permutation_loss,
+    map_to_items,
+    permutation_loss,
+    rank_loss_from_slots,
+    sft_loss,
+    slot_probabilities,
+)
+
+
+@dataclass
+class TrainBatch:
+    """Token rows (unpadded lists) and targets of B samples; see `collate`."""
+
+    input_ids: list[list[int]]
+    slot_positions: torch.Tensor  # [B, C] in unpadded coordinates
+    ratings: torch.Tensor  # [B, C] float, candidates in prompt order
+    gold: torch.Tensor  # [B, C] long, prompt positions best first
+    prefix_len: list[int]
+    perm_input_ids: list[list[int]] | None = None
+    perm_slot_positions: torch.Tensor | None = None
+    perm_order: torch.Tensor | None = None  # [B, C]: original index shown at permuted position j
+
+    @property
+    def size(self) -> int:
+        return len(self.input_ids)
+
+
+def collate(rows: dict, perm_index: int | None) -> TrainBatch:
+    """Rows as Ray Data gives them (column -> array of per-row values). `perm_index` picks which
+    of the K stored permutations to use (epoch mod K), or None for no permuted pass."""
+    def ints(v) -> list[int]:
+        return [int(x) for x in v]
+
+    n = len(rows["input_ids"])
+    batch = TrainBatch(
+        input_ids=[ints(v) for v in rows["input_ids"]],
+        slot_positions=torch.tensor([ints(v) for v in rows["slot_positions"]]),
+        ratings=torch.tensor([[float(x) for x in v] for v in rows["candidate_ratings"]]),
+        gold=torch.tensor([ints(v) for v in rows["gold_order"]]),
+        prefix_len=[int(x) for x in rows["prefix_len"]],
+    )
+    if perm_index is not None:
+        if any(len(rows["perm_orders"][b]) == 0 for b in range(n)):
+            raise ValueError("beta > 0 needs permuted prompts: prepare the data with data.permutations >= 1")
+        k = [perm_index % len(rows["perm_orders"][b]) for b in range(n)]
+        batch.perm_input_ids = [ints(rows["perm_input_ids"][b][k[b]]) for b in range(n)]
+        batch.perm_slot_positions = torch.tensor([ints(rows["perm_slot_positions"][b][k[b]]) for b in range(n)])
+        batch.perm_order = torch.tensor([ints(rows["perm_orders"][b][k[b]]) for b in range(n)])
+    return batch
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0) + start
+
+
+@dataclass
+class _Tail:
+    logits: torch.Tensor  # [N, R+1, V]: the last R+1 positions of each sequence
+    ids: torch.Tensor  # [N, R+1]
+    labels_mask: torch.Tensor  # [N, R+1]
+    slots: torch.Tensor  # [N, C] slot positions in tail coordinates
+
+
+def _tail(logits, seqs, slot_positions, tail_len, device) -> _Tail:
+    ids = torch.tensor([s[-tail_len:] for s in seqs], device=device)
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    slots = slot_positions.to(device) - (lengths - tail_len)[:, None]
+    mask = torch.zeros_like(ids)
+    mask[:, 1:] = 1  # the tail is the response, preceded by the prompt's last token
+    return _Tail(logits, ids, mask, slots)
+
+
+def _response_len(batch: TrainBatch) -> int:
+    lengths = {len(s) - int(p[0]) for s, p in zip(batch.input_ids, batch.slot_positions)}
+    # identical for every row and order: header + C letters + eos, counted from the first slot
+    assert len(lengths) == 1, lengths
+    n_after_first_slot = lengths.pop()
+    return n_after_first_slot
+
+
+def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool) -> list[_Tail]:
+    """Logits of the response tail of the original (and permuted) sequences."""
+    device = next(model.parameters()).device
+    tail_len = header_len + _response_len(batch) + 1
+    seqs = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
+    slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
+
+    if len(seqs) == 2 and shared_prefix:
+        logits = _shared_prefix_forward(model, batch, pad_id, tail_len, device)
+    else:
+        flat = [s for group in seqs for s in group]
+        ids, mask = left_pad(flat, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                       logits_to_keep=tail_len).logits
+        logits = logits.view(len(seqs), batch.size, *logits.shape[1:]).unbind(0)
+        logits = [lg for lg in logits]
+    return [_tail(lg, s, p, tail_len, device) for lg, s, p in zip(logits, seqs, slots)]
+
+
+def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device) -> list[torch.Tensor]:
+    B = batch.size
+    prefixes = [s[:p] for s, p in zip(batch.input_ids, batch.prefix_len)]
+    for b in range(B):  # the permuted prompt must start with the same tokens
+        assert batch.perm_input_ids[b][: batch.prefix_len[b]] == prefixes[b]
+    p_ids, p_mask = left_pad(prefixes, pad_id, device)
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask),
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)  # rows: b0 original, b0 permuted, b1 original, ...
+    suffixes = []
+    for b in range(B):
+        suffixes += [batch.input_ids[b][batch.prefix_len[b]:], batch.perm_input_ids[b][batch.prefix_len[b]:]]
+    s_ids, s_mask = left_pad(suffixes, pad_id, device)
+    prefix_mask = p_mask.repeat_interleave(2, dim=0)
+    start = prefix_mask.sum(-1, keepdim=True)
+    logits = model(input_ids=s_ids, attention_mask=torch.cat([prefix_mask, s_mask], dim=1),
+                   position_ids=_positions(s_mask, start), past_key_values=cache, use_cache=True,
+                   logits_to_keep=tail_len).logits
+    return [logits[0::2], logits[1::2]]
+
+
+def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: LossConfig,
+                   pad_id: int, header_len: int, shared_prefix: bool = True) -> LossTerms:
+    tails = forward_tails(model, batch, pad_id, header_len, shared_prefix)
+    orig = tails[0]
+    ident = identifier_ids.to(orig.logits.device)
+    sft = sft_loss(orig.logits, orig.labels_mask, orig.ids)
+    rank = perm = None
+    if cfg.alpha > 0 or cfg.beta > 0:
+        y = slot_probabilities(orig.logits, orig.slots, ident, cfg.slot_softmax)
+    if cfg.alpha > 0:
+        rank = rank_loss_from_slots(y, batch.ratings.to(y.device), cfg.gamma, cfg.sigma)
+    if cfg.beta > 0:
+        permuted = tails[1]
+        q_perm = map_to_items(slot_probabilities(permuted.logits, permuted.slots, ident, cfg.slot_softmax),
+                              batch.perm_order.to(y.device))
+        if cfg.permutation_form == "distribution":
+            perm = permutation_loss(y, q_perm, detach_reference=cfg.detach_reference)
+        else:
+            gold = batch.gold.to(y.device).unsqueeze(-1)
+            perm = literal_permutation_loss(y.gather(2, gold).squeeze(-1), q_perm.gather(2, gold).squeeze(-1),
+                                            detach_reference=cfg.detach_reference)
+    return alro_loss(sft, rank, perm, cfg.alpha, cfg.beta)

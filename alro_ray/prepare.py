@@ -1,0 +1,290 @@
+"""The Ray Data pipeline that turns raw interaction logs into ALRO samples (spec §1-2).
+
+  read (driver) -> clean and count -> split users -> Ray Data: group by user -> windows,
+  shuffled candidates, gold ranking, permutations -> render prompts and tokenize (actor pool,
+  one tokenizer per actor) -> Parquet under out/{train,valid,test} + stats.json
+
+Reading stays in the driver because a malformed line must be reported with its file and line
+number (and the raw formats are line-oriented); everything per user runs in Ray Data.
+Counts are kept so that nothing disappears silently: interactions read = used + dropped (by
+reason), users read = kept + dropped (by reason).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alro_ray.config import Config, save_config, to_dict
+from alro_ray.errors import DataError
+from alro_ray.models import load_tokenizer
+from alro_ray.prompts import Item, render_prefix, render_response, render_suffix
+from alro_ray.samples import SPLITS, assign_splits, permuted_gold, user_samples
+from alro_ray.sources import SourceData, read_source
+from alro_ray.tokenize import RankTokenizer
+
+log = logging.getLogger("alro_ray")
+
+FORMAT = "alro-prepared-v1"
+
+_LIST_I32 = pa.list_(pa.int32())
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("user", pa.string()),
+        ("split", pa.string()),
+        ("window", pa.int32()),
+        ("history_items", pa.list_(pa.string())),
+        ("history_ratings", pa.list_(pa.float64())),
+        ("candidate_ids", pa.list_(pa.string())),
+        ("candidate_ratings", pa.list_(pa.float64())),
+        ("candidate_timestamps", pa.list_(pa.int64())),
+        ("gold_order", _LIST_I32),
+        ("perm_orders", pa.list_(_LIST_I32)),
+    ]
+)
+ROW_SCHEMA = pa.schema(
+    list(SAMPLE_SCHEMA)
+    + [
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("input_ids", _LIST_I32),
+        ("labels_mask", pa.list_(pa.int8())),
+        ("slot_positions", _LIST_I32),
+        ("prefix_len", pa.int32()),
+        ("n_prompt_tokens", pa.int32()),
+        ("perm_input_ids", pa.list_(_LIST_I32)),
+        ("perm_slot_positions", pa.list_(_LIST_I32)),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side: cleaning and counting.
+
+
+def clean_interactions(source: SourceData) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop interactions that cannot make a sample, counting each by reason."""
+    df = source.interactions
+    dropped: dict[str, int] = {f"bad row: {k}": v for k, v in source.bad_rows.items()
+                               if not k.startswith("metadata: ")}
+    titled = set(source.items.loc[source.items["title"].str.strip() != "", "item"])
+    known = df["item"].isin(titled)
+    if (~known).any():
+        dropped["item without title"] = int((~known).sum())
+    df = df[known]
+    # A user who rated an item twice keeps the latest rating: a candidate list must not repeat.
+    df = df.sort_values(["user", "item", "timestamp"], kind="stable")
+    dup = df.duplicated(["user", "item"], keep="last")
+    if dup.any():
+        dropped["repeated (user, item): earlier rating"] = int(dup.sum())
+    return df[~dup].reset_index(drop=True), dropped
+
+
+def item_table(source: SourceData, cfg: Config) -> tuple[dict[str, tuple[str, str]], int]:
+    """item id -> (title, attributes), over-long text cut; also how many titles were cut."""
+    d = cfg.data
+    titles = source.items["title"].astype(str).str.strip()
+    cut = int((titles.str.len() > d.max_title_chars).sum())
+    titles = titles.str.slice(0, d.max_title_chars)
+    attrs = source.items["attributes"].astype(str).str.slice(0, d.max_attribute_chars)
+    return dict(zip(source.items["item"], zip(titles, attrs))), cut
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages.
+
+
+def _user_group(group: pd.DataFrame, **kwargs) -> pa.Table:
+    group = group.sort_values(["timestamp", "item"], kind="stable")
+    rows = user_samples(
+        str(group["user"].iloc[0]),
+        group["item"].tolist(),
+        group["rating"].tolist(),
+        group["timestamp"].tolist(),
+        split=str(group["split"].iloc[0]),
+        **kwargs,
+    )
+    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+class RenderTokenize:
+    """Renders each sample's prompt(s) and tokenizes them; one tokenizer per actor."""
+
+    def __init__(self, tokenizer: str, cache_dir: str | None, candidates: int,
+                 items: dict, attribute_name: str, domain_plural: str):
+        self.tok = RankTokenizer(load_tokenizer(tokenizer, cache_dir), candidates)
+        self.items = items
+        self.attribute_name = attribute_name
+        self.domain_plural = domain_plural
+
+    def _item(self, item_id: str) -> Item:
+        title, attrs = self.items[item_id]
+        return Item(title, attrs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            history = [(self._item(i), r) for i, r in zip(row["history_items"], row["history_ratings"])]
+            prefix = render_prefix(history, self.domain_plural, self.attribute_name)
+            cands = [self._item(i) for i in row["candidate_ids"]]
+            suffix = render_suffix(cands, self.attribute_name)
+            enc = self.tok.encode(prefix, suffix, row["gold_order"])
+            perm_ids, perm_slots = [], []
+            for perm in row["perm_orders"]:
+                p_enc = self.tok.encode(prefix, render_suffix([cands[i] for i in perm], self.attribute_name),
+                                        permuted_gold(row["gold_order"], perm))
+                perm_ids.append(p_enc.input_ids)
+                perm_slots.append(p_enc.slot_positions)
+            row.update(
+                prompt=prefix + suffix,
+                response=render_response(row["gold_order"]),
+                input_ids=enc.input_ids,
+                labels_mask=enc.labels_mask,
+                slot_positions=enc.slot_positions,
+                prefix_len=enc.prefix_len,
+                n_prompt_tokens=enc.slot_positions[0],
+                perm_input_ids=perm_ids,
+                perm_slot_positions=perm_slots,
+            )
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: Config, out_dir: str | Path) -> dict:
+    """Run the whole pipeline; returns the stats also written to out_dir/stats.json."""
+    import ray
+
+    from alro_ray.cluster import ensure_ray
+
+    d = cfg.data
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tokenizer_name = cfg.model.tokenizer or cfg.model.name
+    # Fail on a tokenizer that splits an identifier before any work starts.
+    tok = RankTokenizer(load_tokenizer(tokenizer_name, cfg.model.cache_dir), d.candidates)
+
+    log.info("reading %s from %s", d.dataset, d.data_dir or "(generated)")
+    source = read_source(d.dataset, d.data_dir, d.on_bad_row, d.synthetic)
+    log.info("read %d interactions, %d items", source.rows_read, len(source.items))
+    df, dropped_interactions = clean_interactions(source)
+    items, titles_cut = item_table(source, cfg)
+
+    need = d.history + d.candidates
+    counts = df.groupby("user").size()
+    kept = counts[counts >= need].index.tolist()
+    users_dropped = {f"fewer than H+C={need} interactions": int((counts < need).sum())}
+    splits = assign_splits(kept, d.split, d.seed)
+    log.info("users: %d read, %d kept, %s", len(counts), len(kept), users_dropped)
+    if not kept:
+        raise DataError(f"no user has the {need} interactions a sample needs (H={d.history}, C={d.candidates})")
+
+    df = df[df["user"].isin(splits)].copy()
+    df["split"] = df["user"].map(splits)
+
+    ensure_ray()
+    ds = ray.data.from_pandas(df)
+    ds = ds.groupby("user").map_groups(
+        _user_group,
+        batch_format="pandas",
+        fn_kwargs=dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
+                       permutations=d.permutations, seed=d.seed),
+    )
+    ds = ds.map_batches(
+        RenderTokenize,
+        batch_format="pyarrow",
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(size=d.tokenize_actors),
+        fn_constructor_kwargs=dict(tokenizer=tokenizer_name, cache_dir=cfg.model.cache_dir,
+                                   candidates=d.candidates, items=items,
+                                   attribute_name=source.attribute_name,
+                                   domain_plural=d.domain_plural or source.domain_plural),
+    ).materialize()
+
+    rows, prompt_tokens = {}, {}
+    for split in SPLITS:
+        part = ds.filter(expr=f"split == '{split}'")
+        (out / split).mkdir(exist_ok=True)
+        for old in (out / split).glob("*.parquet"):
+            old.unlink()
+        part.write_parquet(str(out / split))
+        lengths = part.select_columns(["n_prompt_tokens"]).to_pandas()["n_prompt_tokens"]
+        rows[split] = int(len(lengths))
+        prompt_tokens[split] = float(lengths.mean()) if len(lengths) else 0.0
+
+    write_fit_interactions(df, d.candidates, out / "fit_interactions.parquet")
+    pq.write_table(pa.Table.from_pandas(source.items, preserve_index=False), out / "items.parquet")
+
+    stats = {
+        "format": FORMAT,
+        "dataset": d.dataset,
+        "files": source.files,
+        "interactions_read": source.rows_read,
+        "interactions_used": int(len(df)),
+        "interactions_dropped": {**dropped_interactions,
+                                 "users with too few interactions": int(counts[counts < need].sum())},
+        "metadata_rows_skipped": {k: v for k, v in source.bad_rows.items() if k.startswith("metadata: ")},
+        "users_read": int(len(counts)),
+        "users_kept": len(kept),
+        "users_dropped": users_dropped,
+        "users_per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
+        "rows": rows,
+        "mean_prompt_tokens": prompt_tokens,
+        "titles_truncated": titles_cut,
+        "history": d.history,
+        "candidates": d.candidates,
+        "tokenizer": tokenizer_name,
+        "identifier_ids": tok.identifier_ids,
+        "domain_plural": d.domain_plural or source.domain_plural,
+        "attribute_name": source.attribute_name,
+        "seconds": round(time.time() - t0, 2),
+        "config": to_dict(cfg),
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    save_config(cfg, out / "config.yaml")
+    log.info("wrote %s: rows %s, mean prompt tokens %s, %.1f s", out, rows, prompt_tokens, stats["seconds"])
+    return stats
+
+
+def write_fit_interactions(df: pd.DataFrame, candidates: int, path: Path) -> None:
+    """What baselines may fit on: every interaction of training users, and of valid/test users
+    everything before their candidate window (their history may be used, never their candidates)."""
+    df = df.sort_values(["user", "timestamp", "item"], kind="stable")
+    from_end = df.groupby("user").cumcount(ascending=False)
+    held_out = (df["split"] != "train") & (from_end < candidates)
+    pq.write_table(pa.Table.from_pandas(df[~held_out].reset_index(drop=True), preserve_index=False), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading prepared data back.
+
+
+def read_stats(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "stats.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir} is not a directory written by `alro prepare` (no stats.json)")
+    stats = json.loads(path.read_text())
+    if stats.get("format") != FORMAT:
+        raise DataError(f"{path}: format {stats.get('format')!r}, expected {FORMAT!r}")
+    return stats
+
+
+def read_split(data_dir: str | Path, split: str) -> pd.DataFrame:
+    files = sorted((Path(data_dir) / split).glob("*.parquet"))
+    if not files:
+        return ROW_SCHEMA.empty_table().to_pandas()
+    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+
+def split_lists(rows: pd.DataFrame, column: str) -> list[list]:
+    return [list(np.asarray(v).tolist()) for v in rows[column]]

@@ -1,0 +1,71 @@
+"""The ALRO prompt template (spec §2, paper Figure 2), split where the tokenizer needs it.
+
+A prompt is rendered as three pieces so that training, evaluation and serving all tokenize it
+the same way, and so that a prompt and its permuted twin share a token-identical prefix:
+
+  prefix   instruction + history + "[Candidate Items]:" line   (identical for every candidate order)
+  suffix   the lettered candidate lines + "### Response:" line
+  header   "Given the historical interaction, the ranking result is:"
+
+The response is the header followed by one identifier token per candidate (" B", " A", ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+INSTRUCTION = (
+    "Given the user's interaction history, which reveals their items preferences, generate a "
+    "preference-based ranking of the provided candidate items, your task is to rank a list of new "
+    "candidate {domain_plural}. Your ranking should include all the candidate {domain_plural} "
+    "provided, and it should be based solely on the user's preferences, without regard to the "
+    "initial order of the candidates."
+)
+RESPONSE_HEADER = "Given the historical interaction, the ranking result is:"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class Item:
+    title: str
+    attributes: str = ""  # e.g. "Action|Sci-Fi|War"; "" when the item has none
+
+
+def format_rating(rating: float) -> str:
+    return f"{rating:g}"
+
+
+def item_text(item: Item, attribute_name: str) -> str:
+    text = f"title: {item.title}"
+    if item.attributes:
+        text += f" {attribute_name}: {item.attributes}"
+    return text
+
+
+def render_prefix(history: Sequence[tuple[Item, float | None]], domain_plural: str, attribute_name: str) -> str:
+    """Instruction and history; a history rating of None is left out (serving may not know it)."""
+    lines = []
+    for item, rating in history:
+        line = item_text(item, attribute_name)
+        if rating is not None:
+            line += f" rating: {format_rating(rating)}"
+        lines.append(line + "\n")
+    return (
+        "### Instruction:\n"
+        + INSTRUCTION.format(domain_plural=domain_plural)
+        + "\n\n### Input:\n[User Interaction History]:\n"
+        + "".join(lines)
+        + "[Candidate Items]:\n"
+    )
+
+
+def render_suffix(candidates: Sequence[Item], attribute_name: str) -> str:
+    """Candidates in the order given, lettered A, B, C, ..."""
+    lines = [f"({LETTERS[j]}) {item_text(item, attribute_name)}\n" for j, item in enumerate(candidates)]
+    return "".join(lines) + "### Response:\n"
+
+
+def render_response(order: Sequence[int]) -> str:
+    """The gold response for candidates listed best first by their prompt positions."""
+    return RESPONSE_HEADER + "".join(f" {LETTERS[j]}" for j in order)

@@ -1,0 +1,148 @@
+"""NDCG, position bias and TPQ against values worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from alro_ray.metrics import (
+    dcg_at_k,
+    kendall_tau,
+    mean_ndcg,
+    ndcg_at_k,
+    position_bias,
+    spearman,
+    time_per_query,
+)
+
+L2, L3, L4, L5, L6, L7 = (math.log2(n) for n in range(2, 8))  # discounts of ranks 1..6
+
+# Textbook list: ratings [3, 2, 3, 0, 1, 2] in ranked order -> gains 2^r - 1 = [7, 3, 7, 0, 1, 3].
+# Ideal order [3, 3, 2, 2, 1, 0] -> gains [7, 7, 3, 3, 1, 0].
+TEXTBOOK = [3, 2, 3, 0, 1, 2]
+
+
+def test_dcg_textbook():
+    # 7/1 + 3/log2(3) + 7/2 + 0 + 1/log2(6) + 3/log2(7) = 7 + 1.89279 + 3.5 + 0.38685 + 1.06862
+    assert dcg_at_k(TEXTBOOK, 6) == pytest.approx(13.84826, abs=1e-5)
+    assert dcg_at_k(TEXTBOOK, 6) == pytest.approx(7 / L2 + 3 / L3 + 7 / L4 + 0 / L5 + 1 / L6 + 3 / L7)
+    # first three ranks only: 7 + 1.89279 + 3.5
+    assert dcg_at_k(TEXTBOOK, 3) == pytest.approx(12.39279, abs=1e-5)
+
+
+def test_ndcg_textbook_k3_and_k6():
+    # IDCG@3 = 7 + 7/log2(3) + 3/2 = 12.91650 -> 12.39279 / 12.91650
+    assert ndcg_at_k(TEXTBOOK, 3) == pytest.approx(0.95945, abs=1e-5)
+    # IDCG@6 = 7 + 4.41650 + 1.5 + 3/log2(5) + 1/log2(6) = 14.59538 -> 13.84826 / 14.59538
+    assert ndcg_at_k(TEXTBOOK, 6) == pytest.approx(0.94881, abs=1e-5)
+    ideal6 = 7 + 7 / L3 + 3 / L4 + 3 / L5 + 1 / L6
+    assert ndcg_at_k(TEXTBOOK, 6) == pytest.approx((7 + 3 / L3 + 7 / L4 + 1 / L6 + 3 / L7) / ideal6)
+
+
+def test_ndcg_ties_in_ratings():
+    # [2, 1, 2]: gains [3, 1, 3]; ideal [2, 2, 1]: gains [3, 3, 1]
+    # DCG = 3 + 1/log2(3) + 3/2 = 5.13093, IDCG = 3 + 3/log2(3) + 1/2 = 5.39279
+    assert ndcg_at_k([2, 1, 2], 3) == pytest.approx(0.95144, abs=1e-5)
+    # Swapping the two tied 2s changes nothing: still ideal.
+    assert ndcg_at_k([2, 2, 1], 3) == pytest.approx(1.0)
+    # At k=1 any list with a 2 on top is ideal.
+    assert ndcg_at_k([2, 1, 2], 1) == pytest.approx(1.0)
+    assert ndcg_at_k([1, 2, 2], 1) == pytest.approx(1 / 3)  # gain 1 vs ideal gain 3
+
+
+@pytest.mark.parametrize("order", [[4, 4, 4, 4], [1, 1], [5]])
+def test_all_equal_nonzero_is_one(order):
+    for k in (1, 2, 3, 10):
+        assert ndcg_at_k(order, k) == pytest.approx(1.0)
+
+
+def test_all_zero_or_empty_is_undefined():
+    assert ndcg_at_k([0, 0, 0], 3) is None
+    assert ndcg_at_k([], 3) is None
+    # a list with its only relevant item beyond k is defined (and 0), since the ideal puts it first
+    assert ndcg_at_k([0, 0, 0, 1], 3) == 0.0
+
+
+def test_k_larger_than_list():
+    # [0, 1]: DCG = 1/log2(3) = 0.63093; ideal [1, 0]: IDCG = 1
+    assert ndcg_at_k([0, 1], 10) == pytest.approx(0.63093, abs=1e-5)
+    assert ndcg_at_k(TEXTBOOK, 25) == ndcg_at_k(TEXTBOOK, 6)
+    assert dcg_at_k(TEXTBOOK, 100) == dcg_at_k(TEXTBOOK, 6)
+
+
+def test_mean_ndcg_skips_and_counts_undefined():
+    lists = [TEXTBOOK, [0, 0, 0], [0, 1], [2, 2, 1]]
+    out = mean_ndcg(lists, ks=(3, 10))
+    assert out["lists"] == 3
+    assert out["lists_undefined"] == 1
+    # @3: (0.95945 + 0.63093 + 1) / 3; @10 uses the whole lists: (0.94881 + 0.63093 + 1) / 3
+    assert out["ndcg@3"] == pytest.approx((0.95945 + 0.63093 + 1.0) / 3, abs=1e-5)
+    assert out["ndcg@10"] == pytest.approx((0.94881 + 0.63093 + 1.0) / 3, abs=1e-5)
+    assert set(out) == {"ndcg@3", "ndcg@10", "lists", "lists_undefined"}
+
+
+def test_mean_ndcg_default_ks_and_no_usable_list():
+    out = mean_ndcg([[0, 0], [0]])
+    assert out == {"ndcg@3": None, "ndcg@10": None, "ndcg@25": None, "lists": 0, "lists_undefined": 2}
+
+
+def test_invalid_inputs():
+    with pytest.raises(ValueError):
+        ndcg_at_k([1, 2], 0)
+    with pytest.raises(ValueError):
+        dcg_at_k([1, -1], 2)
+    with pytest.raises(ValueError):
+        ndcg_at_k([[1, 2]], 2)
+
+
+def test_position_bias_perfect_primacy_and_recency():
+    c = 5
+    primacy = np.tile(np.arange(1, c + 1), (4, 1))  # position p always ranked p + 1
+    out = position_bias(primacy)
+    assert out["mean_rank_by_position"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert out["spearman"] == pytest.approx(1.0)
+    assert out["kendall_tau"] == pytest.approx(1.0)
+    recency = primacy[:, ::-1]  # the last shown is ranked first
+    out = position_bias(recency)
+    assert out["spearman"] == pytest.approx(-1.0)
+    assert out["kendall_tau"] == pytest.approx(-1.0)
+
+
+def test_position_bias_none():
+    # Latin square: every position gets every rank once -> constant mean rank 2.5 -> 0.0
+    ranks = np.array([[1, 2, 3, 4], [2, 3, 4, 1], [3, 4, 1, 2], [4, 1, 2, 3]])
+    out = position_bias(ranks)
+    assert out["mean_rank_by_position"] == [2.5] * 4
+    assert out["spearman"] == 0.0
+    assert out["kendall_tau"] == 0.0
+
+
+def test_position_bias_ties():
+    # mean ranks [1.5, 1.5, 3.5, 3.5]; average ranks of y = [1.5, 1.5, 3.5, 3.5]
+    # Spearman: dx = [-1.5, -.5, .5, 1.5], dy = [-1, -1, 1, 1]: 4 / sqrt(5 * 4) = 0.894427
+    # Kendall tau-b: 6 pairs, 2 tied in y, the other 4 concordant: 4 / sqrt(6 * 4) = 0.816497
+    ranks = np.array([[1, 2, 3, 4], [2, 1, 4, 3]])
+    out = position_bias(ranks)
+    assert out["mean_rank_by_position"] == [1.5, 1.5, 3.5, 3.5]
+    assert out["spearman"] == pytest.approx(0.894427, abs=1e-6)
+    assert out["kendall_tau"] == pytest.approx(0.816497, abs=1e-6)
+
+
+def test_correlations_non_monotone():
+    # y = [2, 1, 3]: Spearman dx = [-1, 0, 1], dy = [0, -1, 1] -> 1 / 2;
+    # Kendall: pair (1,2) discordant, (1,3) and (2,3) concordant -> (2 - 1) / 3
+    assert spearman([1, 2, 3], [2, 1, 3]) == pytest.approx(0.5)
+    assert kendall_tau([1, 2, 3], [2, 1, 3]) == pytest.approx(1 / 3)
+
+
+def test_position_bias_single_position_and_bad_shape():
+    out = position_bias(np.array([[1], [1]]))
+    assert out == {"mean_rank_by_position": [1.0], "spearman": 0.0, "kendall_tau": 0.0}
+    with pytest.raises(ValueError):
+        position_bias(np.array([1, 2, 3]))
+
+
+def test_time_per_query():
+    assert time_per_query(12.0, 4) == 3.0
+    with pytest.raises(ValueError):
+        time_per_query(1.0, 0)
