@@ -61,6 +61,23 @@ def _collect_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return overrides
 
 
+def _split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take `--section.key value` / `--section.key=value` out of argv before argparse sees it:
+    argparse would hand the value to the positional `overrides` and leave the flag alone."""
+    rest, dotted = [], []
+    it = iter(argv)
+    for token in it:
+        if token.startswith("--") and "." in token.split("=", 1)[0]:
+            dotted.append(token)
+            if "=" not in token:
+                value = next(it, None)
+                if value is not None:
+                    dotted.append(value)
+        else:
+            rest.append(token)
+    return rest, dotted
+
+
 def build_config(args: argparse.Namespace, extra: list[str]) -> Config:
     return load_config(args.config, _collect_overrides(args, extra))
 
@@ -76,6 +93,16 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
+    from alro_ray.training import run_training
+
+    outcome = run_training(cfg, args.output_dir)
+    last = outcome.history[-1] if outcome.history else {}
+    print(json.dumps({k: v for k, v in last.items() if k.startswith(("valid_", "train_"))}, indent=2))
+    print(f"final ranker: {outcome.final_dir}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alro", description="ALRO list-wise LLM ranker on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +111,11 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (train/, valid/, test/, stats.json)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="LoRA fine-tuning with the ALRO objective (Ray Train + DeepSpeed)")
+    _add_config_args(p)
+    p.add_argument("--output-dir", help="run directory (default: train.output_dir/train.run_name)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -94,7 +126,9 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = make_parser()
-    args, extra = parser.parse_known_args(argv)
+    rest, dotted = _split_dotted(sys.argv[1:] if argv is None else list(argv))
+    args, extra = parser.parse_known_args(rest)
+    extra += dotted
     try:
         cfg = build_config(args, extra)
         return args.func(args, cfg)

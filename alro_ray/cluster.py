@@ -9,6 +9,17 @@ import os
 log = logging.getLogger("alro_ray")
 
 
+def quiet_ray_data(progress: bool) -> None:
+    """Ray Data's progress lines are useful for a long prepare, noise inside training workers."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
+
+
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
     import ray
 

@@ -139,12 +139,14 @@ class TrainConfig:
     zero_stage: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     shared_prefix: bool = True  # run the original and permuted prompts over one shared history prefix
+    gradient_checkpointing: bool = False  # trade compute for memory on long prompts
     eval_mode: Literal["one-pass", "generate"] = "one-pass"
     eval_users: int | None = None  # cap on validation users per epoch; None: all
     max_failures: int = 1
     output_dir: str = "runs"
     run_name: str = "default"
-    log_every: int = 1
+    log_every: int = 1  # optimizer steps between progress lines
+    inject_failure_epoch: int | None = None  # testing: crash a worker once, mid-way through this epoch
 
     def validate(self) -> None:
         if self.num_workers < 1 or self.epochs < 1 or self.micro_batch < 1 or self.grad_accum < 1:

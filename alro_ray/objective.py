@@ -156,6 +156,8 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
 
 def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: LossConfig,
                    pad_id: int, header_len: int, shared_prefix: bool = True) -> LossTerms:
+    if cfg.beta > 0 and batch.perm_input_ids is None:
+        raise ValueError("loss.beta > 0 needs a batch collated with a permutation (perm_index)")
     tails = forward_tails(model, batch, pad_id, header_len, shared_prefix)
     orig = tails[0]
     ident = identifier_ids.to(orig.logits.device)

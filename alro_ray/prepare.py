@@ -164,7 +164,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     """Run the whole pipeline; returns the stats also written to out_dir/stats.json."""
     import ray
 
-    from alro_ray.cluster import ensure_ray
+    from alro_ray.cluster import ensure_ray, quiet_ray_data
 
     d = cfg.data
     out = Path(out_dir)
@@ -181,7 +181,8 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     items, titles_cut = item_table(source, cfg)
 
     need = d.history + d.candidates
-    counts = df.groupby("user").size()
+    # Every user read is counted, also one whose every interaction was dropped above (count 0).
+    counts = df.groupby("user").size().reindex(source.interactions["user"].unique(), fill_value=0)
     kept = counts[counts >= need].index.tolist()
     users_dropped = {f"fewer than H+C={need} interactions": int((counts < need).sum())}
     splits = assign_splits(kept, d.split, d.seed)
@@ -193,6 +194,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     df["split"] = df["user"].map(splits)
 
     ensure_ray()
+    quiet_ray_data(progress=True)
     ds = ray.data.from_pandas(df)
     ds = ds.groupby("user").map_groups(
         _user_group,

@@ -1,0 +1,397 @@
+"""Classical baselines for the ranking table (spec §6): random, popularity, item mean rating,
+biased matrix factorization, GRU4Rec and SASRec.
+
+Every baseline is fitted on `fit_interactions.parquet` (columns user, item, rating, timestamp),
+which `alro prepare` writes without any valid/test candidate window, and then scores one prepared
+row's candidates (higher = better). `rank_rows` turns scores into orders of prompt positions, best
+first; ties keep prompt-position order (a stable sort), so every order is deterministic.
+
+The three learned models are small torch (CPU) re-implementations, not RecBole: RecBole 1.2.x does
+not run on current numpy/torch (see docs). They are seeded and
+fork torch's global RNG, so fitting one does not disturb the caller's random state.
+
+GRU4Rec and SASRec are next-item models: they predict *which* item a user will interact with, not
+how highly she will rate it, so on graded NDCG over a window the user did watch they need not beat
+the item-mean order.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from alro_ray.metrics import mean_ndcg
+
+KS = (3, 10, 25)
+
+
+class Baseline(Protocol):
+    name: str
+
+    def fit(self, interactions: pd.DataFrame) -> "Baseline": ...
+
+    def score(self, row: dict) -> np.ndarray: ...
+
+
+def _candidates(row) -> list[str]:
+    return [str(x) for x in row["candidate_ids"]]
+
+
+def _lookup(table: dict, keys: Sequence[str], default: float) -> np.ndarray:
+    return np.array([table.get(k, default) for k in keys], dtype=np.float64)
+
+
+def _sorted_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Ids as strings (prepared rows hold strings), each user's interactions in time order
+    (ties: item id, as `prepare` orders them)."""
+    df = interactions[["user", "item", "rating", "timestamp"]].copy()
+    df["user"] = df["user"].astype(str)
+    df["item"] = df["item"].astype(str)
+    return df.sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-learned orders.
+
+
+class RandomBaseline:
+    """Uniform random scores, drawn from a generator seeded by (seed, user, window): a row's order
+    does not depend on which other rows are scored or in what order."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+
+    def fit(self, interactions: pd.DataFrame) -> "RandomBaseline":
+        return self
+
+    def score(self, row) -> np.ndarray:
+        # crc32, not hash(): Python's str hash is salted per process.
+        key = zlib.crc32(str(row["user"]).encode())
+        rng = np.random.default_rng([self.seed, key, int(row.get("window", 0) or 0)])
+        return rng.random(len(row["candidate_ids"]))
+
+
+class PopularityBaseline:
+    """Number of interactions with the item in the fit data (unseen items: 0)."""
+
+    name = "popularity"
+
+    def __init__(self, seed: int = 0):
+        self.counts: dict[str, float] = {}
+
+    def fit(self, interactions: pd.DataFrame) -> "PopularityBaseline":
+        counts = interactions["item"].astype(str).value_counts()
+        self.counts = {k: float(v) for k, v in counts.items()}
+        return self
+
+    def score(self, row) -> np.ndarray:
+        return _lookup(self.counts, _candidates(row), 0.0)
+
+
+class ItemMeanBaseline:
+    """Mean rating shrunk towards the global mean, (sum + k * mu) / (n + k), so an item with one
+    5-star rating does not outrank one with hundreds of 4.8s. Unseen items get mu."""
+
+    name = "item-mean"
+
+    def __init__(self, seed: int = 0, k: float = 5.0):
+        self.k = float(k)
+        self.mu = 0.0
+        self.means: dict[str, float] = {}
+
+    def fit(self, interactions: pd.DataFrame) -> "ItemMeanBaseline":
+        r = interactions["rating"].astype(float)
+        self.mu = float(r.mean())
+        g = r.groupby(interactions["item"].astype(str)).agg(["sum", "count"])
+        shrunk = (g["sum"] + self.k * self.mu) / (g["count"] + self.k)
+        self.means = {k: float(v) for k, v in shrunk.items()}
+        return self
+
+    def score(self, row) -> np.ndarray:
+        return _lookup(self.means, _candidates(row), self.mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned models (torch, CPU).
+
+
+class _Vocab:
+    """String id -> index 1..n; 0 is padding / unknown."""
+
+    def __init__(self, ids):
+        self.ids = list(dict.fromkeys(ids))
+        self.index = {k: i + 1 for i, k in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids) + 1
+
+    def encode(self, keys) -> np.ndarray:
+        return np.array([self.index.get(str(k), 0) for k in keys], dtype=np.int64)
+
+
+class MFBaseline:
+    """Biased matrix factorization, r(u, i) = mu + b_u + b_i + p_u . q_i, fitted with Adam on the
+    squared error of the fit ratings plus L2 on the parameters a batch touches. A user unseen at fit
+    time scores by item bias alone; an unseen item gets b_i = 0, q_i = 0 (the global mean)."""
+
+    name = "mf"
+
+    def __init__(self, seed: int = 0, dim: int = 32, epochs: int = 20, lr: float = 0.01,
+                 reg: float = 0.05, batch_size: int = 1024):
+        self.seed, self.dim, self.epochs, self.lr = int(seed), dim, epochs, lr
+        self.reg, self.batch_size = reg, batch_size
+
+    def fit(self, interactions: pd.DataFrame) -> "MFBaseline":
+        df = _sorted_interactions(interactions)
+        self.users, self.items = _Vocab(df["user"]), _Vocab(df["item"])
+        u = torch.from_numpy(self.users.encode(df["user"]))
+        i = torch.from_numpy(self.items.encode(df["item"]))
+        r = torch.tensor(df["rating"].to_numpy(np.float32))
+        self.mu = float(r.mean())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.P = nn.Embedding(len(self.users), self.dim)
+            self.Q = nn.Embedding(len(self.items), self.dim)
+            self.bu = nn.Embedding(len(self.users), 1)
+            self.bi = nn.Embedding(len(self.items), 1)
+            for e in (self.P, self.Q):
+                nn.init.normal_(e.weight, std=0.05)
+            for e in (self.bu, self.bi):
+                nn.init.zeros_(e.weight)
+            params = [e.weight for e in (self.P, self.Q, self.bu, self.bi)]
+            opt = torch.optim.Adam(params, lr=self.lr)
+            for _ in range(self.epochs):
+                for b in torch.randperm(len(r)).split(self.batch_size):
+                    ub, ib = u[b], i[b]
+                    p, q, bu, bi = self.P(ub), self.Q(ib), self.bu(ub)[:, 0], self.bi(ib)[:, 0]
+                    pred = self.mu + bu + bi + (p * q).sum(1)
+                    penalty = (p.square().sum(1) + q.square().sum(1) + bu.square() + bi.square()).mean()
+                    loss = (pred - r[b]).square().mean() + self.reg * penalty
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        # Padding index 0 stands for "unseen": no bias, no factors.
+        with torch.no_grad():
+            for e in (self.P, self.Q, self.bu, self.bi):
+                e.weight[0].zero_()
+        return self
+
+    @torch.no_grad()
+    def score(self, row) -> np.ndarray:
+        i = torch.from_numpy(self.items.encode(_candidates(row)))
+        u = int(self.users.encode([row["user"]])[0])
+        pred = self.mu + self.bi(i)[:, 0]
+        if u:  # known user: her bias is a constant, only the factors reorder
+            pred = pred + self.bu.weight[u, 0] + self.Q(i) @ self.P.weight[u]
+        return pred.double().numpy()
+
+
+class _SequentialBaseline:
+    """Shared part of GRU4Rec and SASRec: next-item prediction over each user's time-ordered fit
+    sequence, full softmax over all fit items (cheap at MovieLens/Amazon-sample sizes) with the
+    output layer tied to the item embeddings. Training cuts every sequence into non-overlapping
+    pieces of max_len + 1 items from its end; every position predicts the item after it.
+
+    Scoring uses the user's fit sequence up to the end of the row's history (for a valid/test user
+    that is her whole fit sequence, which stops before the candidate window; for a training row it
+    cuts off the candidates that the fit data holds). Users absent from the fit data fall back to
+    the row's history. Candidates never seen at fit time get the lowest logit of any item: they
+    were never interacted with, the least likely next item."""
+
+    name = "sequential"
+
+    def __init__(self, seed: int = 0, dim: int = 64, max_len: int = 50, epochs: int = 20,
+                 lr: float = 2e-3, batch_size: int = 128, dropout: float = 0.2):
+        self.seed, self.dim, self.max_len, self.epochs = int(seed), dim, max_len, epochs
+        self.lr, self.batch_size, self.dropout = lr, batch_size, dropout
+
+    def _encoder(self, n_items: int) -> nn.Module:
+        raise NotImplementedError
+
+    def fit(self, interactions: pd.DataFrame) -> "_SequentialBaseline":
+        df = _sorted_interactions(interactions)
+        self.items = _Vocab(df["item"])
+        codes = self.items.encode(df["item"])
+        self.sequences: dict[str, np.ndarray] = {
+            u: codes[idx] for u, idx in df.groupby("user", sort=False).indices.items()}
+        pieces = []
+        for seq in self.sequences.values():
+            for end in range(len(seq), 1, -self.max_len):
+                piece = seq[max(0, end - self.max_len - 1):end]
+                pieces.append(np.pad(piece, (self.max_len + 1 - len(piece), 0)))  # left-pad with 0
+        data = torch.from_numpy(np.stack(pieces))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net = self._encoder(len(self.items))
+            opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+            self.net.train()
+            for _ in range(self.epochs):
+                for b in torch.randperm(len(data)).split(self.batch_size):
+                    x, y = data[b, :-1], data[b, 1:]
+                    logits = self.net(x) @ self.net.emb.weight.T   # [B, L, n_items]
+                    loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=0)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        self.net.eval()
+        return self
+
+    def _context(self, row) -> np.ndarray:
+        history = self.items.encode(row["history_items"])
+        seq = self.sequences.get(str(row["user"]))
+        if seq is None:
+            return history[history > 0]
+        h = len(history)
+        if h == 0 or (len(seq) >= h and np.array_equal(seq[-h:], history)):
+            return seq
+        for end in range(len(seq), h - 1, -1):  # latest place where the history ends
+            if np.array_equal(seq[end - h:end], history):
+                return seq[:end]
+        return history[history > 0]
+
+    @torch.no_grad()
+    def score(self, row) -> np.ndarray:
+        ctx = self._context(row)[-self.max_len:]
+        x = torch.from_numpy(np.pad(ctx, (self.max_len - len(ctx), 0)))[None]
+        logits = (self.net(x)[0, -1] @ self.net.emb.weight.T)[1:]  # drop the padding item
+        cand = self.items.encode(_candidates(row))
+        floor = float(logits.min())
+        return np.array([float(logits[c - 1]) if c else floor for c in cand], dtype=np.float64)
+
+
+class _GRUNet(nn.Module):
+    def __init__(self, n_items: int, dim: int, dropout: float):
+        super().__init__()
+        self.emb = nn.Embedding(n_items, dim, padding_idx=0)
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+
+    def forward(self, x):  # [B, L] -> [B, L, dim]; left padding only delays the first real input
+        return self.gru(self.drop(self.emb(x)))[0]
+
+
+class GRU4RecBaseline(_SequentialBaseline):
+    """GRU4Rec (Hidasi et al. 2016): a one-layer GRU over the item sequence. Trained with full
+    softmax cross-entropy on padded pieces instead of the paper's session-parallel mini-batches
+    and ranking losses (its later versions also offer cross-entropy)."""
+
+    name = "gru4rec"
+
+    def _encoder(self, n_items: int) -> nn.Module:
+        return _GRUNet(n_items, self.dim, self.dropout)
+
+
+class _SASNet(nn.Module):
+    def __init__(self, n_items: int, dim: int, max_len: int, dropout: float, layers: int, heads: int):
+        super().__init__()
+        self.emb = nn.Embedding(n_items, dim, padding_idx=0)
+        self.pos = nn.Embedding(max_len, dim)
+        self.drop = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # [B, L] -> [B, L, dim]
+        L = x.shape[1]
+        h = self.emb(x) * self.emb.embedding_dim ** 0.5 + self.pos(torch.arange(L))
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool), diagonal=1)
+        # No key-padding mask: with left padding a fully masked row (a padded query) would give NaN.
+        # Real positions may attend to padded ones (position embedding only), the same in training
+        # and scoring, and padded positions carry no loss.
+        return self.norm(self.blocks(self.drop(h), mask=causal))
+
+
+class SASRecBaseline(_SequentialBaseline):
+    """SASRec (Kang & McAuley 2018): causal self-attention over the item sequence with learned
+    positions. Full softmax cross-entropy instead of the paper's one sampled negative with binary
+    cross-entropy (known to train better; Klenitskiy & Vasilev 2023)."""
+
+    name = "sasrec"
+
+    def __init__(self, seed: int = 0, layers: int = 2, heads: int = 1, **kw):
+        super().__init__(seed, **kw)
+        self.layers, self.heads = layers, heads
+
+    def _encoder(self, n_items: int) -> nn.Module:
+        return _SASNet(n_items, self.dim, self.max_len, self.dropout, self.layers, self.heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry, ranking, evaluation.
+
+BASELINES: dict[str, type] = {
+    "random": RandomBaseline,
+    "popularity": PopularityBaseline,
+    "item-mean": ItemMeanBaseline,
+    "mf": MFBaseline,
+    "gru4rec": GRU4RecBaseline,
+    "sasrec": SASRecBaseline,
+}
+
+
+def make_baseline(name: str, seed: int = 0, **kw) -> Baseline:
+    """A fresh, unfitted baseline; kw go to its constructor (e.g. k for item-mean, epochs)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    return BASELINES[name](seed=seed, **kw)
+
+
+def _rows(rows) -> list:
+    return rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
+
+
+def order_from_scores(scores) -> list[int]:
+    """Prompt positions by score, highest first; equal scores keep prompt order."""
+    s = np.asarray(scores, dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        raise ValueError("baseline scores must be finite")
+    return np.argsort(-s, kind="stable").tolist()
+
+
+def rank_rows(baseline: Baseline, rows) -> list[list[int]]:
+    """Orders (candidate prompt positions, best first) of prepared rows (DataFrame or dicts)."""
+    return [order_from_scores(baseline.score(r)) for r in _rows(rows)]
+
+
+ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_ids", "candidate_ratings"]
+
+
+def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
+                       seed: int = 0, ks: Sequence[int] = KS, **kw) -> dict[str, dict]:
+    """Fit each baseline on DIR/fit_interactions.parquet and score DIR/<split>.
+
+    Returns {name: {"ndcg@k": ..., "fit_seconds", "tpq_seconds" (scoring + sorting per row),
+    "lists" (rows with a defined NDCG)}}. kw: {name: {constructor options}}. On split "train" the
+    fitted baselines have seen the candidates' ratings: only valid/test numbers are fair.
+    """
+    from alro_ray.prepare import read_split
+
+    for name in names:  # fail before any fitting
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    fit = pd.read_parquet(Path(data_dir) / "fit_interactions.parquet")
+    frame = read_split(data_dir, split)
+    rows = frame[[c for c in ROW_COLUMNS if c in frame.columns]].to_dict("records")
+    out: dict[str, dict] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        model = make_baseline(name, seed=seed, **kw.get(name, {})).fit(fit)
+        t1 = time.perf_counter()
+        orders = rank_rows(model, rows)
+        t2 = time.perf_counter()
+        rel = [[float(r["candidate_ratings"][j]) for j in o] for r, o in zip(rows, orders)]
+        m = mean_ndcg(rel, ks=tuple(ks))
+        out[name] = {**{f"ndcg@{k}": m[f"ndcg@{k}"] for k in ks},
+                     "fit_seconds": t1 - t0, "tpq_seconds": (t2 - t1) / max(len(rows), 1),
+                     "lists": m["lists"]}
+    return out

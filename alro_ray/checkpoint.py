@@ -1,0 +1,112 @@
+"""A trained ranker on disk, and loading it back to rank.
+
+  DIR/adapter/      PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
+  DIR/tokenizer/    the tokenizer the data was prepared with
+  DIR/config.yaml   the full training config (model, loss, data settings)
+  DIR/ranker.json   what ranking needs: base model, C, H, identifier ids, domain wording, data dir
+  DIR/history.json  per-epoch training metrics (optional; for plots)
+
+A checkpoint alone is enough to rank: nothing else from the training run is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from alro_ray.config import Config, from_dict, read_yaml, save_config
+from alro_ray.errors import AlroError
+from alro_ray.prompts import Item, render_prefix, render_suffix
+from alro_ray.tokenize import RankTokenizer
+
+FORMAT = "alro-ranker-v1"
+REQUIRED = ("adapter/adapter_config.json", "tokenizer", "config.yaml", "ranker.json")
+
+
+def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: dict, data_dir: str | None,
+                history: list[dict] | None = None) -> Path:
+    """Write a ranker checkpoint. `model` is the PEFT model (only the adapter is saved)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    save_config(cfg, out / "config.yaml")
+    info = {
+        "format": FORMAT,
+        "base_model": cfg.model.name,
+        "candidates": stats["candidates"],
+        "history": stats["history"],
+        "identifier_ids": stats["identifier_ids"],
+        "domain_plural": stats["domain_plural"],
+        "attribute_name": stats["attribute_name"],
+        "tokenizer": stats["tokenizer"],
+        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+    }
+    (out / "ranker.json").write_text(json.dumps(info, indent=2))
+    if history is not None:
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+    return out
+
+
+def check_ranker_dir(path: str | Path) -> dict:
+    """ranker.json of a checkpoint, or an error naming what is missing."""
+    path = Path(path)
+    missing = [r for r in REQUIRED if not (path / r).exists()]
+    if missing:
+        raise AlroError(f"{path} is not a ranker checkpoint: missing {', '.join(missing)}")
+    info = json.loads((path / "ranker.json").read_text())
+    if info.get("format") != FORMAT:
+        raise AlroError(f"{path}/ranker.json: format {info.get('format')!r}, expected {FORMAT!r}")
+    return info
+
+
+@dataclass
+class Ranker:
+    """A loaded ranker: renders prompts exactly as in training and ranks them."""
+
+    model: object
+    tokenizer: object
+    rank_tokenizer: RankTokenizer
+    info: dict
+    config: Config
+
+    @property
+    def candidates(self) -> int:
+        return self.info["candidates"]
+
+    def prompt_ids(self, history: Sequence[tuple[Item, float | None]], candidates: Sequence[Item]) -> list[int]:
+        prefix = render_prefix(history, self.info["domain_plural"], self.info["attribute_name"])
+        ids, _ = self.rank_tokenizer.prompt_ids(prefix, render_suffix(candidates, self.info["attribute_name"]))
+        return ids
+
+    def rank(self, prompts: Sequence[Sequence[int]], mode: str, c: int | None = None
+             ) -> tuple[list[list[int]], list[list[float]]]:
+        """Rank prompts that each show `c` candidates (default: the trained C)."""
+        from alro_ray.ranking import rank_batch
+
+        c = c or self.candidates
+        return rank_batch(self.model, prompts, self.rank_tokenizer.identifier_ids[:c], mode,
+                          self.tokenizer.pad_token_id)
+
+
+def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from alro_ray.models import load_base_model
+
+    info = check_ranker_dir(path)
+    path = Path(path)
+    cfg = from_dict(Config, read_yaml(path / "config.yaml"))
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = load_base_model(cfg.model, dtype or torch.float32)
+    model = PeftModel.from_pretrained(base, path / "adapter").to(device).eval()
+    rank_tok = RankTokenizer(tokenizer, info["candidates"])
+    if rank_tok.identifier_ids != info["identifier_ids"]:
+        raise AlroError(f"{path}: the saved tokenizer's identifier ids differ from ranker.json")
+    return Ranker(model, tokenizer, rank_tok, info, cfg)

@@ -1,0 +1,53 @@
+"""Scoring prepared rows: rank them with a model or a baseline, then NDCG (spec §5).
+
+The functions here work on one process's rows; the training loop calls them on each worker's
+share of the validation split, and the evaluation job on each actor's batch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from alro_ray.metrics import mean_ndcg
+from alro_ray.ranking import rank_batch
+
+KS = (3, 10, 25)
+
+
+def prompt_ids(row) -> list[int]:
+    """The prompt of a prepared row: everything before the first identifier of the response."""
+    return [int(x) for x in row["input_ids"][: int(row["slot_positions"][0])]]
+
+
+def rank_rows(model, rows: Sequence, identifier_ids: Sequence[int], pad_id: int, mode: str,
+              batch_size: int = 4) -> list[list[int]]:
+    """Predicted orders (prompt positions best first) of prepared rows."""
+    orders: list[list[int]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch_orders, _ = rank_batch(model, [prompt_ids(r) for r in chunk], identifier_ids, mode, pad_id)
+        orders.extend(batch_orders)
+    return orders
+
+
+def ranked_relevance(rows: Sequence, orders: Iterable[Sequence[int]]) -> list[list[float]]:
+    return [[float(r["candidate_ratings"][j]) for j in order] for r, order in zip(rows, orders)]
+
+
+def ndcg_summary(relevance_lists: list[list[float]], ks: Sequence[int] = KS) -> dict:
+    return mean_ndcg(relevance_lists, ks=tuple(ks))
+
+
+def rows_of(frame) -> list[dict]:
+    """DataFrame or column dict -> list of row dicts (the form the functions above take)."""
+    if hasattr(frame, "to_dict"):
+        return frame.to_dict("records")
+    n = len(next(iter(frame.values())))
+    return [{k: v[i] for k, v in frame.items()} for i in range(n)]
+
+
+def random_orders(rows: Sequence, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(len(r["candidate_ids"])).tolist() for r in rows]
