@@ -79,6 +79,10 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def build_config(args: argparse.Namespace, extra: list[str]) -> Config:
+    if not hasattr(args, "overrides"):  # commands without a config of their own
+        if extra:
+            raise AlroError(f"unexpected arguments: {' '.join(extra)}")
+        return load_config(None)
     return load_config(args.config, _collect_overrides(args, extra))
 
 
@@ -96,10 +100,34 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.training import run_training
 
+    from alro_ray.evaluation import format_table, test_summary
+
     outcome = run_training(cfg, args.output_dir)
-    last = outcome.history[-1] if outcome.history else {}
-    print(json.dumps({k: v for k, v in last.items() if k.startswith(("valid_", "train_"))}, indent=2))
-    print(f"final ranker: {outcome.final_dir}")
+    print("\nepoch | " + " | ".join(k for k in HISTORY_COLUMNS))
+    for h in outcome.history:
+        print(f"{h['epoch']:5d} | " + " | ".join(f"{h.get(k, float('nan')):.4f}" for k in HISTORY_COLUMNS))
+    if not args.no_test_summary:
+        table = test_summary(outcome.final_dir, outcome.data_dir, cfg.train.eval_mode)
+        print(f"\nHeld-out test users ({cfg.train.eval_mode} ranking):")
+        print(format_table(table))
+        (outcome.output_dir / "test_summary.json").write_text(json.dumps(table, indent=2))
+    print(f"\nfinal ranker: {outcome.final_dir}")
+    return 0
+
+
+HISTORY_COLUMNS = ("train_loss", "train_sft", "train_rank", "train_perm", "valid_ndcg@3", "valid_ndcg@10")
+
+
+def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    from alro_ray.batch_eval import run_evaluation
+    from alro_ray.report import metrics_table
+
+    metrics = run_evaluation(args.checkpoint, args.out, data_dir=args.data, modes=args.modes,
+                             baselines=[b for b in args.baselines.split(",") if b], split=args.split,
+                             actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+                             use_gpu=args.gpu)
+    print(metrics_table(metrics))
+    print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
     return 0
 
 
@@ -115,7 +143,25 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA fine-tuning with the ALRO objective (Ray Train + DeepSpeed)")
     _add_config_args(p)
     p.add_argument("--output-dir", help="run directory (default: train.output_dir/train.run_name)")
+    p.add_argument("--no-test-summary", action="store_true",
+                   help="skip scoring the final ranker and baselines on the test split")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a split with a trained ranker (Ray Data actor pool)")
+    p.add_argument("--checkpoint", required=True, help="a ranker directory (OUTPUT/final)")
+    p.add_argument("--data", help="prepared data directory (default: the one the ranker was trained on)")
+    p.add_argument("--modes", default="generate,one-pass,bootstrap@3,bootstrap@5",
+                   help="comma-separated: generate, one-pass, free, bootstrap@p")
+    p.add_argument("--baselines", default="random,popularity,item-mean",
+                   help="comma-separated baselines scored on the same lists ('' for none)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--actors", type=int, default=1, help="ranker actors (one model each)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="score only the first N rows")
+    p.add_argument("--seed", type=int, default=0, help="seeds bootstrap orders and random baselines")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -160,14 +160,56 @@ class TrainConfig:
 
 
 @dataclass
+class SearchRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+# Tunable names -> the config key each one sets.
+TUNABLE = {"alpha": "loss.alpha", "beta": "loss.beta", "gamma": "loss.gamma", "sigma": "loss.sigma",
+           "lr": "train.lr"}
+
+
+def _default_space() -> dict[str, SearchRange]:
+    return {"alpha": SearchRange(0.01, 1.0, log=True), "beta": SearchRange(0.001, 0.1, log=True),
+            "gamma": SearchRange(0.5, 8.0, log=True)}
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent: int = 2
+    metric: str = "valid_ndcg@10"
+    seed: int = 0
+    grace_period: int = 1  # epochs a trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    name: str = "tune"
+    search_space: dict[str, SearchRange] = field(default_factory=_default_space)
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 1:
+            raise ConfigError("tune.num_samples and tune.max_concurrent must be >= 1")
+        for name, r in self.search_space.items():
+            if name not in TUNABLE:
+                raise ConfigError(f"tune.search_space.{name}: not a tunable parameter "
+                                  f"(tunable: {', '.join(TUNABLE)})")
+            if not r.low < r.high:
+                raise ConfigError(f"tune.search_space.{name}: empty or inverted range [{r.low}, {r.high}]")
+            if r.low < 0 or (r.log and r.low <= 0):
+                raise ConfigError(f"tune.search_space.{name}: low must be > 0 (log scale) or >= 0")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self) -> "Config":
-        for part in (self.data, self.loss, self.train):
+        for part in (self.data, self.loss, self.train, self.tune):
             part.validate()
         return self
 
@@ -196,6 +238,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        return {str(k): _check_type(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

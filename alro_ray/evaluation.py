@@ -51,3 +51,38 @@ def rows_of(frame) -> list[dict]:
 def random_orders(rows: Sequence, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.permutation(len(r["candidate_ids"])).tolist() for r in rows]
+
+
+def test_summary(final_dir, data_dir, mode: str, baselines=("random", "popularity", "item-mean"),
+                 split: str = "test", seed: int = 0) -> dict[str, dict]:
+    """NDCG of a trained ranker and of simple baselines on the same held-out candidate lists."""
+    import time
+
+    import pandas as pd
+
+    from alro_ray.baselines import make_baseline
+    from alro_ray.baselines import rank_rows as rank_with_baseline
+    from alro_ray.checkpoint import load_ranker
+    from alro_ray.prepare import read_split
+
+    rows = rows_of(read_split(data_dir, split))
+    fit = pd.read_parquet(f"{data_dir}/fit_interactions.parquet")
+    table = {}
+    for name in baselines:
+        orders = rank_with_baseline(make_baseline(name, seed=seed).fit(fit), rows)
+        table[name] = ndcg_summary(ranked_relevance(rows, orders))
+    ranker = load_ranker(final_dir)
+    t0 = time.time()
+    orders = rank_rows(ranker.model, rows, ranker.rank_tokenizer.identifier_ids, ranker.tokenizer.pad_token_id, mode)
+    table[f"ALRO ({mode})"] = {**ndcg_summary(ranked_relevance(rows, orders)),
+                               "tpq_seconds": (time.time() - t0) / max(1, len(rows))}
+    return table
+
+
+def format_table(table: dict[str, dict], ks=KS) -> str:
+    head = "| method | " + " | ".join(f"NDCG@{k}" for k in ks) + " | lists |"
+    lines = [head, "|" + " --- |" * (len(ks) + 2)]
+    for name, m in table.items():
+        cells = [f"{m[f'ndcg@{k}']:.4f}" if m.get(f"ndcg@{k}") is not None else "-" for k in ks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m.get('lists', '-')} |")
+    return "\n".join(lines)

@@ -64,8 +64,17 @@ def smollm2_dir(cache_dir: str | None = None, with_model: bool = True) -> Path:
         AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE).save_pretrained(tmp)
 
     def build_model(tmp: Path) -> None:
+        import torch
+
         build_tokenizer(tmp)
-        model = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
+        loaded = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
+        # The weights are dequantised to float32, but the model stays flagged as GGUF-quantised and
+        # refuses save_pretrained: rebuild it from a clean config and copy the weights over.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
         model.save_pretrained(tmp, safe_serialization=True)
 
     root = cache_root(cache_dir)

@@ -17,7 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from alro_ray.config import Config, save_config, to_dict
 from alro_ray.errors import DataError
 from alro_ray.models import load_tokenizer
-from alro_ray.prompts import Item, render_prefix, render_response, render_suffix
+from alro_ray.prompts import SampleRenderer, render_response
 from alro_ray.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.sources import SourceData, read_source
 from alro_ray.tokenize import RankTokenizer
@@ -88,13 +87,32 @@ def clean_interactions(source: SourceData) -> tuple[pd.DataFrame, dict[str, int]
 
 
 def item_table(source: SourceData, cfg: Config) -> tuple[dict[str, tuple[str, str]], int]:
-    """item id -> (title, attributes), over-long text cut; also how many titles were cut."""
+    """item id -> (title, attributes) as prompts show them: one line each, over-long text cut.
+    Also how many titles were cut."""
     d = cfg.data
-    titles = source.items["title"].astype(str).str.strip()
+
+    def one_line(col: pd.Series) -> pd.Series:
+        return col.astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+
+    titles = one_line(source.items["title"])
     cut = int((titles.str.len() > d.max_title_chars).sum())
     titles = titles.str.slice(0, d.max_title_chars)
-    attrs = source.items["attributes"].astype(str).str.slice(0, d.max_attribute_chars)
+    attrs = one_line(source.items["attributes"]).str.slice(0, d.max_attribute_chars)
     return dict(zip(source.items["item"], zip(titles, attrs))), cut
+
+
+def write_items(items: dict[str, tuple[str, str]], path: Path) -> None:
+    ids = list(items)
+    pq.write_table(pa.table({"item": ids, "title": [items[i][0] for i in ids],
+                             "attributes": [items[i][1] for i in ids]}), path)
+
+
+def load_renderer(data_dir: str | Path) -> SampleRenderer:
+    """The renderer a prepared directory's prompts were made with."""
+    stats = read_stats(data_dir)
+    t = pq.read_table(Path(data_dir) / "items.parquet").to_pydict()
+    items = dict(zip(t["item"], zip(t["title"], t["attributes"])))
+    return SampleRenderer(items, stats["attribute_name"], stats["domain_plural"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,25 +138,16 @@ class RenderTokenize:
     def __init__(self, tokenizer: str, cache_dir: str | None, candidates: int,
                  items: dict, attribute_name: str, domain_plural: str):
         self.tok = RankTokenizer(load_tokenizer(tokenizer, cache_dir), candidates)
-        self.items = items
-        self.attribute_name = attribute_name
-        self.domain_plural = domain_plural
-
-    def _item(self, item_id: str) -> Item:
-        title, attrs = self.items[item_id]
-        return Item(title, attrs)
+        self.render = SampleRenderer(items, attribute_name, domain_plural)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for row in batch.to_pylist():
-            history = [(self._item(i), r) for i, r in zip(row["history_items"], row["history_ratings"])]
-            prefix = render_prefix(history, self.domain_plural, self.attribute_name)
-            cands = [self._item(i) for i in row["candidate_ids"]]
-            suffix = render_suffix(cands, self.attribute_name)
+            prefix, suffix = self.render.prefix(row), self.render.suffix(row)
             enc = self.tok.encode(prefix, suffix, row["gold_order"])
             perm_ids, perm_slots = [], []
             for perm in row["perm_orders"]:
-                p_enc = self.tok.encode(prefix, render_suffix([cands[i] for i in perm], self.attribute_name),
+                p_enc = self.tok.encode(prefix, self.render.suffix(row, perm),
                                         permuted_gold(row["gold_order"], perm))
                 perm_ids.append(p_enc.input_ids)
                 perm_slots.append(p_enc.slot_positions)
@@ -225,7 +234,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
         prompt_tokens[split] = float(lengths.mean()) if len(lengths) else 0.0
 
     write_fit_interactions(df, d.candidates, out / "fit_interactions.parquet")
-    pq.write_table(pa.Table.from_pandas(source.items, preserve_index=False), out / "items.parquet")
+    write_items(items, out / "items.parquet")
 
     stats = {
         "format": FORMAT,
@@ -286,7 +295,3 @@ def read_split(data_dir: str | Path, split: str) -> pd.DataFrame:
     if not files:
         return ROW_SCHEMA.empty_table().to_pandas()
     return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
-
-
-def split_lists(rows: pd.DataFrame, column: str) -> list[list]:
-    return [list(np.asarray(v).tolist()) for v in rows[column]]

@@ -69,3 +69,30 @@ def render_suffix(candidates: Sequence[Item], attribute_name: str) -> str:
 def render_response(order: Sequence[int]) -> str:
     """The gold response for candidates listed best first by their prompt positions."""
     return RESPONSE_HEADER + "".join(f" {LETTERS[j]}" for j in order)
+
+
+class SampleRenderer:
+    """Renders a prepared sample's prompt pieces from its item ids, in any candidate order.
+
+    `items` maps item id -> (title, attributes) exactly as rendered at prepare time (titles cut
+    to length), so evaluation can re-render a stored sample with its candidates permuted.
+    """
+
+    def __init__(self, items: dict[str, tuple[str, str]], attribute_name: str, domain_plural: str):
+        self.items = items
+        self.attribute_name = attribute_name
+        self.domain_plural = domain_plural
+
+    def item(self, item_id: str) -> Item:
+        title, attributes = self.items[item_id]
+        return Item(title, attributes)
+
+    def prefix(self, row: dict) -> str:
+        history = [(self.item(i), float(r)) for i, r in zip(row["history_items"], row["history_ratings"])]
+        return render_prefix(history, self.domain_plural, self.attribute_name)
+
+    def suffix(self, row: dict, perm: Sequence[int] | None = None) -> str:
+        """Candidates in prompt order, or shown as perm[j] = original position at position j."""
+        ids = list(row["candidate_ids"])
+        shown = ids if perm is None else [ids[i] for i in perm]
+        return render_suffix([self.item(i) for i in shown], self.attribute_name)

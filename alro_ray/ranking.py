@@ -4,8 +4,10 @@ Shared by validation during training, the batch evaluation job and the Serve dep
 Inputs are prompt token ids ending with the response header (see `RankTokenizer.prompt_ids`);
 outputs are candidate orders as prompt positions, best first.
 
-  one-pass   rank by the first slot's distribution over the identifier tokens (no decoding)
-  generate   greedy decoding where each slot may only pick a candidate not picked yet
+  one-pass     rank by the first slot's distribution over the identifier tokens (no decoding)
+  generate     greedy decoding where each slot may only pick a candidate not picked yet
+  free         unconstrained greedy generation, parsed and repaired (what the paper did)
+  bootstrap@p  p candidate orders ranked by generate, mapped back and averaged (Borda)
 """
 
 from __future__ import annotations
@@ -14,9 +16,21 @@ from typing import Sequence
 
 import torch
 
-from alro_ray.decoding import constrained_greedy_order
+from alro_ray.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
 
-MODES = ("one-pass", "generate")
+MODES = ("one-pass", "generate")  # the modes rank_batch runs on ready prompts
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """("bootstrap", p) for "bootstrap@p", else (mode, 1); a clear error for unknown modes."""
+    if mode.startswith("bootstrap@"):
+        p = mode.split("@", 1)[1]
+        if not p.isdigit() or int(p) < 1:
+            raise ValueError(f"bad mode {mode!r}: bootstrap@p needs an integer p >= 1")
+        return "bootstrap", int(p)
+    if mode not in (*MODES, "free"):
+        raise ValueError(f"unknown ranking mode {mode!r}; choose from one-pass, generate, free, bootstrap@p")
+    return mode, 1
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +83,54 @@ def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence
     scores = torch.empty(len(prompts), c)
     scores.scatter_(1, order.cpu(), -torch.arange(1, c + 1, dtype=torch.float).expand(len(prompts), c))
     return order.tolist(), scores.tolist()
+
+
+@torch.no_grad()
+def free_batch(model, prompts: Sequence[Sequence[int]], c: int, pad_id: int, eos_id: int, tokenizer,
+               max_new_tokens: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Unconstrained greedy generation, then the spec's repair rule: (orders, needed_repair)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    past, pos = out.past_key_values, position_ids[:, -1:]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    generated: list[torch.Tensor] = []
+    for _ in range(max_new_tokens or 2 * c + 4):  # " A" is one token: room for C letters and some noise
+        nxt = out.logits[:, -1, :].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        generated.append(nxt)
+        done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+    tokens = torch.stack(generated, dim=1).tolist()
+    orders, repaired = [], []
+    for row in tokens:
+        row = row[: row.index(eos_id)] if eos_id in row else row
+        order, fixed = parse_ranking_text(tokenizer.decode(row), c)
+        orders.append(order)
+        repaired.append(fixed)
+    return orders, repaired
+
+
+def bootstrap_orders(model, prompt_for, seeds: Sequence[int], c: int, p: int, pad_id: int,
+                     identifier_ids: Sequence[int], batch_size: int = 8) -> list[list[int]]:
+    """Bootstrapping @p (Hou et al. 2023): each row ranked under p candidate orders by
+    `generate`, every copy with its own permutation, positions mapped back and Borda-averaged.
+
+    prompt_for(row_index, perm) -> prompt ids showing the row's candidates as perm[j] = original
+    index at position j. seeds[r] seeds row r's permutations (the first copy is the original order).
+    """
+    jobs = [(r, perm) for r, seed in enumerate(seeds) for perm in permutations_for_bootstrap(c, p, seed)]
+    copies: list[list[list[int]]] = [[] for _ in seeds]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        orders, _ = rank_batch(model, [prompt_for(r, perm) for r, perm in chunk], identifier_ids, "generate", pad_id)
+        for (r, perm), order in zip(chunk, orders):
+            copies[r].append([perm[j] for j in order])  # permuted positions -> original positions
+    return [borda(rows, c) for rows in copies]

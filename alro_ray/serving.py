@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alro_ray.errors import AlroError, ConfigError
 
@@ -244,7 +245,7 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
                           model_validator)
 
     s = settings
-    Title = Annotated[StrictStr, Field(min_length=1, max_length=s.max_title_chars,
+    Title = Annotated[StrictStr, Field(min_length=1, max_length=s.max_title_chars, pattern=r"\S",
                                        description="item title (whitespace runs are collapsed)"),
                       AfterValidator(_nonblank)]
     AttrStr = Annotated[StrictStr, Field(max_length=s.max_attribute_chars), AfterValidator(_clean)]
@@ -253,7 +254,7 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
                          Field(max_length=50)]
     Attributes = Annotated[Union[AttrStr, AttrList], Field(
         description='e.g. "Action|Sci-Fi" or ["Action", "Sci-Fi"] (joined with "|")')]
-    CandidateId = Union[Annotated[StrictStr, Field(min_length=1, max_length=s.max_id_chars),
+    CandidateId = Union[Annotated[StrictStr, Field(min_length=1, max_length=s.max_id_chars, pattern=r"\S"),
                                   AfterValidator(_nonblank)],
                         Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]]
     Rating = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
@@ -545,8 +546,11 @@ class Ingress:
         return make_fastapi_app(self.settings, self.registry, self.ranker)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive`; an HTTPException, so FastAPI passes it on (other errors become a 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over the limit of {limit} bytes")
 
 
 class BodyLimitMiddleware:
@@ -580,7 +584,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge()
+                    raise BodyTooLarge(self.limit)
             return message
 
         async def tracking_send(message):
@@ -591,7 +595,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             if started:
                 raise
             await too_large(scope, receive, send)
@@ -617,7 +621,6 @@ def _validation_detail(errors) -> list[dict]:
 def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry], ranker):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     max_c = max(e.candidates for e in registry.values())
     schemas = make_schemas(settings, max_c)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,7 +85,10 @@ def check_data_fits(cfg: Config, stats: dict) -> None:
         raise AlroError(f"{stats['rows']['train']} training rows for {cfg.train.num_workers} workers")
 
 
-def run_training(cfg: Config, output_dir: str | Path | None = None) -> TrainOutcome:
+def run_training(cfg: Config, output_dir: str | Path | None = None,
+                 callbacks: list | None = None) -> TrainOutcome:
+    """`callbacks`: extra Ray Train `RunConfig` callbacks (tuning.py passes Tune's
+    `TuneReportCallback` so every epoch's metrics reach the Tune scheduler)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -123,6 +127,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None) -> TrainOutc
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks or []),
         ),
     )
     result = trainer.fit()
@@ -172,6 +177,13 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
         return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def say(message: str) -> None:
+    """A progress line from a worker. Ray Train patches `print` in workers and tees it (each line
+    would reach the driver twice), so write to the real stdout, which Ray forwards once."""
+    sys.__stdout__.write(f"[alro] {message}\n")
+    sys.__stdout__.flush()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -224,7 +236,7 @@ def train_loop(loop_config: dict) -> None:
             state = json.loads((Path(d) / "state.json").read_text())
         start_epoch, history, resumed = state["epoch"] + 1, state["history"], True
         if rank == 0:
-            print(f"[alro] resumed from epoch {state['epoch'] + 1} checkpoint", flush=True)
+            say(f"resumed from the epoch {state['epoch'] + 1} checkpoint")
 
     for epoch in range(start_epoch, t.epochs):
         engine.train()
@@ -248,10 +260,9 @@ def train_loop(loop_config: dict) -> None:
             n += 1
             tokens += sum(len(s) for s in batch.input_ids) + sum(len(s) for s in (batch.perm_input_ids or []))
             if rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
-                print(f"[alro] epoch {epoch + 1}/{t.epochs} step {(step + 1) // t.grad_accum}/"
-                      f"{micro_steps // t.grad_accum} loss {sums['loss'] / n:.4f} (sft {sums['sft'] / n:.4f} "
-                      f"rank {sums['rank'] / n:.4f} perm {sums['perm'] / n:.4f}) "
-                      f"{tokens * world / (time.time() - t0):.0f} tok/s", flush=True)
+                say(f"epoch {epoch + 1}/{t.epochs} step {(step + 1) // t.grad_accum}/{micro_steps // t.grad_accum} "
+                    f"loss {sums['loss'] / n:.4f} (sft {sums['sft'] / n:.4f} rank {sums['rank'] / n:.4f} "
+                    f"perm {sums['perm'] / n:.4f}) {tokens * world / (time.time() - t0):.0f} tok/s")
         seconds = time.time() - t0
         metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch + 1, resumed=resumed and epoch == start_epoch, train_seconds=seconds, tokens_per_s=tokens * world / max(seconds, 1e-9),
@@ -259,8 +270,7 @@ def train_loop(loop_config: dict) -> None:
         metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world))
         history.append(metrics)
         if rank == 0:
-            print("[alro] epoch " + str(epoch + 1) + ": " +
-                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+            say(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         save_and_report(engine, tokenizer, cfg, stats, loop_config["data_dir"], history, epoch, rank, metrics)
     if dist.is_initialized():
         dist.barrier()
@@ -319,5 +329,5 @@ def maybe_inject_failure(loop_config: dict, epoch: int, rank: int) -> None:
     marker = Path(loop_config["output_dir"]) / "injected_failure"
     if not marker.exists():
         marker.write_text(f"epoch {epoch + 1}\n")
-        print(f"[alro] injected failure on rank {rank} at epoch {epoch + 1}", flush=True)
+        say(f"injected failure on rank {rank} at epoch {epoch + 1}")
         os._exit(1)

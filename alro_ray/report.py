@@ -1,0 +1,113 @@
+"""Human-readable results: a markdown report and PNG plots from an evaluation's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+KS = (3, 10, 25)
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def metrics_table(metrics: dict) -> str:
+    lines = ["| method | NDCG@3 | NDCG@10 | NDCG@25 | TPQ s | repair rate | position bias (Spearman) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in metrics.get("baselines", {}).items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m.get(f"ndcg@{k}")) for k in KS) + " | - | - | - |")
+    for mode, m in metrics["modes"].items():
+        lines.append(f"| ranker: {mode} | " + " | ".join(_cell(m.get(f"ndcg@{k}")) for k in KS)
+                     + f" | {m['tpq_seconds']:.3f} | {m['repair_rate']:.1%} | {m['position_bias']['spearman']:+.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(metrics: dict, out: Path, history_path: Path | None = None) -> None:
+    plots = plot_ndcg(metrics, out / "ndcg.png") + plot_position_bias(metrics, out / "position_bias.png")
+    if history_path is not None and history_path.exists():
+        plots += plot_history(json.loads(history_path.read_text()), out / "training.png")
+    n = next(iter(metrics["modes"].values()))["lists"] if metrics["modes"] else 0
+    text = [
+        "# Evaluation report", "",
+        f"- checkpoint: `{metrics['checkpoint']}`",
+        f"- data: `{metrics['data']}` ({metrics['split']} split, {n} users)", "",
+        metrics_table(metrics), "",
+        "NDCG: gain 2^r - 1, discount log2(1 + n), normalised per list. TPQ: seconds per query on this "
+        "machine. Repair rate: share of free generations that needed the spec's repair. Position bias: "
+        "Spearman correlation between prompt position and mean predicted rank (+1: earlier shown, ranked "
+        "higher; 0: no bias).", "",
+    ]
+    text += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(text) + "\n")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ndcg(metrics: dict, path: Path) -> list[Path]:
+    plt = _plt()
+    names = list(metrics.get("baselines", {})) + [f"ranker: {m}" for m in metrics["modes"]]
+    values = [metrics["baselines"][n] for n in metrics.get("baselines", {})] + list(metrics["modes"].values())
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.8 / len(KS)
+    for j, k in enumerate(KS):
+        ax.bar([i + j * width for i in range(len(names))], [v.get(f"ndcg@{k}") or 0 for v in values], width,
+               label=f"NDCG@{k}")
+    ax.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title("NDCG by method")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def plot_position_bias(metrics: dict, path: Path) -> list[Path]:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, m in metrics["modes"].items():
+        ranks = m["position_bias"]["mean_rank_by_position"]
+        ax.plot(range(1, len(ranks) + 1), ranks, marker="o", label=mode)
+    if metrics["modes"]:
+        c = len(next(iter(metrics["modes"].values()))["position_bias"]["mean_rank_by_position"])
+        ax.axhline((c + 1) / 2, color="grey", linestyle="--", label="no bias")
+    ax.set_xlabel("position in the prompt")
+    ax.set_ylabel("mean predicted rank (1 = top)")
+    ax.set_title("Position bias")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def plot_history(history: list[dict], path: Path) -> list[Path]:
+    if not history:
+        return []
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "train_sft", "train_rank", "train_perm"):
+        left.plot(epochs, [h.get(key) for h in history], marker="o", label=key)
+    left.set_xlabel("epoch")
+    left.set_title("training losses")
+    left.legend()
+    for k in KS:
+        key = f"valid_ndcg@{k}"
+        if any(key in h for h in history):
+            right.plot(epochs, [h.get(key) for h in history], marker="o", label=key)
+    right.set_xlabel("epoch")
+    right.set_title("validation NDCG")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

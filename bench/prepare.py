@@ -1,0 +1,140 @@
+"""Time `alro prepare` (the Ray Data pipeline) on MovieLens 100K at 1 and 2 CPUs.
+
+    python bench/prepare.py [--data-dir ../shared/data/ml-100k] [--repeats 2]
+
+Each run is a fresh Python process with its own `ray.init(num_cpus=n)` and
+`data.tokenize_actors = n`, so no run reuses another's workers or caches; the time is that of
+`prepare()` alone (Ray's own start is left out), default tokenizer (smollm2-135m), paper
+windows H=20, C=25. Each variant runs `--repeats` times and the best is kept. A third variant
+runs the 2-CPU one with the groupby shuffled into 8 partitions instead of Ray Data's default
+200 (`DataContext.default_hash_shuffle_parallelism`), to show what the block count costs.
+A second table splits the best run of each variant into the pipeline's phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-100k"
+MARK = "BENCH-RESULT "
+
+# name, CPUs (= tokenize actors), groupby shuffle partitions (None: Ray Data's default)
+VARIANTS = [
+    ("1 CPU", 1, None),
+    ("2 CPUs", 2, None),
+    ("2 CPUs, 8 shuffle partitions", 2, 8),
+]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One timed prepare in this process; prints one JSON line after MARK."""
+    import ray
+    import ray.data
+
+    from alro_ray.cluster import ensure_ray
+    from alro_ray.config import load_config
+    from alro_ray.prepare import prepare
+
+    ensure_ray(num_cpus=args.cpus)
+    if args.partitions:
+        ray.data.DataContext.get_current().default_hash_shuffle_parallelism = args.partitions
+
+    # Phase times: wrap the Dataset calls prepare() makes (each one executes the plan so far).
+    phases: dict[str, float] = defaultdict(float)
+
+    depth = [0]  # only the outermost call counts (write_parquet may materialize inside)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            depth[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    phases[name] += time.perf_counter() - t
+        return wrapper
+
+    ds_cls = ray.data.Dataset
+    ds_cls.materialize = timed("group + render + tokenize (materialize)", ds_cls.materialize)
+    ds_cls.write_parquet = timed("filter + write, per split", ds_cls.write_parquet)
+    ds_cls.to_pandas = timed("filter + count, per split", ds_cls.to_pandas)
+
+    cfg = load_config(None, ["data.dataset=movielens-100k", f"data.data_dir={args.data_dir}",
+                             "data.history=20", "data.candidates=25",
+                             f"data.tokenize_actors={args.cpus}"])
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as out:
+        t = time.perf_counter()
+        stats = prepare(cfg, out)
+        seconds = time.perf_counter() - t
+        files_written = [len(list((Path(out) / s).glob("*.parquet"))) for s in ("train", "valid", "test")]
+    phases["everything else (driver)"] = seconds - sum(phases.values())
+    print(MARK + json.dumps({"seconds": seconds, "rows": sum(stats["rows"].values()),
+                             "files": files_written, "phases": dict(phases)}), flush=True)
+    ray.shutdown()
+
+
+def run_one(data_dir: str, cpus: int, partitions: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--cpus", str(cpus), "--data-dir", data_dir]
+    if partitions:
+        cmd += ["--partitions", str(partitions)]
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+    raise SystemExit(f"run with {cpus} CPU(s) failed (exit {proc.returncode})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="MovieLens 100K directory (u.data, u.item)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per variant; the best is kept")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cpus", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--partitions", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.data_dir = str(Path(args.data_dir).resolve())
+    if args.worker:
+        worker(args)
+        return
+    if not (Path(args.data_dir) / "u.data").is_file():
+        raise SystemExit(f"MovieLens 100K not found at {args.data_dir} (--data-dir)")
+
+    best = {}
+    for name, cpus, partitions in VARIANTS:
+        runs = []
+        for r in range(args.repeats):
+            res = run_one(args.data_dir, cpus, partitions)
+            print(f"  {name}: run {r + 1}: {res['seconds']:.1f} s", file=sys.stderr, flush=True)
+            runs.append(res)
+        best[name] = min(runs, key=lambda x: x["seconds"])
+
+    base = best[VARIANTS[0][0]]["seconds"]
+    print(f"\nprepare, MovieLens 100K, H=20 C=25, smollm2-135m tokenizer, best of {args.repeats}\n")
+    print("| variant | seconds | rows/s | vs 1 CPU | Parquet files (train/valid/test) |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, res in best.items():
+        print(f"| {name} | {res['seconds']:.1f} | {res['rows'] / res['seconds']:.1f} "
+              f"| {base / res['seconds']:.2f}x | {'/'.join(map(str, res['files']))} |")
+    names = list(best)
+    print("\nphases of the best run (seconds)\n")
+    print("| phase | " + " | ".join(names) + " |")
+    print("| --- |" + " ---: |" * len(names))
+    for phase in best[names[0]]["phases"]:
+        print(f"| {phase} | " + " | ".join(f"{best[n]['phases'].get(phase, 0.0):.1f}" for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
