@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from alro_ray.errors import AlroError
 from alro_ray.evaluation import KS, ndcg_summary
@@ -153,7 +155,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     if limit:
         ds = ds.limit(limit)
     t0 = time.time()
-    predictions = ds.map_batches(
+    ranked = ds.map_batches(
         RankActor,
         fn_constructor_kwargs=dict(checkpoint=str(Path(checkpoint).resolve()), data_dir=str(data),
                                    modes=list(modes), seed=seed, use_gpu=use_gpu),
@@ -161,9 +163,12 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         num_gpus=1 if use_gpu else 0,
         batch_size=batch_size,
         batch_format="pandas",
-    ).to_pandas()
+    )
+    # Through Arrow, without Ray's pandas metadata, so plain pandas/pyarrow read the file back.
+    table = pa.concat_tables(ray.get(ranked.to_arrow_refs())).replace_schema_metadata(None)
+    pq.write_table(table, out / "predictions.parquet")
+    predictions = table.to_pandas()
     log.info("ranked %d queries x %d modes in %.1f s", predictions["user"].nunique(), len(modes), time.time() - t0)
-    predictions.to_parquet(out / "predictions.parquet", index=False)
 
     metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "modes": summarize(predictions),
                "baselines": baseline_metrics(data, split, baselines, set(predictions["user"]), seed)}

@@ -1,0 +1,102 @@
+"""Ranking modes and the batch evaluation job on a real local Ray with a tiny ranker."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from alro_ray.batch_eval import parse_modes, run_evaluation
+from alro_ray.checkpoint import load_ranker, save_ranker
+from alro_ray.config import load_config
+from alro_ray.errors import AlroError
+from alro_ray.evaluation import prompt_ids
+from alro_ray.models import add_lora, load_base_model, load_tokenizer
+from alro_ray.prepare import prepare, read_split, read_stats
+from alro_ray.ranking import bootstrap_orders, rank_batch
+
+TINY = ["data.synthetic.users=40", "data.permutations=0"]
+
+
+@pytest.fixture(scope="module")
+def ranker_dir(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config("configs/tiny.yaml", TINY)
+    prepare(cfg, root / "data")
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    for name, p in model.named_parameters():  # an untrained adapter is all zeros: make it matter
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    save_ranker(root / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(root / "data"), root / "data")
+    return root
+
+
+def test_left_padded_batch_ranks_like_single_prompts(ranker_dir):
+    ranker = load_ranker(ranker_dir / "ranker")
+    rows = read_split(ranker_dir / "data", "test").to_dict("records")[:3]
+    prompts = [prompt_ids(r) for r in rows]
+    prompts[1] = prompts[1][5:]  # make lengths differ so the batch is padded
+    for mode in ("one-pass", "generate"):
+        batched, scores = rank_batch(ranker.model, prompts, ranker.rank_tokenizer.identifier_ids, mode,
+                                     ranker.tokenizer.pad_token_id)
+        for p, order, s in zip(prompts, batched, scores):
+            single, single_scores = rank_batch(ranker.model, [p], ranker.rank_tokenizer.identifier_ids, mode,
+                                               ranker.tokenizer.pad_token_id)
+            assert single[0] == order
+            assert torch.allclose(torch.tensor(single_scores[0]), torch.tensor(s), atol=1e-4)
+
+
+def test_bootstrap_copies_use_their_own_orders(ranker_dir):
+    ranker = load_ranker(ranker_dir / "ranker")
+    row = read_split(ranker_dir / "data", "test").to_dict("records")[0]
+    seen = []
+
+    def prompt_for(r, perm):
+        seen.append((r, tuple(perm)))
+        return prompt_ids(row)
+
+    orders = bootstrap_orders(ranker.model, prompt_for, [1, 2], 5, 4, ranker.tokenizer.pad_token_id,
+                              ranker.rank_tokenizer.identifier_ids)
+    assert all(sorted(o) == list(range(5)) for o in orders)
+    for r in (0, 1):
+        perms = [p for rr, p in seen if rr == r]
+        assert perms[0] == (0, 1, 2, 3, 4) and len(set(perms)) == 4
+    assert [p for r, p in seen if r == 0] != [p for r, p in seen if r == 1]
+
+
+def test_evaluation_job_writes_predictions_metrics_and_report(ranker_dir, tmp_path):
+    metrics = run_evaluation(ranker_dir / "ranker", tmp_path, modes="generate,one-pass,free,bootstrap@2",
+                             baselines=["random", "popularity"], batch_size=3)
+    import pandas as pd
+
+    preds = pd.read_parquet(tmp_path / "predictions.parquet")
+    test = read_split(ranker_dir / "data", "test")
+    assert len(preds) == 4 * len(test)
+    truth = {r["user"]: sorted(r["candidate_ids"]) for r in test.to_dict("records")}
+    assert all(sorted(p["predicted_ids"]) == truth[p["user"]] for p in preds.to_dict("records"))
+    for mode, m in metrics["modes"].items():
+        assert m["lists"] == len(test) and 0 < m["ndcg@3"] <= 1 and m["tpq_seconds"] > 0
+        assert 0 <= m["repair_rate"] <= 1 and len(m["position_bias"]["mean_rank_by_position"]) == 5
+    assert metrics["modes"]["generate"]["repair_rate"] == 0
+    assert set(metrics["baselines"]) == {"random", "popularity"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["split"] == "test"
+    report = (tmp_path / "report.md").read_text()
+    assert "ranker: bootstrap@2" in report and "popularity" in report
+    assert (tmp_path / "ndcg.png").stat().st_size > 1000 and (tmp_path / "position_bias.png").exists()
+
+
+def test_bad_inputs_fail_before_any_actor(ranker_dir, tmp_path):
+    with pytest.raises(AlroError, match="bootstrap@p needs an integer"):
+        parse_modes("generate,bootstrap@x")
+    with pytest.raises(AlroError, match="unknown ranking mode 'beam'"):
+        parse_modes(["beam"])
+    broken = tmp_path / "broken"
+    shutil.copytree(ranker_dir / "ranker", broken)
+    shutil.rmtree(broken / "adapter")
+    with pytest.raises(AlroError, match="missing adapter/adapter_config.json"):
+        run_evaluation(broken, tmp_path / "o1")
+    other = load_config("configs/tiny.yaml", TINY + ["data.candidates=4"])
+    prepare(other, tmp_path / "c4")
+    with pytest.raises(AlroError, match="C=4 candidates per list, the ranker was trained with C=5"):
+        run_evaluation(ranker_dir / "ranker", tmp_path / "o2", data_dir=tmp_path / "c4")
