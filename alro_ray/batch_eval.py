@@ -66,7 +66,8 @@ def check_inputs(checkpoint: str | Path, data_dir: str | Path | None) -> tuple[d
 class RankActor:
     """One loaded ranker; ranks each batch in every requested mode."""
 
-    def __init__(self, checkpoint: str, data_dir: str, modes: list[str], seed: int, use_gpu: bool):
+    def __init__(self, checkpoint: str, data_dir: str, modes: list[str], seed: int, use_gpu: bool,
+                 few_shot: int = 0):
         import torch
 
         from alro_ray.checkpoint import load_ranker
@@ -78,6 +79,7 @@ class RankActor:
         self.renderer = load_renderer(data_dir)
         self.modes = modes
         self.seed = seed
+        self.demos = few_shot_prefix(self.ranker, data_dir, few_shot, seed)
 
     def _rank(self, mode: str, rows: list[dict]) -> tuple[list[list[int]], list[bool]]:
         from alro_ray.evaluation import prompt_ids
@@ -91,12 +93,12 @@ class RankActor:
         if kind == "bootstrap":
             def prompt_for(i: int, perm: list[int]) -> list[int]:
                 ids, _ = r.rank_tokenizer.prompt_ids(self.renderer.prefix(rows[i]), self.renderer.suffix(rows[i], perm))
-                return ids
+                return self.demos + ids
             # Seeded by user, so a row gets the same copies whatever batch it lands in.
             seeds = [self.seed + stable_hash(str(row["user"])) for row in rows]
             orders = bootstrap_orders(r.model, prompt_for, seeds, c, p, pad, r.rank_tokenizer.identifier_ids)
             return orders, [False] * len(rows)
-        prompts = [prompt_ids(row) for row in rows]
+        prompts = [self.demos + prompt_ids(row) for row in rows]
         if kind == "free":
             return free_batch(r.model, prompts, c, pad, r.tokenizer.eos_token_id, r.tokenizer)
         orders, _ = r.rank(prompts, kind)
@@ -123,6 +125,24 @@ class RankActor:
         return pd.DataFrame(out)
 
 
+def few_shot_prefix(ranker, data_dir: str, k: int, seed: int) -> list[int]:
+    """Token ids of k seeded training samples (prompt and gold response), blank-line separated,
+    to put before every query for few-shot ranking; [] for k = 0."""
+    if k <= 0:
+        return []
+    from alro_ray.prepare import read_split
+
+    train = read_split(data_dir, "train")
+    if len(train) < k:
+        raise AlroError(f"{data_dir} has {len(train)} training rows, fewer than few_shot={k}")
+    picks = np.random.default_rng(seed).choice(len(train), size=k, replace=False)
+    gap = ranker.tokenizer.encode("\n\n", add_special_tokens=False)
+    ids: list[int] = []
+    for i in picks:
+        ids += [int(x) for x in train.iloc[int(i)]["input_ids"][:-1]] + gap  # without its eos
+    return ids
+
+
 def summarize(predictions: pd.DataFrame) -> dict[str, dict]:
     """Per mode: NDCG@k, time per query, repair rate, position bias."""
     out = {}
@@ -137,7 +157,7 @@ def summarize(predictions: pd.DataFrame) -> dict[str, dict]:
 def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
                    modes: Sequence[str] = DEFAULT_MODES, baselines: Sequence[str] = ("random", "popularity", "item-mean"),
                    split: str = "test", actors: int = 1, batch_size: int = 8, limit: int | None = None,
-                   seed: int = 0, use_gpu: bool = False) -> dict:
+                   seed: int = 0, use_gpu: bool = False, few_shot: int = 0) -> dict:
     import ray
 
     from alro_ray.cluster import ensure_ray, quiet_ray_data
@@ -158,7 +178,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     ranked = ds.map_batches(
         RankActor,
         fn_constructor_kwargs=dict(checkpoint=str(Path(checkpoint).resolve()), data_dir=str(data),
-                                   modes=list(modes), seed=seed, use_gpu=use_gpu),
+                                   modes=list(modes), seed=seed, use_gpu=use_gpu, few_shot=few_shot),
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
         batch_size=batch_size,
@@ -170,7 +190,8 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     predictions = table.to_pandas()
     log.info("ranked %d queries x %d modes in %.1f s", predictions["user"].nunique(), len(modes), time.time() - t0)
 
-    metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "modes": summarize(predictions),
+    metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "few_shot": few_shot,
+               "modes": summarize(predictions),
                "baselines": baseline_metrics(data, split, baselines, set(predictions["user"]), seed)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out, history_path=Path(checkpoint) / "history.json")

@@ -98,9 +98,8 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.training import run_training
-
     from alro_ray.evaluation import format_table, test_summary
+    from alro_ray.training import run_training
 
     outcome = run_training(cfg, args.output_dir)
     print("\nepoch | " + " | ".join(k for k in HISTORY_COLUMNS))
@@ -125,9 +124,19 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     metrics = run_evaluation(args.checkpoint, args.out, data_dir=args.data, modes=args.modes,
                              baselines=[b for b in args.baselines.split(",") if b], split=args.split,
                              actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
-                             use_gpu=args.gpu)
+                             use_gpu=args.gpu, few_shot=args.few_shot)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
+    from alro_ray.compare import run_compare
+
+    run_compare(cfg, args.output_dir, ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
+                baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
+                limit=args.limit, actors=args.actors)
+    print((Path(args.output_dir) / "compare.md").read_text())
     return 0
 
 
@@ -161,7 +170,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N rows")
     p.add_argument("--seed", type=int, default=0, help="seeds bootstrap orders and random baselines")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--few-shot", type=int, default=0, help="prepend k training samples to every prompt")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="baselines and the LLM ladder on the same test lists (paper Tables 2, 4)")
+    _add_config_args(p)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--ladder", default="zero-shot,few-shot,SFT,w/o SLL,w/o PSL,ALRO",
+                   help="comma-separated steps of the LLM ladder")
+    p.add_argument("--baselines", default="random,popularity,item-mean,mf,gru4rec,sasrec")
+    p.add_argument("--mode", default="generate", help="ranking mode for every LLM row")
+    p.add_argument("--few-shot", type=int, default=2, help="demonstrations for the few-shot row")
+    p.add_argument("--limit", type=int, help="score only the first N test users")
+    p.add_argument("--actors", type=int, default=1)
+    p.set_defaults(func=cmd_compare)
+
+    from alro_ray.tuning import add_tune_args, cmd_tune  # light: imports only yaml and config
+
+    p = sub.add_parser("tune", help="search α, β, γ: Ray Tune + Optuna TPE + ASHA, each trial a Train run")
+    _add_config_args(p)
+    add_tune_args(p)
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from alro_ray.prompts import LETTERS
 
 
 def identifier_letters(c: int) -> list[str]:

@@ -210,7 +210,8 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
         batch_format="pandas",
         fn_kwargs=dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
                        permutations=d.permutations, seed=d.seed),
-    )
+    ).materialize()  # shuffle done before the actor pool starts: with tokenize_actors == CPUs the
+    # actors would hold every CPU that the groupby's 1-CPU shuffle tasks wait for (a hang)
     ds = ds.map_batches(
         RenderTokenize,
         batch_format="pyarrow",

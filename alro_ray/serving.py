@@ -43,6 +43,7 @@ log = logging.getLogger("alro_ray")
 
 APP_NAME = "alro"
 MODES = ("generate", "one-pass")  # same names as alro_ray.ranking.MODES
+MAX_ATTRIBUTE_ITEMS = 20  # attributes given as a list: at most this many, each <= max_attribute_chars
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -238,32 +239,36 @@ def _nonblank(value: str) -> str:
     return value
 
 
+def _not_bool(value: Any) -> Any:
+    """Integer ids: 7 and 7.0 (JSON Schema integers), never true/false."""
+    if isinstance(value, bool):
+        raise ValueError("an id must be a string or an integer, not a boolean")
+    return value
+
+
 def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type]:
     from typing import Annotated, Optional, Union
 
-    from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr,
-                          model_validator)
+    from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, model_validator
 
     s = settings
     Title = Annotated[StrictStr, Field(min_length=1, max_length=s.max_title_chars, pattern=r"\S",
                                        description="item title (whitespace runs are collapsed)"),
                       AfterValidator(_nonblank)]
     AttrStr = Annotated[StrictStr, Field(max_length=s.max_attribute_chars), AfterValidator(_clean)]
-    AttrList = Annotated[list[Annotated[StrictStr, Field(max_length=s.max_attribute_chars),
-                                        AfterValidator(_nonblank)]],
-                         Field(max_length=50)]
+    AttrList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=s.max_attribute_chars,
+                                                         pattern=r"\S"), AfterValidator(_nonblank)]],
+                         Field(max_length=MAX_ATTRIBUTE_ITEMS)]
     Attributes = Annotated[Union[AttrStr, AttrList], Field(
-        description='e.g. "Action|Sci-Fi" or ["Action", "Sci-Fi"] (joined with "|")')]
+        description='e.g. "Action|Sci-Fi", or ["Action", "Sci-Fi"] (joined with "|"); '
+                    f'a string or each list item <= {s.max_attribute_chars} characters')]
     CandidateId = Union[Annotated[StrictStr, Field(min_length=1, max_length=s.max_id_chars, pattern=r"\S"),
                                   AfterValidator(_nonblank)],
-                        Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]]
+                        Annotated[int, BeforeValidator(_not_bool), Field(ge=-(2 ** 63), le=2 ** 63 - 1)]]
     Rating = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
 
     def joined(attrs) -> str:
-        text = attrs if isinstance(attrs, str) else "|".join(attrs)
-        if len(text) > s.max_attribute_chars:
-            raise ValueError(f"attributes have {len(text)} characters, limit {s.max_attribute_chars}")
-        return text
+        return attrs if isinstance(attrs, str) else "|".join(attrs)
 
     class HistoryItem(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -375,8 +380,15 @@ class RankerDeployment:
 
         self.settings = settings
         self.registry = registry
-        threads = settings.torch_threads or max(1, int(settings.num_cpus or 1))
-        torch.set_num_threads(threads)
+        threads = settings.torch_threads
+        if threads is None:  # the CPUs Ray gave this replica (YAML ray_actor_options or num_cpus=)
+            try:
+                import ray
+
+                threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+            except Exception:
+                threads = 1
+        torch.set_num_threads(max(1, threads))
         use_cuda = bool(settings.num_gpus) and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
         dtype = getattr(torch, settings.dtype)
@@ -384,12 +396,15 @@ class RankerDeployment:
         model_cfg = from_dict(ModelConfig, first.model)
         self.base = load_base_model(model_cfg, dtype).to(self.device)
         self.peft = None
+        self.loaded: list[str] = []
         self.rankers: dict[str, Any] = {}  # name -> alro_ray.checkpoint.Ranker sharing self.peft
         self._lock = threading.Lock()  # one forward at a time; guards set_adapter/load/delete
         self._evicted: set[str] = set()
+        self._stats_lock = threading.Lock()
         self.batch_sizes: Counter = Counter()  # requests per @serve.batch call
         self.group_sizes: Counter = Counter()  # prompts per forward pass
         self.requests = 0
+        self.adapter_loads = 0
         self.started = time.time()
         k = settings.max_adapters_per_replica
 
@@ -439,8 +454,10 @@ class RankerDeployment:
         adapter_dir = str(Path(entry.path) / "adapter")
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
+            self.adapter_loads += 1
         elif name not in self.peft.peft_config:
             self.peft.load_adapter(adapter_dir, adapter_name=name)
+            self.adapter_loads += 1
         self.peft.to(self.device).eval()
         for old in list(self._evicted):  # free adapters Serve's LRU let go of
             if old in self.peft.peft_config and len(self.peft.peft_config) > 1:
@@ -456,7 +473,8 @@ class RankerDeployment:
                 raise AlroError(f"adapter {name!r}: the saved tokenizer's identifier ids differ from ranker.json")
             cfg = from_dict(Config, read_yaml(Path(entry.path) / "config.yaml"))
             self.rankers[name] = Ranker(self.peft, tok, rank_tok, entry.info, cfg)
-        log.info("adapter %r ready (loaded: %s)", name, sorted(self.peft.peft_config))
+        self.loaded = sorted(self.peft.peft_config)  # a new list: stats() reads it without the lock
+        log.info("adapter %r ready (loaded: %s)", name, self.loaded)
 
     # -- ranking -------------------------------------------------------------------------------
 
@@ -480,23 +498,29 @@ class RankerDeployment:
         from alro_ray.prompts import Item
 
         n = len(payloads)
-        self.batch_sizes[n] += 1
-        self.requests += n
+        with self._stats_lock:
+            self.batch_sizes[n] += 1
+            self.requests += n
         results: list[dict | None] = [None] * n
         groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
         for i, p in enumerate(payloads):
-            ranker = self.rankers.get(p["adapter"])
-            if ranker is None:  # evicted between load and batch: re-attach below
-                with self._lock:
-                    self._attach(p["adapter"])
-                ranker = self.rankers[p["adapter"]]
-            c = len(p["candidates"])
-            if not 2 <= c <= ranker.candidates:
-                results[i] = {"error": f"adapter {p['adapter']!r} ranks 2 to {ranker.candidates} "
-                                       f"candidates, got {c}", "status": 422}
+            try:
+                ranker = self.rankers.get(p["adapter"])
+                if ranker is None:  # evicted between load and batch: load it again
+                    with self._lock:
+                        self._attach(p["adapter"])
+                    ranker = self.rankers[p["adapter"]]
+                c = len(p["candidates"])
+                if not 2 <= c <= ranker.candidates:
+                    results[i] = {"error": f"adapter {p['adapter']!r} ranks 2 to {ranker.candidates} "
+                                           f"candidates, got {c}", "status": 422}
+                    continue
+                history = [(Item(t, a), r) for t, a, r in p["history"]]
+                ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]])
+            except Exception as e:  # a bug or a broken checkpoint: fail this request only
+                log.exception("cannot prepare a request")
+                results[i] = {"error": f"internal error preparing the request: {type(e).__name__}", "status": 500}
                 continue
-            history = [(Item(t, a), r) for t, a, r in p["history"]]
-            ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]])
             if len(ids) > self.settings.max_prompt_tokens:
                 results[i] = {"error": f"the rendered prompt has {len(ids)} tokens, limit "
                                        f"{self.settings.max_prompt_tokens}: shorten history or titles",
@@ -505,26 +529,39 @@ class RankerDeployment:
             groups[(p["adapter"], p["mode"], c)].append((i, ids))
         for (name, mode, c), members in groups.items():
             members.sort(key=lambda m: len(m[1]))  # less padding
-            with self._lock:
-                if name not in self.peft.peft_config:
-                    self._attach(name)
-                self.peft.set_adapter(name)
-                orders, scores = self.rankers[name].rank([ids for _, ids in members], mode, c)
-            self.group_sizes[len(members)] += 1
+            try:
+                with self._lock:
+                    if name not in self.peft.peft_config:
+                        self._attach(name)
+                    self.peft.set_adapter(name)
+                    orders, scores = self.rankers[name].rank([ids for _, ids in members], mode, c)
+            except Exception as e:  # fail this group only; the rest of the batch is answered
+                log.exception("ranking a group of %d failed", len(members))
+                for i, _ in members:
+                    results[i] = {"error": f"internal error while ranking: {type(e).__name__}", "status": 500}
+                continue
+            with self._stats_lock:
+                self.group_sizes[len(members)] += 1
             for (i, _), order, score in zip(members, orders, scores):
                 results[i] = {"order": order, "scores": score, "batch_size": n}
         return results
 
     def stats(self) -> dict:
+        import torch
+
+        with self._stats_lock:
+            batch_sizes, group_sizes, requests = dict(self.batch_sizes), dict(self.group_sizes), self.requests
         return {
-            "requests": self.requests,
-            "batches": sum(self.batch_sizes.values()),
-            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "forward_batch_sizes": {str(k): v for k, v in sorted(self.group_sizes.items())},
+            "requests": requests,
+            "batches": sum(batch_sizes.values()),
+            "batch_sizes": {str(k): v for k, v in sorted(batch_sizes.items())},
+            "forward_batch_sizes": {str(k): v for k, v in sorted(group_sizes.items())},
             "max_batch_size": self.settings.max_batch_size,
             "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
-            "loaded_adapters": sorted(self.peft.peft_config) if self.peft is not None else [],
+            "loaded_adapters": self.loaded,
+            "adapter_loads": self.adapter_loads,
             "device": self.device,
+            "torch_threads": torch.get_num_threads(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 

@@ -188,6 +188,7 @@ def say(message: str) -> None:
 
 def train_loop(loop_config: dict) -> None:
     import deepspeed  # inside the worker: a top-level import has crashed CPU-only processes
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -205,6 +206,7 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(t.seed)
+    say(f"worker rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}")
     use_gpu = t.use_gpu and torch.cuda.is_available()
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
     bf16 = t.precision == "bf16" or (t.precision == "auto" and use_gpu)

@@ -32,10 +32,12 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,7 @@ NDCG_KEYS = ("valid_ndcg@3", "valid_ndcg@10", "valid_ndcg@25")
 # Settings a resumed study may differ in (Tune keeps the original ones: see `_check_study`).
 _RESUME_FREE = ("num_samples", "max_concurrent")
 EXIT_INTERRUPTED = 130
+TRIAL_MEMORY = 256 * 1024**2  # bytes reserved for a trial's driver process (a Ray logical resource)
 
 
 @dataclass
@@ -255,8 +258,11 @@ def _check_resources(cfg: Config) -> None:
     have = ray.cluster_resources()
     for res, per_trial in need.items():
         if have.get(res, 0) < per_trial:
-            raise AlroError(f"one trial needs {per_trial:g} {res} (train.num_workers x per-worker), "
-                            f"the cluster has {have.get(res, 0):g}")
+            message = (f"one trial needs {per_trial:g} {res} (train.num_workers x per-worker), "
+                       f"the cluster has {have.get(res, 0):g}")
+            if not os.environ.get("RAY_ADDRESS"):
+                raise AlroError(message)  # a local Ray we started: it would wait forever
+            log.warning("%s: the trials wait until the autoscaler adds nodes", message)
         if have.get(res, 0) < per_trial * cfg.tune.max_concurrent:
             log.warning("%d concurrent trials need %g %s, the cluster has %g: trials will wait for "
                         "each other (or the autoscaler)", cfg.tune.max_concurrent,
@@ -303,8 +309,9 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
 
     trainable = tune.with_resources(
         tune.with_parameters(_train_trial, base=to_dict(base), output_dir=str(out)),
-        # The trial only drives its TorchTrainer; the Train workers hold the CPUs and GPUs.
-        {"CPU": 0},
+        # The trial only drives its TorchTrainer: no CPU, so that the Train workers get them all
+        # (Tune refuses an empty request; a token of memory stands in).
+        {"CPU": 0, "memory": TRIAL_MEMORY},
     )
     _ACTIVE_INTERRUPTS.clear()
     if tune.Tuner.can_restore(str(exp_dir)):
@@ -313,9 +320,12 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         if stop_after_trials:
-            # The restored RunConfig is the pickled original; add this session's interrupt to it.
-            tuner._local_tuner._run_config.callbacks = [
-                *(tuner._local_tuner._run_config.callbacks or []), _interrupt_after(stop_after_trials)]
+            # The restored RunConfig is the pickled original (Tune has no public way to change
+            # it): add this session's interrupt to its callbacks.
+            local = getattr(tuner, "_local_tuner", None)
+            if local is None:
+                raise AlroError("stop_after_trials cannot be added to a resumed study over Ray Client")
+            local._run_config.callbacks = [*(local._run_config.callbacks or []), _interrupt_after(stop_after_trials)]
     else:
         point = first_point(cfg)
         tuner = tune.Tuner(
@@ -328,7 +338,10 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
                 search_alg=OptunaSearch(points_to_evaluate=[point] if point else None, seed=cfg.tune.seed),
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
                                         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                                        reduction_factor=cfg.tune.reduction_factor),
+                                        reduction_factor=cfg.tune.reduction_factor,
+                                        # A trial that reaches the last epoch ends by itself, after
+                                        # run_training has written its final ranker.
+                                        stop_last_trials=False),
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=cfg.tune.max_concurrent,
                 trial_dirname_creator=_trial_dirname,
@@ -384,7 +397,7 @@ def collect_trials(exp_dir: Path, out: Path, cfg: Config) -> list[dict]:
         error = None
         if status == "failed":
             error_file = Path(trial.path or "", "error.txt")
-            error = error_file.read_text().strip().splitlines()[-1] if error_file.is_file() else "failed"
+            error = error_summary(error_file.read_text()) if error_file.is_file() else "failed"
         tag = str(trial.experiment_tag or "")
         number = int(tag.split("_", 1)[0]) if tag.split("_", 1)[0].isdigit() else len(records) + 1
         records.append({
@@ -400,6 +413,19 @@ def collect_trials(exp_dir: Path, out: Path, cfg: Config) -> list[dict]:
     return sorted(records, key=lambda r: r["number"])
 
 
+def error_summary(text: str, limit: int = 300) -> str:
+    """A failed trial's error in a line: the last `SomeError: ...` line of the traceback Tune saved,
+    plus the first sentence of the final line when that adds the cause (e.g. a dead worker)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "failed"
+    kinds = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b", ln)]
+    head = kinds[-1] if kinds else lines[-1]
+    last = lines[-1].split(". ")[0]
+    summary = head if last == head or last in head else f"{head} {last}"
+    return summary if len(summary) <= limit else summary[: limit - 3] + "..."
+
+
 def pick_best(trials: list[dict], metric: str) -> dict | None:
     """The trial with the highest last-reported `metric` (completed or stopped early); ties: the earliest."""
     ok = [t for t in trials if t["status"] in ("completed", "stopped early") and t.get(metric) is not None]
@@ -407,7 +433,7 @@ def pick_best(trials: list[dict], metric: str) -> dict | None:
 
 
 def param_importances(trials: list[dict], cfg: Config) -> tuple[dict[str, float], str]:
-    """Optuna's fANOVA importances on a study rebuilt from the trials with a metric value (as
+    """Optuna's parameter importances (its default evaluator, PED-ANOVA) on a study rebuilt from the trials with a metric value (as
     the searcher saw them: an ASHA-stopped trial counts with its last value). Returns
     ({} , reason) when they cannot be computed (fewer than 2 such trials, a single parameter)."""
     import optuna
@@ -426,11 +452,12 @@ def param_importances(trials: list[dict], cfg: Config) -> tuple[dict[str, float]
         study.add_trial(optuna.trial.create_trial(params={k: float(v) for k, v in t["params"].items()},
                                                   distributions=dists, value=t[metric]))
     try:
-        imp = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=cfg.tune.seed))
+        with warnings.catch_warnings():  # e.g. "importances will be equal" when the scores tie
+            warnings.simplefilter("ignore")
+            imp = optuna.importance.get_param_importances(study)  # PED-ANOVA: Optuna's default
     except Exception as e:  # noqa: BLE001 - importances are a nicety; the study's results stand
         return {}, f"parameter importances failed: {e}"
-    return {k: float(v) for k, v in imp.items()}, f"fANOVA over {len(done)} trials"
+    return {k: float(v) for k, v in imp.items()}, f"PED-ANOVA over {len(done)} trials"
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -446,7 +473,7 @@ def format_trials_table(trials: list[dict], params: list[str], best_id: str | No
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         star = " *" if t["trial_id"] == best_id else ""
-        status = t["status"] + (f" ({t['error'][:60]})" if t.get("error") else "")
+        status = t["status"] + (f" ({t['error'][:100]})" if t.get("error") else "")
         cells = [str(t["number"]), t["trial_id"] + star, *(_fmt(t["params"].get(p)) for p in params),
                  *(_fmt(t.get(k)) for k in NDCG_KEYS), str(t["epochs"]), status]
         lines.append("| " + " | ".join(cells) + " |")
@@ -458,6 +485,7 @@ def plot_study(trials: list[dict], importances: dict[str, float], note: str, met
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     colors = {"completed": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red", "unfinished": "tab:gray"}
@@ -476,6 +504,7 @@ def plot_study(trials: list[dict], importances: dict[str, float], note: str, met
     for t in trials:
         if t["status"] == "failed":
             ax.axvline(t["number"], color="tab:red", alpha=0.3, linestyle=":")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial (last reported epoch)")
@@ -558,7 +587,7 @@ def cmd_tune(args: argparse.Namespace, cfg: Config) -> int:
     outcome = run_tune(cfg, args.output_dir, stop_after_trials=args.stop_after_trials)
     print(f"\nStudy {cfg.tune.name!r} ({cfg.tune.metric}, last reported epoch; * best):")
     print(outcome.table)
-    print(f"\nparameter importances: " + (", ".join(f"{k} {v:.3f}" for k, v in outcome.importances.items())
+    print("\nparameter importances: " + (", ".join(f"{k} {v:.3f}" for k, v in outcome.importances.items())
                                           or outcome.importance_note))
     print(f"trial table: {outcome.output_dir / 'trials.md'} and trials.json")
     print(f"plot:        {outcome.plot}")
@@ -575,22 +604,3 @@ def cmd_tune(args: argparse.Namespace, cfg: Config) -> int:
         print("\nno trial finished an epoch: see the failed trials' errors above", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`alro tune` as a standalone entry point (jobs/tune.py): the same flags and overrides."""
-    from alro_ray import cli
-
-    cli.setup_logging()
-    parser = argparse.ArgumentParser(prog="alro tune", description="ALRO loss-weight search (Ray Tune + Optuna + ASHA)")
-    cli._add_config_args(parser)
-    add_tune_args(parser)
-    rest, dotted = cli._split_dotted(sys.argv[1:] if argv is None else list(argv))
-    args, extra = parser.parse_known_args(rest)
-    extra += dotted
-    try:
-        cfg = cli.build_config(args, extra)
-        return cmd_tune(args, cfg)
-    except AlroError as e:
-        print(f"alro tune: error: {e}", file=sys.stderr)
-        return 2

@@ -5,9 +5,9 @@
 Each run is a fresh Python process with its own `ray.init(num_cpus=n)` and
 `data.tokenize_actors = n`, so no run reuses another's workers or caches; the time is that of
 `prepare()` alone (Ray's own start is left out), default tokenizer (smollm2-135m), paper
-windows H=20, C=25. Each variant runs `--repeats` times and the best is kept. A third variant
-runs the 2-CPU one with the groupby shuffled into 8 partitions instead of Ray Data's default
-200 (`DataContext.default_hash_shuffle_parallelism`), to show what the block count costs.
+windows H=20, C=25. Each variant runs `--repeats` times and the best is kept.
+`--shuffle-partitions N` adds a 2-CPU variant with the groupby shuffled into N partitions
+instead of Ray Data's default 200 (`DataContext.default_hash_shuffle_parallelism`).
 A second table splits the best run of each variant into the pipeline's phases.
 """
 
@@ -31,7 +31,6 @@ MARK = "BENCH-RESULT "
 VARIANTS = [
     ("1 CPU", 1, None),
     ("2 CPUs", 2, None),
-    ("2 CPUs, 8 shuffle partitions", 2, 8),
 ]
 
 
@@ -66,7 +65,13 @@ def worker(args: argparse.Namespace) -> None:
         return wrapper
 
     ds_cls = ray.data.Dataset
-    ds_cls.materialize = timed("group + render + tokenize (materialize)", ds_cls.materialize)
+    materialize = ds_cls.materialize
+    stages = iter(["group by user -> samples", "render + tokenize (actor pool)"])
+
+    def materialize_stage(self, *a, **k):
+        return timed(next(stages, "materialize, other"), materialize)(self, *a, **k)
+
+    ds_cls.materialize = materialize_stage
     ds_cls.write_parquet = timed("filter + write, per split", ds_cls.write_parquet)
     ds_cls.to_pandas = timed("filter + count, per split", ds_cls.to_pandas)
 
@@ -101,6 +106,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="MovieLens 100K directory (u.data, u.item)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant; the best is kept")
+    p.add_argument("--shuffle-partitions", type=int, default=None, metavar="N",
+                   help="also run 2 CPUs with the groupby shuffled into N partitions (default 200)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cpus", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--partitions", type=int, default=None, help=argparse.SUPPRESS)
@@ -112,8 +119,11 @@ def main() -> None:
     if not (Path(args.data_dir) / "u.data").is_file():
         raise SystemExit(f"MovieLens 100K not found at {args.data_dir} (--data-dir)")
 
+    variants = list(VARIANTS)
+    if args.shuffle_partitions:
+        variants.append((f"2 CPUs, {args.shuffle_partitions} shuffle partitions", 2, args.shuffle_partitions))
     best = {}
-    for name, cpus, partitions in VARIANTS:
+    for name, cpus, partitions in variants:
         runs = []
         for r in range(args.repeats):
             res = run_one(args.data_dir, cpus, partitions)
@@ -121,7 +131,7 @@ def main() -> None:
             runs.append(res)
         best[name] = min(runs, key=lambda x: x["seconds"])
 
-    base = best[VARIANTS[0][0]]["seconds"]
+    base = best[variants[0][0]]["seconds"]
     print(f"\nprepare, MovieLens 100K, H=20 C=25, smollm2-135m tokenizer, best of {args.repeats}\n")
     print("| variant | seconds | rows/s | vs 1 CPU | Parquet files (train/valid/test) |")
     print("| --- | ---: | ---: | ---: | --- |")

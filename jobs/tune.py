@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without install
 
-from alro_ray.tuning import main  # noqa: E402
+from alro_ray.cli import main  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune_tiny.yaml"
 
@@ -17,4 +17,4 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if "--config" not in args and not any(a.startswith("--config=") for a in args):
         args = ["--config", str(DEFAULT_CONFIG), *args]
-    sys.exit(main(args))
+    sys.exit(main(["tune", *args]))

@@ -1,0 +1,149 @@
+"""The loss-weight study (Ray Tune + Optuna + ASHA) on the tiny model and synthetic data.
+
+One study serves most tests (each trial is a real Ray Train run, so it costs minutes on 2 CPUs):
+4 trials, 2 at a time, interrupted after 2 trials have ended and then resumed by rerunning it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alro_ray import tuning
+from alro_ray.cli import main as cli_main
+from alro_ray.config import load_config
+from alro_ray.training import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides):
+    return load_config(REPO / "configs" / "tune_tiny.yaml", list(overrides))
+
+
+def _starts(out: Path, trial_id: str) -> int:
+    log = out / "trials" / trial_id / "starts.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def study(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    # Session 1 ends (like Ctrl-C: SIGUSR1 to the driver) once 2 trials have ended.
+    first = tuning.run_tune(_cfg(), out, stop_after_trials=2)
+    starts_then = {t["trial_id"]: _starts(out, t["trial_id"]) for t in first.trials}
+    # Session 2: the same call again resumes the study.
+    second = tuning.run_tune(_cfg(), out)
+    return first, starts_then, second, out
+
+
+def test_interrupted_study_resumes_without_rerunning_ended_trials(study):
+    first, starts_then, second, out = study
+    ended = [t for t in first.trials if t["status"] != "unfinished"]
+    assert not first.complete and len(ended) >= 2
+    assert all(starts_then[t["trial_id"]] == 1 for t in ended)
+
+    assert second.complete
+    assert [t["number"] for t in second.trials] == [1, 2, 3, 4]  # tune.num_samples, no more, no fewer
+    again = {t["trial_id"]: t for t in second.trials}
+    for t in ended:
+        # Not started again, and its results are the ones session 1 recorded.
+        assert _starts(out, t["trial_id"]) == 1
+        assert again[t["trial_id"]] == t
+    # Every trial of the study ran (at least once); only the interrupted ones started twice.
+    for t in second.trials:
+        if t["trial_id"] not in {e["trial_id"] for e in ended}:
+            assert _starts(out, t["trial_id"]) >= 1
+
+
+def test_study_writes_table_best_yaml_and_plot(study):
+    _, _, outcome, out = study
+    first_trial = outcome.trials[0]
+    assert first_trial["params"] == pytest.approx(tuning.PAPER_POINT)  # the paper's values first
+    for t in outcome.trials:
+        assert t["status"] in ("completed", "stopped early"), t
+        assert 1 <= t["epochs"] <= 2
+        assert all(0 <= t[k] <= 1 for k in tuning.NDCG_KEYS)
+    assert len({t["params"]["alpha"] for t in outcome.trials}) == 4  # TPE proposed new points
+
+    table = (out / "trials.md").read_text()
+    assert table.count("\n| ") == 1 + 4 and "NDCG@10" in table and "status" in table
+    data = json.loads((out / "trials.json").read_text())
+    assert data["complete"] and len(data["trials"]) == 4
+    assert data["best"]["trial_id"] == outcome.best["trial_id"]
+    assert outcome.best["valid_ndcg@10"] == max(t["valid_ndcg@10"] for t in outcome.trials)
+
+    assert outcome.best_yaml == out / "best.yaml" and outcome.best_yaml.exists()
+    assert outcome.best_checkpoint and (outcome.best_checkpoint / "adapter").is_dir()
+    assert (out / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(outcome.importances) == {"alpha", "beta", "gamma"}
+    assert sum(outcome.importances.values()) == pytest.approx(1.0)
+
+
+def test_best_yaml_trains(study, tmp_path):
+    _, _, outcome, out = study
+    cfg = load_config(outcome.best_yaml, ["train.epochs=1", "train.max_steps_per_epoch=1", "train.eval_users=4"])
+    best = outcome.best["params"]
+    assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma) == pytest.approx((best["alpha"], best["beta"], best["gamma"]))
+    assert Path(cfg.data.prepared) == out / "data"
+    trained = run_training(cfg, tmp_path)
+    assert [h["epoch"] for h in trained.history] == [1]
+    assert (trained.final_dir / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tune.search_space.alpha.low=2"], "tune.search_space.alpha: empty or inverted range"),
+    (["tune.search_space.gamma.low=8.0"], "tune.search_space.gamma: empty or inverted range"),
+    (["tune.search_space.delta={low: 0.1, high: 1.0}"], "tune.search_space.delta: not a tunable parameter"),
+    (["--num-samples", "0"], "tune.num_samples"),
+    (["--max-concurrent", "0"], "tune.max_concurrent"),
+    (["tune.metric=train_loss"], "tune.metric"),
+])
+def test_bad_input_is_refused_before_anything_starts(args, message, tmp_path, capsys):
+    out = tmp_path / "study"
+    code = cli_main(["tune", "--config", str(REPO / "configs" / "tune_tiny.yaml"), "--output-dir", str(out), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_job_entry_point_refuses_bad_input_with_exit_code_2(tmp_path):
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--num-samples", "0",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "tune.num_samples" in proc.stderr and not out.exists()
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.yaml").write_text((REPO / "configs" / "tune_tiny.yaml").read_text())
+    code = cli_main(["tune", "--config", str(REPO / "configs" / "tune_tiny.yaml"), "--output-dir", str(out),
+                        "tune.search_space.gamma.high=4.0"])
+    assert code == 2
+
+
+def test_report_helpers_cope_with_failed_and_few_trials(tmp_path):
+    cfg = _cfg()
+    ok = {"number": 1, "trial_id": "a", "status": "completed", "params": dict(tuning.PAPER_POINT),
+          "valid_ndcg@3": 0.5, "valid_ndcg@10": 0.6, "valid_ndcg@25": 0.6, "epochs": 2,
+          "checkpoint": None, "error": None}
+    failed = {**ok, "number": 2, "trial_id": "b", "status": "failed", "valid_ndcg@3": None,
+              "valid_ndcg@10": None, "valid_ndcg@25": None, "epochs": 0, "error": "RuntimeError: boom"}
+    assert tuning.pick_best([ok, failed], "valid_ndcg@10") is ok
+    assert tuning.pick_best([failed], "valid_ndcg@10") is None
+    importances, note = tuning.param_importances([ok, failed], cfg)
+    assert importances == {} and "at least 2" in note
+    table = tuning.format_trials_table([ok, failed], ["alpha", "beta", "gamma"], "a")
+    assert "a *" in table and "failed (RuntimeError: boom)" in table
+    png = tuning.plot_study([ok, failed], importances, note, "valid_ndcg@10", tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert tuning.error_summary("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                "ray.train.WorkerGroupError: Training failed due to worker errors:\n"
+                                "[Rank 0 Error Snippet]:\nThe actor is dead because its worker process "
+                                "has died. Worker exit type: SYSTEM_ERROR") == (
+        "ray.train.WorkerGroupError: Training failed due to worker errors: "
+        "The actor is dead because its worker process has died")
