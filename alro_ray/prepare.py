@@ -205,7 +205,10 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     ensure_ray()
     quiet_ray_data(progress=True)
     ds = ray.data.from_pandas(df)
-    ds = ds.groupby("user").map_groups(
+    # A few shuffle partitions per CPU: Ray Data's default (200) made the groupby the slowest phase
+    # on small data (MovieLens 100K: 15 s with 200, 8 s with 8; docs/benchmarks.md).
+    partitions = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    ds = ds.groupby("user", num_partitions=partitions).map_groups(
         _user_group,
         batch_format="pandas",
         fn_kwargs=dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
@@ -223,16 +226,14 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
                                    domain_plural=d.domain_plural or source.domain_plural),
     ).materialize()
 
-    rows, prompt_tokens = {}, {}
     for split in SPLITS:
-        part = ds.filter(expr=f"split == '{split}'")
         (out / split).mkdir(exist_ok=True)
         for old in (out / split).glob("*.parquet"):
             old.unlink()
-        part.write_parquet(str(out / split))
-        lengths = part.select_columns(["n_prompt_tokens"]).to_pandas()["n_prompt_tokens"]
-        rows[split] = int(len(lengths))
-        prompt_tokens[split] = float(lengths.mean()) if len(lengths) else 0.0
+        ds.filter(expr=f"split == '{split}'").write_parquet(str(out / split))
+    lengths = ds.select_columns(["split", "n_prompt_tokens"]).to_pandas().groupby("split")["n_prompt_tokens"]
+    rows = {s: int(lengths.size().get(s, 0)) for s in SPLITS}
+    prompt_tokens = {s: float(lengths.mean().get(s, 0.0)) for s in SPLITS}
 
     write_fit_interactions(df, d.candidates, out / "fit_interactions.parquet")
     write_items(items, out / "items.parquet")
