@@ -405,6 +405,7 @@ class RankerDeployment:
         self.group_sizes: Counter = Counter()  # prompts per forward pass
         self.requests = 0
         self.adapter_loads = 0
+        self.busy_s = 0.0  # time spent ranking batches (prompt rendering included)
         self.started = time.time()
         k = settings.max_adapters_per_replica
 
@@ -492,7 +493,11 @@ class RankerDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, payloads: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._run_batch, payloads)
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self._run_batch, payloads)
+        with self._stats_lock:
+            self.busy_s += time.perf_counter() - t0
+        return out
 
     def _run_batch(self, payloads: list[dict]) -> list[dict]:
         from alro_ray.prompts import Item
@@ -551,6 +556,7 @@ class RankerDeployment:
 
         with self._stats_lock:
             batch_sizes, group_sizes, requests = dict(self.batch_sizes), dict(self.group_sizes), self.requests
+            busy_s = self.busy_s
         return {
             "requests": requests,
             "batches": sum(batch_sizes.values()),
@@ -560,6 +566,7 @@ class RankerDeployment:
             "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
             "loaded_adapters": self.loaded,
             "adapter_loads": self.adapter_loads,
+            "busy_s": round(busy_s, 3),
             "device": self.device,
             "torch_threads": torch.get_num_threads(),
             "uptime_s": round(time.time() - self.started, 1),

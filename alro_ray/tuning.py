@@ -33,10 +33,8 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,56 +156,6 @@ def _trial_dirname(trial) -> str:
 # ---------------------------------------------------------------------------------------------
 # Interrupting a study on purpose (resumable, like Ctrl-C).
 
-_ACTIVE_INTERRUPTS: set[str] = set()
-
-
-def _make_interrupt_after():
-    from ray.tune import Callback
-
-    class InterruptAfter(Callback):
-        """A Tune callback that ends the study, the way Ctrl-C does, once `n` trials have ended.
-
-        It sends the driver SIGUSR1, which `tune.run` handles like SIGINT: the experiment state
-        is saved with the running trials unfinished and the search not finished, so a rerun
-        resumes. (`Stopper.stop_all` would mark the search finished: nothing left to resume.)
-        Tune pickles its callbacks with the experiment; the token keeps a restored copy inert."""
-
-        def __init__(self, n: int):
-            self.n, self.ended, self.token = n, 0, uuid.uuid4().hex
-            _ACTIVE_INTERRUPTS.add(self.token)
-
-        def _ended(self) -> None:
-            self.ended += 1
-            if self.ended == self.n and self.token in _ACTIVE_INTERRUPTS:
-                log.warning("%d trials ended: stopping the study here (rerun the same command to resume)", self.n)
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._ended()
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._ended()
-
-    InterruptAfter.__module__ = __name__
-    InterruptAfter.__qualname__ = "InterruptAfter"
-    return InterruptAfter
-
-
-def __getattr__(name: str):
-    # Built on first use, so that importing this module (cli.py does) does not import Ray Tune;
-    # reachable as alro_ray.tuning.InterruptAfter so that Tune's pickled copy loads again.
-    if name == "InterruptAfter":
-        cls = globals()[name] = _make_interrupt_after()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _interrupt_after(n: int):
-    from alro_ray import tuning
-
-    return tuning.InterruptAfter(n)
-
-
 # ---------------------------------------------------------------------------------------------
 # The study.
 
@@ -313,7 +261,9 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
         # (Tune refuses an empty request; a token of memory stands in).
         {"CPU": 0, "memory": TRIAL_MEMORY},
     )
-    _ACTIVE_INTERRUPTS.clear()
+    from alro_ray.tune_interrupt import ACTIVE, InterruptAfter
+
+    ACTIVE.clear()
     if tune.Tuner.can_restore(str(exp_dir)):
         log.info("resuming the study in %s", exp_dir)
         # Failed trials stay failed; unfinished ones continue (their Train runs from checkpoints).
@@ -325,7 +275,7 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
             local = getattr(tuner, "_local_tuner", None)
             if local is None:
                 raise AlroError("stop_after_trials cannot be added to a resumed study over Ray Client")
-            local._run_config.callbacks = [*(local._run_config.callbacks or []), _interrupt_after(stop_after_trials)]
+            local._run_config.callbacks = [*(local._run_config.callbacks or []), InterruptAfter(stop_after_trials)]
     else:
         point = first_point(cfg)
         tuner = tune.Tuner(
@@ -351,7 +301,7 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
                 storage_path=str(out / "tune"),
                 # A crashed trial is marked failed and the study goes on.
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[_interrupt_after(stop_after_trials)] if stop_after_trials else None,
+                callbacks=[InterruptAfter(stop_after_trials)] if stop_after_trials else None,
                 verbose=1,
             ),
         )
