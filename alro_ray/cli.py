@@ -140,6 +140,16 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    from alro_ray.serving import adapters_from_args, run_serve
+
+    limits = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+              "num_replicas": args.num_replicas}
+    run_serve(adapters_from_args(checkpoint=args.checkpoint, adapter=args.adapter), host=args.host, port=args.port,
+              **{k: v for k, v in limits.items() if v is not None})
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alro", description="ALRO list-wise LLM ranker on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +194,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N test users")
     p.add_argument("--actors", type=int, default=1)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("serve", help="serve trained rankers over HTTP (Ray Serve); see docs/serving.md")
+    p.add_argument("--checkpoint", help="a ranker directory, served as adapter 'default'")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="another adapter (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, help="dynamic batching: most requests per batch")
+    p.add_argument("--batch-wait-timeout-s", type=float, help="dynamic batching: longest wait for a batch")
+    p.add_argument("--num-replicas", type=int)
+    p.set_defaults(func=cmd_serve)
 
     from alro_ray.tuning import add_tune_args, cmd_tune  # light: imports only yaml and config
 

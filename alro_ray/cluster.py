@@ -29,8 +29,10 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
-    # A capped object store keeps small containers from running out of /dev/shm.
+    # A capped object store keeps small containers from running out of /dev/shm. address="local":
+    # always a new local cluster, never one that another program left registered in /tmp/ray.
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=object_store_mb * 1024 * 1024,

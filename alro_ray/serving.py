@@ -654,10 +654,16 @@ def _error(status: int, message: str, detail: list | None = None):
     return JSONResponse(body, status_code=status)
 
 
+def _loc(loc) -> list:
+    """A field path without pydantic's union-branch tags ("function-after[...]", "constrained-int")."""
+    return [_safe_text(x, 80) if isinstance(x, str) else x for x in loc
+            if not (isinstance(x, str) and ("[" in x or x.startswith(("constrained-", "function-"))))]
+
+
 def _validation_detail(errors) -> list[dict]:
     out = []
     for e in errors[:20]:
-        out.append({"loc": [_safe_text(x, 80) if isinstance(x, str) else x for x in e.get("loc", ())],
+        out.append({"loc": _loc(e.get("loc", ())),
                     "msg": _safe_text(e.get("msg", ""), 300), "type": _safe_text(e.get("type", ""), 80)})
     return out
 
@@ -692,7 +698,7 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
             msg = (e.get("ctx") or {}).get("error", "JSON decode error")
             return _error(400, f"invalid JSON at character {where}: {msg}")
         summary = "; ".join(
-            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in errs[:5])
+            f"{'.'.join(str(x) for x in _loc(e.get('loc', ())))}: {e.get('msg', '')}" for e in errs[:5])
         if len(errs) > 5:
             summary += f"; and {len(errs) - 5} more"
         return _error(422, f"invalid request: {summary}", _validation_detail(errs))

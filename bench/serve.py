@@ -1,8 +1,8 @@
 """Serving benchmark: requests/s and p50/p99 latency at 1, 8 and 32 concurrent HTTP clients,
 with dynamic batching on and off, for the Serve app of `alro_ray.serving`.
 
-    python bench/serve.py                      # smollm2-135m, untrained LoRA adapter, about 4 min on 2 CPUs
-    python bench/serve.py --model tiny-random  # quick run (about 1 min)
+    python bench/serve.py                      # smollm2-135m, untrained LoRA adapter, ~4 min on 2 CPUs
+    python bench/serve.py --model tiny-random  # quick run (~2 min, most of it Ray and Serve start-up)
 
 A fresh untrained checkpoint is written to a temp dir (no training needed: speed does not depend
 on the adapter's values). Ray runs locally and all traffic goes to 127.0.0.1; every level sends a
@@ -98,12 +98,15 @@ def main(argv=None) -> int:
                    help="requests per level (default: 12, 40, 96 for 1, 8, 32 clients)")
     p.add_argument("--max-batch-size", type=int, default=8, help="batching on: @serve.batch max size")
     p.add_argument("--batch-wait", type=float, default=0.01, help="batching on: batch_wait_timeout_s")
-    p.add_argument("--num-cpus", type=float, default=2, help="Ray CPUs = the ranker replica's CPUs (torch threads)")
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--num-cpus", type=int, default=1,
+                   help="the ranker replica's CPUs = its torch threads (1: on the shared 2-core container, "
+                        "2 threads were 3-20x slower, as OpenMP threads wait on each other under load)")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
-    default_requests = {1: 12, 8: 40, 32: 96}
-    counts = args.requests or [default_requests.get(c, 3 * c) for c in args.clients]
+    # bounded: about 2 min of load for tiny-random, 3 min for smollm2-135m on the 2-core container
+    default_requests = {1: 12, 8: 40, 32: 96} if args.model == "tiny-random" else {1: 4, 8: 16, 32: 32}
+    counts = args.requests or [default_requests.get(c, 2 * c) for c in args.clients]
     if len(counts) != len(args.clients):
         p.error("--requests needs one count per --clients level")
 
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     tmp = tempfile.TemporaryDirectory(prefix="alro-bench-")
     ckpt = make_checkpoint(args.model, args.candidates, args.history, Path(tmp.name) / "ckpt")
-    ray.init(num_cpus=int(args.num_cpus), include_dashboard=False, object_store_memory=512 * 1024 ** 2,
+    ray.init(address="local", num_cpus=max(2, args.num_cpus), include_dashboard=False,
+             object_store_memory=512 * 1024 ** 2,
              log_to_driver=False)
     port = free_port()
     levels = [(c, [make_request(rng, args.candidates, args.history, args.mode) for _ in range(n)])
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         for batching, size in (("on", args.max_batch_size), ("off", 1)):
             url = run_serve({"default": str(ckpt)}, host="127.0.0.1", port=port, blocking=False,
                             max_batch_size=size, batch_wait_timeout_s=args.batch_wait if size > 1 else 0.0,
-                            num_cpus=args.num_cpus, ingress_num_cpus=0,
+                            num_cpus=args.num_cpus, torch_threads=args.num_cpus, ingress_num_cpus=0,
                             max_ongoing_requests=4 * max(args.clients))
             warm = [make_request(rng, args.candidates, args.history, args.mode) for _ in range(args.warmup)]
             asyncio.run(load_level(url, warm, 1))
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
 
     print(f"\nmodel {args.model}, C={args.candidates}, H={args.history}, mode {args.mode}, "
           f"batching on = max_batch_size {args.max_batch_size}, wait {args.batch_wait} s; "
-          f"off = max_batch_size 1; ranker on {args.num_cpus:g} CPUs; total {time.time() - t_start:.0f} s; "
+          f"off = max_batch_size 1; ranker on {args.num_cpus} CPU(s); total {time.time() - t_start:.0f} s; "
           f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end "
           f"({os.cpu_count()} CPUs: other processes on the machine count too)\n")
     print(f"{'batching':8s} {'clients':>7s} {'requests':>8s} {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} "

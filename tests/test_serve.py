@@ -1,0 +1,392 @@
+"""The Serve application for real: a local Ray, two tiny checkpoints, HTTP on 127.0.0.1.
+
+One Serve app is started per module (about 20 s on 2 CPUs) and shut down at the end; every
+request loop is bounded. The schemathesis fuzz run is at the bottom (about 30 s).
+"""
+
+import asyncio
+import json
+import shutil
+import socket
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+C = 5  # candidates the test checkpoints were "trained" with
+LIMITS = dict(max_history=8, max_title_chars=60, max_attribute_chars=40, max_body_bytes=64 * 1024,
+              max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=1, ingress_num_cpus=0,
+              max_adapters_per_replica=1)  # every switch of adapter evicts the other: exercises the LRU
+
+
+def _make_checkpoint(out_dir, perturb_seed=None):
+    import torch
+
+    from alro_ray.checkpoint import save_ranker
+    from alro_ray.config import load_config
+    from alro_ray.models import add_lora, load_base_model, load_tokenizer
+    from alro_ray.tokenize import RankTokenizer
+
+    cfg = load_config("configs/tiny.yaml")
+    tok = load_tokenizer("tiny-random")
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    if perturb_seed is not None:  # a different "trained" adapter: random LoRA B (A is random already)
+        torch.manual_seed(perturb_seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 1.0)
+    stats = {"candidates": C, "history": 6, "identifier_ids": RankTokenizer(tok, C).identifier_ids,
+             "domain_plural": "movies", "attribute_name": "genres", "tokenizer": "tiny-random"}
+    return save_ranker(out_dir, model, tok, cfg, stats, data_dir=None)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_ckpt")
+    a = _make_checkpoint(root / "a")
+    b = _make_checkpoint(root / "b", perturb_seed=1)
+    other = root / "other_base"  # same files, but claims another base model
+    shutil.copytree(a, other)
+    info = json.loads((other / "ranker.json").read_text())
+    info["base_model"] = "smollm2-135m"
+    (other / "ranker.json").write_text(json.dumps(info))
+    return {"a": str(a), "b": str(b), "other": str(other)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The session's Ray if one is up, else a local one for this module. address="local": a stale
+    /tmp/ray/ray_current_cluster left by someone's `ray start` must not make ray.init connect to it."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024 ** 2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(local_ray, checkpoints):
+    from ray import serve
+
+    from alro_ray.serving import run_serve
+
+    url = run_serve({"default": checkpoints["a"], "b": checkpoints["b"]}, host="127.0.0.1",
+                    port=_free_port(), blocking=False, **LIMITS)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def make_request(n_candidates=3, n_history=3, seed=0, **extra):
+    history = [{"title": f"Movie {seed}-{i}", "attributes": "Drama|War" if i % 2 else "Comedy",
+                "rating": 1 + (i + seed) % 5} for i in range(n_history)]
+    history[-1].pop("rating")  # ratings are optional
+    candidates = [{"id": f"c{seed}-{j}" if j % 2 else 100 * seed + j, "title": f"Film {seed} {j}",
+                   "attributes": ["Action", "Sci-Fi"] if j % 2 else "Horror"} for j in range(n_candidates)]
+    return {"history": history, "candidates": candidates, **extra}
+
+
+def _local_answer(path, req, mode):
+    """What the checkpoint ranks when loaded in this process, with the training template."""
+    from alro_ray.checkpoint import load_ranker
+    from alro_ray.prompts import Item
+
+    def attrs(a):
+        return a if isinstance(a, str) else "|".join(a)
+
+    ranker = load_ranker(path)
+    history = [(Item(h["title"], attrs(h.get("attributes", ""))), h.get("rating")) for h in req["history"]]
+    cands = [Item(c["title"], attrs(c.get("attributes", ""))) for c in req["candidates"]]
+    orders, scores = ranker.rank([ranker.prompt_ids(history, cands)], mode, len(cands))
+    ids = [c["id"] for c in req["candidates"]]
+    return [ids[j] for j in orders[0]], scores[0]
+
+
+# ------------------------------------------------------------------------------------------
+# valid requests
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["generate", "one-pass"])
+@pytest.mark.parametrize("n", [2, 3, C])
+def test_valid_request_returns_a_permutation(client, mode, n):
+    req = make_request(n_candidates=n, seed=n, mode=mode)
+    r = client.post("/rank", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = [c["id"] for c in req["candidates"]]
+    assert sorted(map(str, body["ranking"])) == sorted(map(str, ids))
+    assert len(body["ranking"]) == n and set(map(type, body["ranking"])) <= {int, str}
+    assert set(body["scores"]) == {str(i) for i in ids}
+    assert body["adapter"] == "default" and body["mode"] == mode and body["batch_size"] >= 1
+    # best first: the scores agree with the order
+    ranked = [body["scores"][str(i)] for i in body["ranking"]]
+    assert ranked == sorted(ranked, reverse=True)
+
+
+def test_served_answer_matches_the_checkpoint_with_the_training_template(client, checkpoints):
+    req = make_request(n_candidates=4, seed=7)
+    for mode in ("generate", "one-pass"):
+        body = client.post("/rank", json={**req, "mode": mode}).json()
+        order, scores = _local_answer(checkpoints["a"], req, mode)
+        assert body["ranking"] == order
+        ids = [c["id"] for c in req["candidates"]]
+        assert [body["scores"][str(i)] for i in ids] == pytest.approx(scores, abs=1e-4)
+    default_mode = client.post("/rank", json=req).json()["mode"]
+    assert default_mode == "generate"
+
+
+def test_two_adapters_give_their_own_answers(client, checkpoints):
+    differ = 0
+    for seed in range(4):
+        req = make_request(n_candidates=C, seed=seed, mode="one-pass")
+        a = client.post("/rank", json=req).json()
+        b = client.post("/rank", json={**req, "adapter": "b"}).json()
+        assert a["adapter"] == "default" and b["adapter"] == "b"
+        assert b["ranking"] == _local_answer(checkpoints["b"], req, "one-pass")[0]
+        assert a["ranking"] == _local_answer(checkpoints["a"], req, "one-pass")[0]
+        differ += a["scores"] != b["scores"]
+    assert differ == 4
+
+
+def test_concurrent_mixed_requests_are_batched_and_grouped(client, server):
+    """16 concurrent requests mixing adapters, modes and candidate counts: same answers as one by one."""
+    reqs = [make_request(n_candidates=2 + i % 4, seed=i, mode=("generate", "one-pass")[i % 2],
+                         adapter=("default", "b")[(i // 2) % 2]) for i in range(16)]
+    alone = [client.post("/rank", json=r).json() for r in reqs]
+    before = client.get("/stats").json()
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server, timeout=60) as ac:
+            return await asyncio.gather(*(ac.post("/rank", json=r) for r in reqs))
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    together = [r.json() for r in responses]
+    for one, many in zip(alone, together):
+        assert many["ranking"] == one["ranking"] and many["adapter"] == one["adapter"]
+        assert many["scores"] == pytest.approx(one["scores"], abs=1e-4)
+    assert max(r["batch_size"] for r in together) > 1
+    after = client.get("/stats").json()
+    assert after["requests"] - before["requests"] == 16
+    assert any(int(size) > 1 for size in after["batch_sizes"])
+    assert after["adapter_loads"] > before["adapter_loads"]  # adapters were evicted and loaded again
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: always a 4xx with a JSON error, and the server keeps serving
+# ------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    ok = make_request()
+    long_title = dict(ok, candidates=[{"id": 1, "title": "x" * 61}, {"id": 2, "title": "y"}])
+    raw = json.dumps(ok)
+    cases = {
+        "invalid JSON": (400, {"content": b'{"history": [', "headers": {"content-type": "application/json"}}),
+        "not an object": (422, {"json": [ok]}),
+        "empty body": (422, {"content": b"", "headers": {"content-type": "application/json"}}),
+        "missing history": (422, {"json": {"candidates": ok["candidates"]}}),
+        "missing candidates": (422, {"json": {"history": ok["history"]}}),
+        "empty history": (422, {"json": dict(ok, history=[])}),
+        "empty candidates": (422, {"json": dict(ok, candidates=[])}),
+        "missing title": (422, {"json": dict(ok, candidates=[{"id": 1}, {"id": 2, "title": "y"}])}),
+        "blank title": (422, {"json": dict(ok, candidates=[{"id": 1, "title": " \n "}, {"id": 2, "title": "y"}])}),
+        "empty id": (422, {"json": dict(ok, candidates=[{"id": "", "title": "x"}, {"id": 2, "title": "y"}])}),
+        "duplicate ids": (422, {"json": dict(ok, candidates=[{"id": "a", "title": "x"}, {"id": "a", "title": "y"}])}),
+        "duplicate ids across types": (422, {"json": dict(ok, candidates=[{"id": 1, "title": "x"},
+                                                                          {"id": "1", "title": "y"}])}),
+        "one candidate": (422, {"json": dict(ok, candidates=ok["candidates"][:1])}),
+        "more candidates than C": (422, {"json": make_request(n_candidates=C + 1)}),
+        "far more candidates than C": (422, {"json": make_request(n_candidates=30)}),
+        "title too long": (422, {"json": long_title}),
+        "attributes too long": (422, {"json": dict(ok, candidates=[{"id": 1, "title": "x", "attributes": "a" * 41},
+                                                                   {"id": 2, "title": "y"}])}),
+        "attribute list too long": (422, {"json": dict(ok, candidates=[
+            {"id": 1, "title": "x", "attributes": ["a"] * 21}, {"id": 2, "title": "y"}])}),
+        "history too long": (422, {"json": make_request(n_history=9)}),
+        "unknown adapter": (404, {"json": dict(ok, adapter="nope")}),
+        "adapter given as a path": (404, {"json": dict(ok, adapter="/tmp")}),
+        "adapter given as a relative path": (404, {"json": dict(ok, adapter="../runs/tiny/final")}),
+        "unknown mode": (422, {"json": dict(ok, mode="beam")}),
+        "candidates not a list": (422, {"json": dict(ok, candidates="abc")}),
+        "rating not a number": (422, {"json": dict(ok, history=[{"title": "t", "rating": "five"}])}),
+        "rating NaN": (422, {"content": raw.replace('"rating": 1', '"rating": NaN').encode(),
+                             "headers": {"content-type": "application/json"}}),
+        "id a float": (422, {"json": dict(ok, candidates=[{"id": 1.5, "title": "x"}, {"id": 2, "title": "y"}])}),
+        "id a bool": (422, {"json": dict(ok, candidates=[{"id": True, "title": "x"}, {"id": 2, "title": "y"}])}),
+        "title a number": (422, {"json": dict(ok, candidates=[{"id": 1, "title": 5}, {"id": 2, "title": "y"}])}),
+        "unknown field": (422, {"json": dict(ok, user_id=3)}),
+        "lone surrogate": (422, {"content": raw.replace("Film 0 0", "Film \\ud800").encode(),
+                                 "headers": {"content-type": "application/json"}}),
+        "body over the limit": (413, {"json": dict(ok, padding="x" * 70_000)}),
+        "chunked body over the limit": (413, {"content": iter([b"[" + b" " * 40_000] * 3),
+                                              "headers": {"content-type": "application/json"}}),
+    }
+    return cases
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_a_4xx_with_a_json_error(client, case):
+    status, kwargs = BAD[case]
+    r = client.post("/rank", **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body["error"], str) and body["error"]
+    assert client.post("/rank", json=make_request()).status_code == 200  # still serving
+
+
+def test_error_messages_say_what_is_wrong(client):
+    r = client.post("/rank", json=make_request(n_candidates=C + 1))
+    assert "candidates" in r.json()["error"]
+    dup = [{"id": "a", "title": "x"}, {"id": "a", "title": "y"}]
+    r = client.post("/rank", json=dict(make_request(), candidates=dup))
+    assert "duplicate candidate ids" in r.json()["error"] and r.json()["detail"]
+    r = client.post("/rank", json=dict(make_request(), adapter="nope"))
+    assert "unknown adapter" in r.json()["error"] and "default" in r.json()["error"]
+
+
+def test_other_routes_and_methods(client):
+    assert client.get("/nope").status_code == 404
+    assert client.get("/rank").status_code == 405
+    assert "error" in client.get("/nope").json()
+
+
+# ------------------------------------------------------------------------------------------
+# health, adapters, schema
+# ------------------------------------------------------------------------------------------
+
+
+def test_health_adapters_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    body = client.get("/adapters").json()
+    assert body["default"] == "default"
+    assert {a["name"]: a["candidates"] for a in body["adapters"]} == {"default": C, "b": C}
+    assert all("path" not in a for a in body["adapters"])  # checkpoint paths stay private
+    schema = client.get("/openapi.json").json()
+    req = schema["components"]["schemas"]["RankRequest"]
+    assert req["properties"]["candidates"]["maxItems"] == C
+    assert req["properties"]["history"]["maxItems"] == LIMITS["max_history"]
+    assert {"400", "404", "413", "422"} <= set(schema["paths"]["/rank"]["post"]["responses"])
+    assert client.get("/docs").status_code == 200
+    limits = client.get("/limits").json()
+    assert limits["max_body_bytes"] == LIMITS["max_body_bytes"] and limits["candidates"] == {"default": C, "b": C}
+
+
+# ------------------------------------------------------------------------------------------
+# registry and settings (no server)
+# ------------------------------------------------------------------------------------------
+
+
+def test_registry_checks_at_start(checkpoints, tmp_path):
+    from alro_ray.errors import ConfigError
+    from alro_ray.serving import ServeSettings, adapters_from_args, load_registry
+
+    reg = load_registry({"default": checkpoints["a"], "b": checkpoints["b"]})
+    assert reg["b"].candidates == C
+    with pytest.raises(ConfigError, match="different base models"):
+        load_registry({"default": checkpoints["a"], "x": checkpoints["other"]})
+    with pytest.raises(ConfigError, match="not a ranker checkpoint"):
+        load_registry({"default": str(tmp_path)})
+    with pytest.raises(ConfigError, match="unknown serve setting"):
+        ServeSettings.from_dict({"adapters": {"default": "x"}, "max_batch": 3})
+    with pytest.raises(ConfigError, match="adapter name"):
+        ServeSettings.from_dict({"adapters": {"../x": "x"}})
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ServeSettings.from_dict({"adapters": {"default": "x"}, "max_batch_size": 0})
+    assert adapters_from_args("runs/x") == {"default": "runs/x"}
+    assert adapters_from_args(None, ["a=/p/a", "b=/p/b"]) == {"a": "/p/a", "b": "/p/b"}
+    with pytest.raises(ConfigError):
+        adapters_from_args(None, ["a"])
+
+
+def test_yaml_config_is_a_valid_serve_config(checkpoints):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from alro_ray.serving import build_app
+
+    config = yaml.safe_load(open("serve/config.yaml"))
+    ServeDeploySchema.model_validate(config)
+    (app_cfg,) = config["applications"]
+    assert app_cfg["import_path"] == "alro_ray.serving:build_app"
+    args = dict(app_cfg["args"], adapters={"default": checkpoints["a"]})
+    build_app(args)  # builds the application graph (nothing deployed)
+    names = {d["name"] for d in app_cfg["deployments"]}
+    assert names == {"ingress", "ranker"}
+
+
+# ------------------------------------------------------------------------------------------
+# schema-driven fuzzing (schemathesis): no input makes the server answer 5xx
+# ------------------------------------------------------------------------------------------
+
+FUZZ_EXAMPLES = {"POST /rank": 100}  # per generation mode; the GET routes take no input: 5
+
+
+def _unique_ids(case) -> None:
+    """Candidate ids must be unique, which a JSON schema cannot say: make them so in positive
+    cases (a suffix per position), or most of them stop at the 422 and never reach the model."""
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("candidates"), list):
+        for j, c in enumerate(body["candidates"]):
+            if isinstance(c, dict) and isinstance(c.get("id"), str):
+                c["id"] = f"{c['id'][:100]}#{j}"
+            elif isinstance(c, dict) and isinstance(c.get("id"), int):
+                c["id"] = c["id"] * 64 + j if abs(c["id"]) < 2 ** 50 else j
+
+
+def test_fuzz_openapi_no_server_errors(server):
+    """schemathesis: valid (positive) and schema-violating (negative) requests for every operation
+    of /openapi.json; no 5xx, and status codes, content types and bodies as the schema declares."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+    statuses: dict[tuple, int] = {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        label = f"{op.method.upper()} {op.path}"
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.body else [])
+        for mode in modes:
+
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=FUZZ_EXAMPLES.get(label, 5), deadline=None, derandomize=True,
+                      database=None, suppress_health_check=list(HealthCheck))
+            def run(case):
+                if mode == GenerationMode.POSITIVE:
+                    _unique_ids(case)
+                response = case.call_and_validate(timeout=60, checks=checks)
+                key = (label, mode.value, response.status_code)
+                statuses[key] = statuses.get(key, 0) + 1
+
+            run()
+    print("fuzz (operation, mode, status): count", statuses)
+    assert all(status < 500 for _, _, status in statuses)
+    ranked = statuses.get(("POST /rank", "positive", 200), 0)
+    rejected = sum(n for (label, mode, st), n in statuses.items() if mode == "negative" and st >= 400)
+    assert ranked >= 20 and rejected >= 50, statuses
+    with httpx.Client(base_url=server, timeout=60) as c:  # still serving
+        assert c.post("/rank", json=make_request()).status_code == 200
