@@ -16,6 +16,7 @@ Output directory layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -231,14 +232,14 @@ def train_loop(loop_config: dict) -> None:
                                            config=deepspeed_config(cfg, bf16))
 
     start_epoch, history, resumed = 0, [], False
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-            state = json.loads((Path(d) / "state.json").read_text())
-        start_epoch, history, resumed = state["epoch"] + 1, state["history"], True
-        if rank == 0:
-            say(f"resumed from the epoch {state['epoch'] + 1} checkpoint")
+    with resume_dir(ray.train.get_checkpoint(), Path(loop_config["output_dir"]) / "ray" / t.run_name,
+                    world) as d:
+        if d is not None:
+            engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
+            state = json.loads((d / "state.json").read_text())
+            start_epoch, history, resumed = state["epoch"] + 1, state["history"], True
+            if rank == 0:
+                say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
 
     for epoch in range(start_epoch, t.epochs):
         engine.train()
@@ -276,6 +277,31 @@ def train_loop(loop_config: dict) -> None:
         save_and_report(engine, tokenizer, cfg, stats, loop_config["data_dir"], history, epoch, rank, metrics)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _complete(d: Path, world: int) -> bool:
+    """Every rank's part is there: rank 0's state and one ZeRO optimizer shard per rank."""
+    return (d / "state.json").is_file() and len(list((d / DS_TAG).glob("*optim_states.pt"))) == world
+
+
+def _epoch_of(d: Path | None) -> int:
+    return json.loads((d / "state.json").read_text())["epoch"] if d is not None else -1
+
+
+@contextlib.contextmanager
+def resume_dir(checkpoint, run_dir: Path, world: int):
+    """The checkpoint to resume from: the newer of Ray's latest registered checkpoint and the
+    latest complete one in the run's storage. A worker that crashes right after reporting can
+    die before Ray's controller registers that report, though its files are already stored;
+    without the scan the restarted group would begin from an older checkpoint or from scratch.
+    (The scan covers local and mounted storage; remote URIs rely on Ray's record alone.)"""
+    on_disk = max((d for d in run_dir.glob("epoch_*") if _complete(d, world)), key=_epoch_of, default=None)
+    if checkpoint is None:
+        yield on_disk
+        return
+    with checkpoint.as_directory() as d:
+        registered = Path(d)
+        yield on_disk if _epoch_of(on_disk) > _epoch_of(registered) else registered
 
 
 def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, world: int) -> dict:
