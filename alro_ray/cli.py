@@ -232,5 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def job_main(command: str, argv: list[str], default_config: Path | None = None) -> int:
+    """The entry of jobs/*.py (`ray job submit` targets): `alro COMMAND ARGV`, with
+    `default_config` when ARGV names no --config."""
+    if default_config and not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(default_config), *argv]
+    return main([command, *argv])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -51,6 +51,16 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, title: str, path: Path) -> list[Path]:
+    plt = _plt()
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
 def plot_ndcg(metrics: dict, path: Path) -> list[Path]:
     plt = _plt()
     names = list(metrics.get("baselines", {})) + [f"ranker: {m}" for m in metrics["modes"]]
@@ -62,12 +72,7 @@ def plot_ndcg(metrics: dict, path: Path) -> list[Path]:
                label=f"NDCG@{k}")
     ax.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_title("NDCG by method")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return _save(fig, ax, "NDCG by method", path)
 
 
 def plot_position_bias(metrics: dict, path: Path) -> list[Path]:
@@ -81,12 +86,7 @@ def plot_position_bias(metrics: dict, path: Path) -> list[Path]:
         ax.axhline((c + 1) / 2, color="grey", linestyle="--", label="no bias")
     ax.set_xlabel("position in the prompt")
     ax.set_ylabel("mean predicted rank (1 = top)")
-    ax.set_title("Position bias")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return _save(fig, ax, "Position bias", path)
 
 
 def plot_history(history: list[dict], path: Path) -> list[Path]:
@@ -105,9 +105,4 @@ def plot_history(history: list[dict], path: Path) -> list[Path]:
         if any(key in h for h in history):
             right.plot(epochs, [h.get(key) for h in history], marker="o", label=key)
     right.set_xlabel("epoch")
-    right.set_title("validation NDCG")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return _save(fig, right, "validation NDCG", path)

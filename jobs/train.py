@@ -7,14 +7,10 @@ config (SmolLM2-135M on the embedded synthetic data), local Ray when no cluster 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without install
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without install
 
-from alro_ray.cli import main  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+from alro_ray.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args and not any(a.startswith("--config=") for a in args):
-        args = ["--config", str(DEFAULT_CONFIG), *args]
-    sys.exit(main(["train", *args]))
+    sys.exit(job_main("train", sys.argv[1:], ROOT / "configs" / "quickstart.yaml"))
