@@ -106,8 +106,9 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
 
     t = cfg.train
     quiet_ray_data(progress=False)
-    # Read before the workers start: once they hold every CPU, Ray Data tasks could not run.
-    datasets = {split: ray.data.read_parquet(str(data_dir / split)).materialize()
+    # Read before the workers start, in tasks that reserve no CPU: Train workers (and, under Tune,
+    # other trials' workers) may hold every CPU, and a 1-CPU read task would then wait forever.
+    datasets = {split: ray.data.read_parquet(str(data_dir / split), ray_remote_args={"num_cpus": 0}).materialize()
                 for split in ("train", "valid") if stats["rows"][split]}
     trainer = TorchTrainer(
         train_loop,
