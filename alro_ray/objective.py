@@ -105,18 +105,19 @@ def _tail(logits, seqs, slot_positions, tail_len, device) -> _Tail:
     return _Tail(logits, ids, mask, slots)
 
 
-def _response_len(batch: TrainBatch) -> int:
-    lengths = {len(s) - int(p[0]) for s, p in zip(batch.input_ids, batch.slot_positions)}
-    # identical for every row and order: header + C letters + eos, counted from the first slot
-    assert len(lengths) == 1, lengths
-    n_after_first_slot = lengths.pop()
-    return n_after_first_slot
+def _tail_len(batch: TrainBatch, header_len: int) -> int:
+    """Positions whose logits the loss needs: the prompt's last token, the header, the C
+    identifiers and eos. The same for every row, since C and the header are fixed."""
+    from_first_slot = {len(s) - int(p[0]) for s, p in zip(batch.input_ids, batch.slot_positions)}
+    if len(from_first_slot) != 1:
+        raise ValueError(f"rows of one batch end differently after their first slot: {sorted(from_first_slot)}")
+    return 1 + header_len + from_first_slot.pop()
 
 
 def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool) -> list[_Tail]:
     """Logits of the response tail of the original (and permuted) sequences."""
     device = next(model.parameters()).device
-    tail_len = header_len + _response_len(batch) + 1
+    tail_len = _tail_len(batch, header_len)
     seqs = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
 
@@ -127,8 +128,7 @@ def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared
         ids, mask = left_pad(flat, pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                        logits_to_keep=tail_len).logits
-        logits = logits.view(len(seqs), batch.size, *logits.shape[1:]).unbind(0)
-        logits = [lg for lg in logits]
+        logits = list(logits.view(len(seqs), batch.size, *logits.shape[1:]).unbind(0))
     return [_tail(lg, s, p, tail_len, device) for lg, s, p in zip(logits, seqs, slots)]
 
 
