@@ -415,8 +415,9 @@ ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_
 
 def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
                        seed: int = 0, ks: Sequence[int] = KS,
-                       options: dict[str, dict] | None = None) -> dict[str, dict]:
-    """Fit each baseline on DIR/fit_interactions.parquet and score DIR/<split>.
+                       options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, dict]:
+    """Fit each baseline on DIR/fit_interactions.parquet and score DIR/<split> (only `users`' rows
+    when given: the lists a ranker was scored on).
 
     Returns {name: {"ndcg@k": ..., "fit_seconds", "tpq_seconds" (scoring + sorting per row),
     "lists" (rows with a defined NDCG)}}. options: {name: {constructor options}}. On split "train" the
@@ -433,6 +434,8 @@ def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split:
     fit = pd.read_parquet(Path(data_dir) / "fit_interactions.parquet")
     frame = read_split(data_dir, split)
     rows = frame[[c for c in ROW_COLUMNS if c in frame.columns]].to_dict("records")
+    if users is not None:
+        rows = [r for r in rows if r["user"] in users]
     out: dict[str, dict] = {}
     for name in names:
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alro_ray.errors import AlroError
-from alro_ray.evaluation import KS, ndcg_summary
+from alro_ray.evaluation import ndcg_summary
 from alro_ray.metrics import position_bias
 
 log = logging.getLogger("alro_ray")
@@ -160,6 +160,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                    seed: int = 0, use_gpu: bool = False, few_shot: int = 0) -> dict:
     import ray
 
+    from alro_ray.baselines import evaluate_baselines
     from alro_ray.cluster import ensure_ray, quiet_ray_data
     from alro_ray.report import write_report
 
@@ -192,25 +193,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
 
     metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "few_shot": few_shot,
                "modes": summarize(predictions),
-               "baselines": baseline_metrics(data, split, baselines, set(predictions["user"]), seed)}
+               "baselines": evaluate_baselines(data, baselines, split, seed, users=set(predictions["user"]))}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out, history_path=Path(checkpoint) / "history.json")
     return metrics
-
-
-def baseline_metrics(data: Path, split: str, names: Sequence[str], users: set, seed: int) -> dict:
-    """Baselines on exactly the candidate lists the ranker saw (same users)."""
-    from alro_ray.baselines import make_baseline
-    from alro_ray.baselines import rank_rows as rank_with_baseline
-    from alro_ray.evaluation import ranked_relevance, rows_of
-    from alro_ray.prepare import read_split
-
-    rows = [r for r in rows_of(read_split(data, split)) if r["user"] in users]
-    fit = pd.read_parquet(data / "fit_interactions.parquet")
-    out = {}
-    for name in names:
-        t0 = time.perf_counter()
-        model = make_baseline(name, seed=seed).fit(fit)
-        orders = rank_with_baseline(model, rows)
-        out[name] = {**ndcg_summary(ranked_relevance(rows, orders), KS), "seconds": time.perf_counter() - t0}
-    return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from alro_ray.metrics import mean_ndcg
 from alro_ray.ranking import rank_batch
@@ -48,29 +47,17 @@ def rows_of(frame) -> list[dict]:
     return [{k: v[i] for k, v in frame.items()} for i in range(n)]
 
 
-def random_orders(rows: Sequence, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.permutation(len(r["candidate_ids"])).tolist() for r in rows]
-
-
 def test_summary(final_dir, data_dir, mode: str, baselines=("random", "popularity", "item-mean"),
                  split: str = "test", seed: int = 0) -> dict[str, dict]:
     """NDCG of a trained ranker and of simple baselines on the same held-out candidate lists."""
     import time
 
-    import pandas as pd
-
-    from alro_ray.baselines import make_baseline
-    from alro_ray.baselines import rank_rows as rank_with_baseline
+    from alro_ray.baselines import evaluate_baselines
     from alro_ray.checkpoint import load_ranker
     from alro_ray.prepare import read_split
 
     rows = rows_of(read_split(data_dir, split))
-    fit = pd.read_parquet(f"{data_dir}/fit_interactions.parquet")
-    table = {}
-    for name in baselines:
-        orders = rank_with_baseline(make_baseline(name, seed=seed).fit(fit), rows)
-        table[name] = ndcg_summary(ranked_relevance(rows, orders))
+    table = evaluate_baselines(data_dir, baselines, split, seed)
     ranker = load_ranker(final_dir)
     t0 = time.time()
     orders = rank_rows(ranker.model, rows, ranker.rank_tokenizer.identifier_ids, ranker.tokenizer.pad_token_id, mode)

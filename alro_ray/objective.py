@@ -14,8 +14,6 @@ With beta > 0 the permuted prompt shares the whole history prefix with the origi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 
 from alro_ray.config import LossConfig
@@ -29,6 +27,7 @@ from alro_ray.losses import (
     sft_loss,
     slot_probabilities,
 )
+from alro_ray.padding import left_pad, positions
 
 
 @dataclass
@@ -73,21 +72,6 @@ def collate(rows: dict, perm_index: int | None) -> TrainBatch:
     return batch
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0) + start
-
-
 @dataclass
 class _Tail:
     logits: torch.Tensor  # [N, R+1, V]: the last R+1 positions of each sequence
@@ -126,7 +110,7 @@ def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared
     else:
         flat = [s for group in seqs for s in group]
         ids, mask = left_pad(flat, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                        logits_to_keep=tail_len).logits
         logits = list(logits.view(len(seqs), batch.size, *logits.shape[1:]).unbind(0))
     return [_tail(lg, s, p, tail_len, device) for lg, s, p in zip(logits, seqs, slots)]
@@ -138,7 +122,7 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
     for b in range(B):  # the permuted prompt must start with the same tokens
         assert batch.perm_input_ids[b][: batch.prefix_len[b]] == prefixes[b]
     p_ids, p_mask = left_pad(prefixes, pad_id, device)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask),
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask),
                 use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(2)  # rows: b0 original, b0 permuted, b1 original, ...
@@ -149,7 +133,7 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
     prefix_mask = p_mask.repeat_interleave(2, dim=0)
     start = prefix_mask.sum(-1, keepdim=True)
     logits = model(input_ids=s_ids, attention_mask=torch.cat([prefix_mask, s_mask], dim=1),
-                   position_ids=_positions(s_mask, start), past_key_values=cache, use_cache=True,
+                   position_ids=positions(s_mask, start), past_key_values=cache, use_cache=True,
                    logits_to_keep=tail_len).logits
     return [logits[0::2], logits[1::2]]
 

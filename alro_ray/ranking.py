@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from alro_ray.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
+from alro_ray.padding import left_pad, positions
 
 MODES = ("one-pass", "generate")  # the modes rank_batch runs on ready prompts
 
@@ -33,16 +34,6 @@ def parse_mode(mode: str) -> tuple[str, int]:
     return mode, 1
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[b, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence[int], mode: str,
                pad_id: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -57,8 +48,8 @@ def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence
     device = next(model.parameters()).device
     c = len(identifier_ids)
     ident = torch.tensor(list(identifier_ids), dtype=torch.long, device=device)
-    ids, mask = _left_pad(prompts, pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask = left_pad(prompts, pad_id, device)
+    position_ids = positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=(mode == "generate"), logits_to_keep=1)
     first = out.logits[:, -1, :].float()[:, ident]
@@ -90,8 +81,8 @@ def free_batch(model, prompts: Sequence[Sequence[int]], c: int, pad_id: int, eos
                max_new_tokens: int | None = None) -> tuple[list[list[int]], list[bool]]:
     """Unconstrained greedy generation, then the spec's repair rule: (orders, needed_repair)."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask = left_pad(prompts, pad_id, device)
+    position_ids = positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     past, pos = out.past_key_values, position_ids[:, -1:]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -210,7 +210,8 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(t.seed)
     say(f"worker rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}")
     use_gpu = t.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
+    if use_gpu:  # DeepSpeed places the engine on the current CUDA device
+        torch.cuda.set_device(ctx.get_local_rank())
     bf16 = t.precision == "bf16" or (t.precision == "auto" and use_gpu)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
