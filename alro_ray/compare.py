@@ -91,12 +91,15 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
 
 def _write(rows: dict[str, dict], out: Path, cfg: Config, mode: str) -> None:
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    t = cfg.train
+    cap = f", at most {t.max_steps_per_epoch} steps of {t.num_workers}x{t.micro_batch}x{t.grad_accum} samples" \
+        if t.max_steps_per_epoch else ""
     lines = [f"Ranking mode: {mode}. Data: H={cfg.data.history}, C={cfg.data.candidates}, model {cfg.model.name}, "
-             f"{cfg.train.epochs} epoch(s); α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.", "",
-             "| method | NDCG@3 | NDCG@10 | NDCG@25 | TPQ s |", "| --- | --- | --- | --- | --- |"]
+             f"{t.epochs} epoch(s){cap}, lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.", "",
+             "| method | NDCG@3 | NDCG@10 | NDCG@25 | TPQ s | lists |", "| --- | --- | --- | --- | --- | --- |"]
     for name, m in rows.items():
         cells = [f"{m[f'ndcg@{k}']:.4f}" if m.get(f"ndcg@{k}") is not None else "-" for k in (3, 10, 25)]
         tpq = f"{m['tpq_seconds']:.3f}" if "tpq_seconds" in m else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tpq} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tpq} | {m.get('lists', '-')} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     log.info("compare table so far:\n%s", "\n".join(lines))

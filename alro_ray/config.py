@@ -36,6 +36,7 @@ class SyntheticConfig:
     min_interactions: int = 50  # every user fits the default H + C = 45
     max_interactions: int = 80
     noise: float = 0.4  # std of the rating noise, in rating points
+    taste_groups: int = 0  # 0: every user has own tastes; N: users share N taste profiles
     seed: int = 0
 
 

@@ -1,6 +1,8 @@
 """The embedded default dataset: movies with genres, users with planted genre tastes.
 
-Each user loves two genres and dislikes two (fewer when there are few genres); a rating is
+Each user loves two genres and dislikes two (fewer when there are few genres), or, with
+`taste_groups` N > 0, takes one of N shared taste profiles (N = 1: everyone likes the same
+genres, the easiest signal to learn: no personalisation needed); a rating is
 3 + taste x (the item's genres) + a small item quality + noise, rounded and clipped to 1..5.
 Taste dominates quality, so a ranker that reads the user's history beats the item-popularity
 and item-mean-rating orders by a clear margin. Same config, same data.
@@ -43,9 +45,11 @@ def generate(cfg: SyntheticConfig) -> SourceData:
     quality = rng.normal(0.0, QUALITY_STD, cfg.items)
     titles = _titles(rng, cfg.items)
 
+    profiles = [_taste(np.random.default_rng([cfg.seed, g]), cfg.genres) for g in range(cfg.taste_groups)]
     users, items, ratings, stamps = [], [], [], []
     for u in range(cfg.users):
-        affinity = membership @ _taste(rng, cfg.genres)  # in [-1, 1] per item
+        taste = profiles[u % len(profiles)] if profiles else _taste(rng, cfg.genres)
+        affinity = membership @ taste  # in [-1, 1] per item
         count = int(rng.integers(cfg.min_interactions, min(cfg.max_interactions, cfg.items) + 1))
         weights = np.exp(SELECTION_BIAS * affinity)
         chosen = rng.choice(cfg.items, size=count, replace=False, p=weights / weights.sum())
@@ -73,6 +77,8 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ConfigError("data.synthetic.users, items, genres and min_interactions must be >= 1")
     if cfg.max_interactions < cfg.min_interactions:
         raise ConfigError("data.synthetic.max_interactions must be >= min_interactions")
+    if cfg.taste_groups < 0:
+        raise ConfigError(f"data.synthetic.taste_groups must be >= 0, got {cfg.taste_groups}")
     if cfg.noise < 0:
         raise ConfigError(f"data.synthetic.noise must be >= 0, got {cfg.noise}")
 

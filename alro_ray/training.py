@@ -86,6 +86,18 @@ def check_data_fits(cfg: Config, stats: dict) -> None:
         raise AlroError(f"{stats['rows']['train']} training rows for {cfg.train.num_workers} workers")
 
 
+def check_resume_world(run_dir: Path, num_workers: int) -> None:
+    """A rerun resumes from the run's checkpoints, whose ZeRO optimizer state is sharded one
+    file per worker: a different worker count cannot load it, so say so before workers start."""
+    for d in sorted(run_dir.glob("epoch_*")):
+        shards = len(list((d / DS_TAG).glob("*optim_states.pt")))
+        if (d / "state.json").is_file() and shards and shards != num_workers:
+            raise AlroError(
+                f"{d} was written by {shards} workers and this run has train.num_workers={num_workers}: "
+                f"resume with train.num_workers={shards}, or start afresh with another train.run_name "
+                f"or output directory")
+
+
 def run_training(cfg: Config, output_dir: str | Path | None = None,
                  callbacks: list | None = None) -> TrainOutcome:
     """`callbacks`: extra Ray Train `RunConfig` callbacks (tuning.py passes Tune's
@@ -103,6 +115,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     data_dir = resolve_data(cfg, out)
     stats = read_stats(data_dir)
     check_data_fits(cfg, stats)
+    check_resume_world(out / "ray" / cfg.train.run_name, cfg.train.num_workers)
 
     t = cfg.train
     quiet_ray_data(progress=False)

@@ -480,7 +480,7 @@ def test_alro_loss_weights_and_missing_terms():
 def test_full_objective_backpropagates_to_logits():
     # End to end on a toy batch: every term sends gradient into the logits.
     g = torch.Generator().manual_seed(7)
-    B, T, V, C = 2, 8, 10, 3
+    B, T, V = 2, 8, 10
     logits = torch.randn(B, T, V, generator=g, dtype=D64, requires_grad=True)
     logits_p = torch.randn(B, T, V, generator=g, dtype=D64, requires_grad=True)
     ids = torch.randint(0, V, (B, T), generator=g)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from alro_ray.config import SyntheticConfig
-from alro_ray.errors import DataError
+from alro_ray.errors import ConfigError, DataError
 from alro_ray.sources import METADATA_PREFIX, SourceData, read_source
 from alro_ray.synthetic import generate
 
@@ -304,3 +304,21 @@ def test_synthetic_planted_taste():
         if hit.any() and (~hit).any() and second.loc[hit, "rating"].mean() > second.loc[~hit, "rating"].mean():
             wins += 1
     assert wins >= 0.8 * df["user"].nunique()
+
+
+def test_synthetic_taste_groups_share_profiles():
+    """taste_groups=1: every user likes the same genres, so one genre's mean rating is high for
+    everyone; with per-user tastes (the default) users disagree about the same genre."""
+    def genre_means(cfg):
+        src = generate(cfg)
+        genres = src.items.set_index("item")["attributes"].str.split("|")
+        df = src.interactions.assign(genre=src.interactions["item"].map(genres)).explode("genre")
+        return df.groupby(["user", "genre"])["rating"].mean().unstack()
+
+    shared = genre_means(SyntheticConfig(**{**SMALL.__dict__, "taste_groups": 1, "noise": 0.1}))
+    best = shared.mean().idxmax()
+    assert (shared[best] >= 4).mean() > 0.9
+    own = genre_means(SMALL)
+    assert own.std().min() > 0.5  # every genre is loved by some users and disliked by others
+    with pytest.raises(ConfigError, match="taste_groups"):
+        generate(SyntheticConfig(taste_groups=-1))

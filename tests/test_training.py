@@ -54,6 +54,12 @@ def test_rerun_resumes_from_the_last_checkpoint(trained):
     assert again.history[2]["resumed"] is True
 
 
+def test_resuming_with_another_worker_count_is_refused(trained):
+    _, out = trained
+    with pytest.raises(AlroError, match="written by 2 workers.*train.num_workers=1"):
+        run_training(_cfg("train.num_workers=1"), out)
+
+
 def test_crashed_worker_group_restarts_from_checkpoint(ray_local, tmp_path):
     outcome = run_training(_cfg("train.inject_failure_epoch=2", "train.max_failures=1"), tmp_path)
     assert (tmp_path / "injected_failure").exists()
