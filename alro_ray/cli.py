@@ -98,7 +98,7 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.evaluation import format_table, test_summary
+    from alro_ray.evaluation import format_table, heldout_summary
     from alro_ray.training import run_training
 
     outcome = run_training(cfg, args.output_dir)
@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     for h in outcome.history:
         print(f"{h['epoch']:5d} | " + " | ".join(f"{h.get(k, float('nan')):.4f}" for k in HISTORY_COLUMNS))
     if not args.no_test_summary:
-        table = test_summary(outcome.final_dir, outcome.data_dir, cfg.train.eval_mode)
+        table = heldout_summary(outcome.final_dir, outcome.data_dir, cfg.train.eval_mode)
         print(f"\nHeld-out test users ({cfg.train.eval_mode} ranking):")
         print(format_table(table))
         (outcome.output_dir / "test_summary.json").write_text(json.dumps(table, indent=2))

@@ -47,7 +47,7 @@ def rows_of(frame) -> list[dict]:
     return [{k: v[i] for k, v in frame.items()} for i in range(n)]
 
 
-def test_summary(final_dir, data_dir, mode: str, baselines=("random", "popularity", "item-mean"),
+def heldout_summary(final_dir, data_dir, mode: str, baselines=("random", "popularity", "item-mean"),
                  split: str = "test", seed: int = 0) -> dict[str, dict]:
     """NDCG of a trained ranker and of simple baselines on the same held-out candidate lists."""
     import time
