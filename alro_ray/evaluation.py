@@ -48,7 +48,7 @@ def rows_of(frame) -> list[dict]:
 
 
 def heldout_summary(final_dir, data_dir, mode: str, baselines=("random", "popularity", "item-mean"),
-                 split: str = "test", seed: int = 0) -> dict[str, dict]:
+                    split: str = "test", seed: int = 0) -> dict[str, dict]:
     """NDCG of a trained ranker and of simple baselines on the same held-out candidate lists."""
     import time
 

@@ -43,7 +43,7 @@ def generate(cfg: SyntheticConfig) -> SourceData:
     genre_names = _genre_names(cfg.genres)
     membership = _item_genres(rng, cfg.items, cfg.genres)  # items x genres, rows sum to 1
     quality = rng.normal(0.0, QUALITY_STD, cfg.items)
-    titles = _titles(rng, cfg.items)
+    titles = unique_titles(rng, cfg.items)
 
     profiles = [_taste(np.random.default_rng([cfg.seed, g]), cfg.genres) for g in range(cfg.taste_groups)]
     users, items, ratings, stamps = [], [], [], []
@@ -109,7 +109,7 @@ def _taste(rng: np.random.Generator, genres: int) -> np.ndarray:
     return taste
 
 
-def _titles(rng: np.random.Generator, n: int) -> list[str]:
+def unique_titles(rng: np.random.Generator, n: int) -> list[str]:
     """Unique titles: shuffled adjective-noun pairs (some with "The"), then sequels."""
     pairs = [f"{a} {b}" for a in ADJECTIVES for b in NOUNS]
     order = rng.permutation(len(pairs))

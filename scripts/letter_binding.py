@@ -21,12 +21,12 @@ import torch
 from alro_ray.config import load_config
 from alro_ray.models import load_base_model, load_tokenizer
 from alro_ray.prompts import LETTERS
-from alro_ray.synthetic import GENRES, _titles
+from alro_ray.synthetic import GENRES, unique_titles
 
 
 def questions(n: int, choices: int, seed: int) -> list[tuple[str, int]]:
     rng = random.Random(seed)
-    titles = _titles(np.random.default_rng(seed), 400)
+    titles = unique_titles(np.random.default_rng(seed), 400)
     out = []
     for _ in range(n):
         genres = rng.sample(GENRES, choices)
