@@ -90,7 +90,7 @@ def check_resume_world(run_dir: Path, num_workers: int) -> None:
     """A rerun resumes from the run's checkpoints, whose ZeRO optimizer state is sharded one
     file per worker: a different worker count cannot load it, so say so before workers start."""
     for d in sorted(run_dir.glob("epoch_*")):
-        shards = len(list((d / DS_TAG).glob("*optim_states.pt")))
+        shards = _optimizer_shards(d)
         if (d / "state.json").is_file() and shards and shards != num_workers:
             raise AlroError(
                 f"{d} was written by {shards} workers and this run has train.num_workers={num_workers}: "
@@ -296,7 +296,12 @@ def train_loop(loop_config: dict) -> None:
 
 def _complete(d: Path, world: int) -> bool:
     """Every rank's part is there: rank 0's state and one ZeRO optimizer shard per rank."""
-    return (d / "state.json").is_file() and len(list((d / DS_TAG).glob("*optim_states.pt"))) == world
+    return (d / "state.json").is_file() and _optimizer_shards(d) == world
+
+
+def _optimizer_shards(d: Path) -> int:
+    """ZeRO writes one optimizer-state file per rank."""
+    return len(list((d / DS_TAG).glob("*optim_states.pt")))
 
 
 def _epoch_of(d: Path | None) -> int:
