@@ -87,7 +87,7 @@ def build_config(args: argparse.Namespace, extra: list[str]) -> Config:
 
 
 def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.prepare import prepare
+    from alro_ray.data.prepare import prepare
 
     stats = prepare(cfg, args.out)
     summary = {k: stats[k] for k in ("users_read", "users_kept", "users_dropped", "rows",
@@ -98,8 +98,8 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.evaluation import format_table, heldout_summary
-    from alro_ray.training import run_training
+    from alro_ray.rank.evaluation import format_table, heldout_summary
+    from alro_ray.train.trainer import run_training
 
     outcome = run_training(cfg, args.output_dir)
     print("\nepoch | " + " | ".join(k for k in HISTORY_COLUMNS))
@@ -118,8 +118,8 @@ HISTORY_COLUMNS = ("train_loss", "train_sft", "train_rank", "train_perm", "valid
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.batch_eval import run_evaluation
-    from alro_ray.report import metrics_table
+    from alro_ray.rank.batch_eval import run_evaluation
+    from alro_ray.rank.report import metrics_table
 
     metrics = run_evaluation(args.checkpoint, args.out, data_dir=args.data, modes=args.modes,
                              baselines=[b for b in args.baselines.split(",") if b], split=args.split,
@@ -131,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.compare import run_compare
+    from alro_ray.rank.compare import run_compare
 
     run_compare(cfg, args.output_dir, ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
                 baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
@@ -141,7 +141,7 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.serving import adapters_from_args, run_serve
+    from alro_ray.serve.app import adapters_from_args, run_serve
 
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
               "num_replicas": args.num_replicas}
@@ -205,7 +205,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-replicas", type=int)
     p.set_defaults(func=cmd_serve)
 
-    from alro_ray.tuning import add_tune_args, cmd_tune  # light: imports only yaml and config
+    from alro_ray.train.tuning import add_tune_args, cmd_tune  # light: imports only yaml and config
 
     p = sub.add_parser("tune", help="search α, β, γ: Ray Tune + Optuna TPE + ASHA, each trial a Train run")
     _add_config_args(p)

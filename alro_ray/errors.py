@@ -11,3 +11,8 @@ class ConfigError(AlroError):
 
 class DataError(AlroError):
     """Input data that cannot be read: names the file and, where known, the line."""
+
+
+class NonFiniteError(AlroError):
+    """A loss, gradient or score that is NaN or infinite: training, ranking and Serve refuse it
+    rather than carry on with a model that no longer means anything."""

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from alro_ray.config import load_config  # noqa: E402
-from alro_ray.ranking import bootstrap_orders, free_batch, rank_batch  # noqa: E402
+from alro_ray.rank.ranking import bootstrap_orders, free_batch, rank_batch  # noqa: E402
 
 
 def main() -> None:
@@ -32,10 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from alro_ray.cluster import ensure_ray
-    from alro_ray.compare import untrained_ranker
-    from alro_ray.checkpoint import load_ranker
-    from alro_ray.evaluation import prompt_ids
-    from alro_ray.prepare import load_renderer, prepare, read_split
+    from alro_ray.rank.compare import untrained_ranker
+    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.rank.evaluation import prompt_ids
+    from alro_ray.data.prepare import load_renderer, prepare, read_split
 
     cfg = load_config(None, [f"model.name={args.model}", f"data.history={args.history}",
                              f"data.candidates={args.candidates}", "data.synthetic.users=60",

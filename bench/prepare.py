@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from alro_ray.cluster import ensure_ray
     from alro_ray.config import load_config
-    from alro_ray.prepare import prepare
+    from alro_ray.data.prepare import prepare
 
     ensure_ray(num_cpus=args.cpus)
     if args.partitions:

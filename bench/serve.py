@@ -1,5 +1,5 @@
 """Serving benchmark: requests/s and p50/p99 latency at 1, 8 and 32 concurrent HTTP clients,
-with dynamic batching on and off, for the Serve app of `alro_ray.serving`.
+with dynamic batching on and off, for the Serve app of `alro_ray.serve.app`.
 
     python bench/serve.py                      # smollm2-135m, untrained LoRA adapter, ~4 min on 2 CPUs
     python bench/serve.py --model tiny-random  # quick run (~2 min, most of it Ray and Serve start-up)
@@ -27,10 +27,10 @@ GENRES = ("Action", "Comedy", "Drama", "Horror", "Sci-Fi", "Romance", "Thriller"
 
 
 def make_checkpoint(model: str, candidates: int, history: int, out: Path) -> Path:
-    from alro_ray.checkpoint import save_ranker
+    from alro_ray.model.checkpoint import save_ranker
     from alro_ray.config import load_config
-    from alro_ray.models import add_lora, load_base_model, load_tokenizer
-    from alro_ray.tokenize import RankTokenizer
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.data.tokenize import RankTokenizer
 
     cfg = load_config(None, [f"model.name={model}", f"data.candidates={candidates}", f"data.history={history}"])
     tok = load_tokenizer(model, cfg.model.cache_dir)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from alro_ray.serving import run_serve
+    from alro_ray.serve.app import run_serve
 
     t_start = time.time()
     load_before = os.getloadavg()[0]

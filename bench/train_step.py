@@ -24,11 +24,11 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from alro_ray.config import load_config  # noqa: E402
-from alro_ray.models import add_lora, load_base_model  # noqa: E402
-from alro_ray.objective import collate, compute_losses  # noqa: E402
-from alro_ray.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table  # noqa: E402
-from alro_ray.samples import user_samples  # noqa: E402
-from alro_ray.synthetic import generate  # noqa: E402
+from alro_ray.model.loading import add_lora, load_base_model  # noqa: E402
+from alro_ray.train.objective import collate, compute_losses  # noqa: E402
+from alro_ray.data.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table  # noqa: E402
+from alro_ray.data.samples import user_samples  # noqa: E402
+from alro_ray.data.synthetic import generate  # noqa: E402
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10, rounds: int = 3) -> float:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from alro_ray.config import load_config
-from alro_ray.models import load_base_model, load_tokenizer
-from alro_ray.prompts import LETTERS
-from alro_ray.synthetic import GENRES, unique_titles
+from alro_ray.model.loading import load_base_model, load_tokenizer
+from alro_ray.data.prompts import LETTERS
+from alro_ray.data.synthetic import GENRES, unique_titles
 
 
 def questions(n: int, choices: int, seed: int) -> list[tuple[str, int]]:
@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.checkpoint:
-        from alro_ray.checkpoint import load_ranker
+        from alro_ray.model.checkpoint import load_ranker
 
         ranker = load_ranker(args.checkpoint)
         model, tok, name = ranker.model, ranker.tokenizer, f"ranker {args.checkpoint}"

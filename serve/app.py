@@ -1,11 +1,11 @@
 """The ALRO ranker as a Ray Serve application: FastAPI ingress + multiplexed, batched ranker.
 
-The implementation is `alro_ray.serving` (inside the installed package, so every Ray worker on
+The implementation is `alro_ray.serve.app` (inside the installed package, so every Ray worker on
 every node can import it); this module re-exports it for `serve run serve.app:build_app ...`
-from the repository root. `serve/config.yaml` names `alro_ray.serving:build_app` directly.
+from the repository root. `serve/config.yaml` names `alro_ray.serve.app:build_app` directly.
 """
 
-from alro_ray.serving import (  # noqa: F401
+from alro_ray.serve.app import (  # noqa: F401
     Ingress,
     RankerDeployment,
     ServeSettings,

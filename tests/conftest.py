@@ -9,7 +9,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from alro_ray.models import load_tokenizer
+    from alro_ray.model.loading import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
 

@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-from alro_ray.baselines import (
+from alro_ray.rank.baselines import (
     BASELINES,
     evaluate_baselines,
     make_baseline,
     order_from_scores,
     rank_rows,
 )
-from alro_ray.metrics import mean_ndcg
+from alro_ray.rank.metrics import mean_ndcg
 
 
 def interactions(triples, start=0):

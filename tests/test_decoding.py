@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from alro_ray.decoding import (
+from alro_ray.rank.decoding import (
     LETTERS,
     borda,
     constrained_greedy_order,

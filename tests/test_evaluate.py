@@ -6,14 +6,14 @@ import shutil
 import pytest
 import torch
 
-from alro_ray.batch_eval import parse_modes, run_evaluation
-from alro_ray.checkpoint import load_ranker, save_ranker
+from alro_ray.rank.batch_eval import parse_modes, run_evaluation
+from alro_ray.model.checkpoint import load_ranker, save_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
-from alro_ray.evaluation import prompt_ids
-from alro_ray.models import add_lora, load_base_model, load_tokenizer
-from alro_ray.prepare import prepare, read_split, read_stats
-from alro_ray.ranking import bootstrap_orders, rank_batch
+from alro_ray.rank.evaluation import prompt_ids
+from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+from alro_ray.data.prepare import prepare, read_split, read_stats
+from alro_ray.rank.ranking import bootstrap_orders, rank_batch
 
 TINY = ["data.synthetic.users=40", "data.permutations=0"]
 

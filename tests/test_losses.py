@@ -1,4 +1,4 @@
-"""Numeric tests of alro_ray.losses (ALRO_SPEC.md §3).
+"""Numeric tests of alro_ray.train.losses (ALRO_SPEC.md §3).
 
 Every expected number is worked out by hand in a comment and recomputed with the
 `math` module, never by calling the code under test.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from alro_ray.losses import (
+from alro_ray.train.losses import (
     LossTerms,
     alro_loss,
     lambda_loss,

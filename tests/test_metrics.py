@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from alro_ray.metrics import (
+from alro_ray.rank.metrics import (
     dcg_at_k,
     kendall_tau,
     mean_ndcg,

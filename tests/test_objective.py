@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from alro_ray.config import load_config
-from alro_ray.models import add_lora, load_base_model
-from alro_ray.objective import collate, compute_losses
-from alro_ray.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table
-from alro_ray.samples import user_samples
-from alro_ray.synthetic import generate
+from alro_ray.model.loading import add_lora, load_base_model
+from alro_ray.train.objective import collate, compute_losses
+from alro_ray.data.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table
+from alro_ray.data.samples import user_samples
+from alro_ray.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")

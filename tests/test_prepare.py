@@ -20,9 +20,9 @@ import pytest
 from alro_ray.cli import main
 from alro_ray.config import load_config
 from alro_ray.errors import DataError
-from alro_ray.prepare import prepare
-from alro_ray.prompts import LETTERS
-from alro_ray.samples import SPLITS
+from alro_ray.data.prepare import prepare
+from alro_ray.data.prompts import LETTERS
+from alro_ray.data.samples import SPLITS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ML100K = DATA / "ml-100k"

@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from alro_ray.prompts import Item, render_prefix, render_response, render_suffix
-from alro_ray.samples import assign_splits, gold_order, permuted_gold, user_samples, window_bounds
-from alro_ray.tokenize import RankTokenizer, identifier_token_ids
+from alro_ray.data.prompts import Item, render_prefix, render_response, render_suffix
+from alro_ray.data.samples import assign_splits, gold_order, permuted_gold, user_samples, window_bounds
+from alro_ray.data.tokenize import RankTokenizer, identifier_token_ids
 from alro_ray.errors import ConfigError
 
 

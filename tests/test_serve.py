@@ -22,10 +22,10 @@ LIMITS = dict(max_history=8, max_title_chars=60, max_attribute_chars=40, max_bod
 def _make_checkpoint(out_dir, perturb_seed=None):
     import torch
 
-    from alro_ray.checkpoint import save_ranker
+    from alro_ray.model.checkpoint import save_ranker
     from alro_ray.config import load_config
-    from alro_ray.models import add_lora, load_base_model, load_tokenizer
-    from alro_ray.tokenize import RankTokenizer
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.data.tokenize import RankTokenizer
 
     cfg = load_config("configs/tiny.yaml")
     tok = load_tokenizer("tiny-random")
@@ -78,7 +78,7 @@ def local_ray():
 def server(local_ray, checkpoints):
     from ray import serve
 
-    from alro_ray.serving import run_serve
+    from alro_ray.serve.app import run_serve
 
     url = run_serve({"default": checkpoints["a"], "b": checkpoints["b"]}, host="127.0.0.1",
                     port=_free_port(), blocking=False, **LIMITS)
@@ -103,8 +103,8 @@ def make_request(n_candidates=3, n_history=3, seed=0, **extra):
 
 def _local_answer(path, req, mode):
     """What the checkpoint ranks when loaded in this process, with the training template."""
-    from alro_ray.checkpoint import load_ranker
-    from alro_ray.prompts import Item
+    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.data.prompts import Item
 
     def attrs(a):
         return a if isinstance(a, str) else "|".join(a)
@@ -297,7 +297,7 @@ def test_health_adapters_and_docs(client):
 
 def test_registry_checks_at_start(checkpoints, tmp_path):
     from alro_ray.errors import ConfigError
-    from alro_ray.serving import ServeSettings, adapters_from_args, load_registry
+    from alro_ray.serve.app import ServeSettings, adapters_from_args, load_registry
 
     reg = load_registry({"default": checkpoints["a"], "b": checkpoints["b"]})
     assert reg["b"].candidates == C
@@ -321,12 +321,12 @@ def test_yaml_config_is_a_valid_serve_config(checkpoints):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from alro_ray.serving import build_app
+    from alro_ray.serve.app import build_app
 
     config = yaml.safe_load(open("serve/config.yaml"))
     ServeDeploySchema.model_validate(config)
     (app_cfg,) = config["applications"]
-    assert app_cfg["import_path"] == "alro_ray.serving:build_app"
+    assert app_cfg["import_path"] == "alro_ray.serve.app:build_app"
     args = dict(app_cfg["args"], adapters={"default": checkpoints["a"]})
     build_app(args)  # builds the application graph (nothing deployed)
     names = {d["name"] for d in app_cfg["deployments"]}

@@ -12,8 +12,8 @@ import pytest
 
 from alro_ray.config import SyntheticConfig
 from alro_ray.errors import ConfigError, DataError
-from alro_ray.sources import METADATA_PREFIX, SourceData, read_source
-from alro_ray.synthetic import generate
+from alro_ray.data.sources import METADATA_PREFIX, SourceData, read_source
+from alro_ray.data.synthetic import generate
 
 FLAGS_COMEDY = "|".join(["0"] * 5 + ["1"] + ["0"] * 13)  # index 5 = Comedy
 FLAGS_ACTION_WAR = "|".join(["0", "1"] + ["0"] * 15 + ["1", "0"])

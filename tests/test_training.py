@@ -6,12 +6,12 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from alro_ray.checkpoint import load_ranker
+from alro_ray.model.checkpoint import load_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
-from alro_ray.evaluation import prompt_ids
-from alro_ray.prepare import read_split
-from alro_ray.training import run_training
+from alro_ray.rank.evaluation import prompt_ids
+from alro_ray.data.prepare import read_split
+from alro_ray.train.trainer import run_training
 
 
 def _cfg(*overrides):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from alro_ray import tuning
+from alro_ray.train import tuning
 from alro_ray.cli import main as cli_main
 from alro_ray.config import load_config
-from alro_ray.training import run_training
+from alro_ray.train.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

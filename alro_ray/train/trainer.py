@@ -50,7 +50,7 @@ class TrainOutcome:
 
 def resolve_data(cfg: Config, out: Path) -> Path:
     """The prepared data directory: the configured one, or DIR/data prepared now (once)."""
-    from alro_ray.prepare import prepare, read_stats
+    from alro_ray.data.prepare import prepare, read_stats
 
     if cfg.data.prepared:
         data_dir = Path(cfg.data.prepared).resolve()
@@ -70,8 +70,8 @@ def resolve_data(cfg: Config, out: Path) -> Path:
 
 def check_data_fits(cfg: Config, stats: dict) -> None:
     """Refuse data that this model or loss cannot train on, before any worker starts."""
-    from alro_ray.models import load_tokenizer
-    from alro_ray.tokenize import identifier_token_ids
+    from alro_ray.model.loading import load_tokenizer
+    from alro_ray.data.tokenize import identifier_token_ids
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
     ids = identifier_token_ids(tok, stats["candidates"])
@@ -107,7 +107,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     from ray.train.torch import TorchTrainer
 
     from alro_ray.cluster import ensure_ray, quiet_ray_data
-    from alro_ray.prepare import read_stats
+    from alro_ray.data.prepare import read_stats
 
     out = Path(output_dir or Path(cfg.train.output_dir) / cfg.train.run_name).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -208,9 +208,9 @@ def train_loop(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from alro_ray.models import add_lora, load_base_model, load_tokenizer
-    from alro_ray.objective import collate, compute_losses
-    from alro_ray.tokenize import RankTokenizer
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.train.objective import collate, compute_losses
+    from alro_ray.data.tokenize import RankTokenizer
 
     from alro_ray.cluster import quiet_ray_data
 
@@ -330,7 +330,7 @@ def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, 
     import torch
     import torch.distributed as dist
 
-    from alro_ray.evaluation import ndcg_summary, rank_rows, ranked_relevance
+    from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
 
     mine: list[list[float]] = []
     if stats["rows"]["valid"]:
@@ -357,7 +357,7 @@ def save_and_report(engine, tokenizer, cfg: Config, stats: dict, data_dir: str, 
     import ray.train
     from ray.train import Checkpoint
 
-    from alro_ray.checkpoint import save_ranker
+    from alro_ray.model.checkpoint import save_ranker
 
     with tempfile.TemporaryDirectory(prefix="alro-ckpt-") as tmp:
         # Every rank saves its optimizer shard; frozen base weights are not saved (LoRA only).

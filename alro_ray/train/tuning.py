@@ -135,7 +135,7 @@ def _train_trial(config: dict, base: dict, output_dir: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from alro_ray.training import run_training
+    from alro_ray.train.trainer import run_training
 
     cfg = trial_config(from_dict(Config, base), config)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -227,8 +227,8 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     from ray.tune.search.optuna import OptunaSearch
 
     from alro_ray.cluster import ensure_ray
-    from alro_ray.prepare import read_stats
-    from alro_ray.training import check_data_fits, resolve_data
+    from alro_ray.data.prepare import read_stats
+    from alro_ray.train.trainer import check_data_fits, resolve_data
 
     check_tune_config(cfg)
     if stop_after_trials is not None and stop_after_trials < 1:
@@ -261,7 +261,7 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
         # (Tune refuses an empty request; a token of memory stands in).
         {"CPU": 0, "memory": TRIAL_MEMORY},
     )
-    from alro_ray.tune_interrupt import ACTIVE, InterruptAfter
+    from alro_ray.train.tune_interrupt import ACTIVE, InterruptAfter
 
     ACTIVE.clear()
     if tune.Tuner.can_restore(str(exp_dir)):

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alro_ray.errors import AlroError
-from alro_ray.evaluation import ndcg_summary
-from alro_ray.metrics import position_bias
+from alro_ray.rank.evaluation import ndcg_summary
+from alro_ray.rank.metrics import position_bias
 
 log = logging.getLogger("alro_ray")
 
@@ -31,7 +31,7 @@ DEFAULT_MODES = ("generate", "one-pass", "bootstrap@3", "bootstrap@5")
 
 
 def parse_modes(text: str | Sequence[str]) -> list[str]:
-    from alro_ray.ranking import parse_mode
+    from alro_ray.rank.ranking import parse_mode
 
     modes = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     if not modes:
@@ -46,8 +46,8 @@ def parse_modes(text: str | Sequence[str]) -> list[str]:
 
 def check_inputs(checkpoint: str | Path, data_dir: str | Path | None) -> tuple[dict, Path, dict]:
     """The checkpoint's info, the data directory and its stats; errors before any actor starts."""
-    from alro_ray.checkpoint import check_ranker_dir
-    from alro_ray.prepare import read_stats
+    from alro_ray.model.checkpoint import check_ranker_dir
+    from alro_ray.data.prepare import read_stats
 
     info = check_ranker_dir(checkpoint)
     data = Path(data_dir or info.get("data_dir") or "")
@@ -70,8 +70,8 @@ class RankActor:
                  few_shot: int = 0):
         import torch
 
-        from alro_ray.checkpoint import load_ranker
-        from alro_ray.prepare import load_renderer
+        from alro_ray.model.checkpoint import load_ranker
+        from alro_ray.data.prepare import load_renderer
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.ranker = load_ranker(checkpoint, device=device,
@@ -82,9 +82,9 @@ class RankActor:
         self.demos = few_shot_prefix(self.ranker, data_dir, few_shot, seed)
 
     def _rank(self, mode: str, rows: list[dict]) -> tuple[list[list[int]], list[bool]]:
-        from alro_ray.evaluation import prompt_ids
-        from alro_ray.ranking import bootstrap_orders, free_batch, parse_mode
-        from alro_ray.samples import stable_hash
+        from alro_ray.rank.evaluation import prompt_ids
+        from alro_ray.rank.ranking import bootstrap_orders, free_batch, parse_mode
+        from alro_ray.data.samples import stable_hash
 
         r = self.ranker
         c = r.candidates
@@ -130,7 +130,7 @@ def few_shot_prefix(ranker, data_dir: str, k: int, seed: int) -> list[int]:
     to put before every query for few-shot ranking; [] for k = 0."""
     if k <= 0:
         return []
-    from alro_ray.prepare import read_split
+    from alro_ray.data.prepare import read_split
 
     train = read_split(data_dir, "train")
     if len(train) < k:
@@ -160,9 +160,9 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                    seed: int = 0, use_gpu: bool = False, few_shot: int = 0) -> dict:
     import ray
 
-    from alro_ray.baselines import evaluate_baselines
+    from alro_ray.rank.baselines import evaluate_baselines
     from alro_ray.cluster import ensure_ray, quiet_ray_data
-    from alro_ray.report import write_report
+    from alro_ray.rank.report import write_report
 
     modes = parse_modes(modes)
     info, data, stats = check_inputs(checkpoint, data_dir)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from alro_ray.metrics import mean_ndcg
+from alro_ray.rank.metrics import mean_ndcg
 
 KS = (3, 10, 25)
 
@@ -423,7 +423,7 @@ def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split:
     "lists" (rows with a defined NDCG)}}. options: {name: {constructor options}}. On split "train" the
     fitted baselines have seen the candidates' ratings: only valid/test numbers are fair.
     """
-    from alro_ray.prepare import read_split
+    from alro_ray.data.prepare import read_split
 
     for name in names:  # fail before any fitting
         if name not in BASELINES:

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from alro_ray.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
-from alro_ray.padding import left_pad, positions
+from alro_ray.rank.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
+from alro_ray.model.padding import left_pad, positions
 
 MODES = ("one-pass", "generate")  # the modes rank_batch runs on ready prompts
 

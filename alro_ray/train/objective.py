@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from alro_ray.config import LossConfig
-from alro_ray.losses import (
+from alro_ray.train.losses import (
     LossTerms,
     alro_loss,
     literal_permutation_loss,
@@ -27,7 +27,7 @@ from alro_ray.losses import (
     sft_loss,
     slot_probabilities,
 )
-from alro_ray.padding import left_pad, positions
+from alro_ray.model.padding import left_pad, positions
 
 
 @dataclass

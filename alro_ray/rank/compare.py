@@ -42,9 +42,9 @@ def variant(cfg: Config, name: str, data_dir: Path) -> Config:
 
 def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
     """The base model as a ranker: PEFT initialises LoRA B to zero, so the adapter is a no-op."""
-    from alro_ray.checkpoint import save_ranker
-    from alro_ray.models import add_lora, load_base_model, load_tokenizer
-    from alro_ray.prepare import read_stats
+    from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.data.prepare import read_stats
 
     model = add_lora(load_base_model(cfg.model), cfg.model)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
@@ -54,9 +54,9 @@ def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
 def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LADDER,
                 baselines: Sequence[str] = CLASSICAL, bootstrap: Sequence[int] = (3, 5), mode: str = "generate",
                 few_shot: int = 2, limit: int | None = None, actors: int = 1) -> dict:
-    from alro_ray.batch_eval import run_evaluation
+    from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.errors import AlroError
-    from alro_ray.training import resolve_data, run_training
+    from alro_ray.train.trainer import resolve_data, run_training
 
     unknown = [n for n in ladder if n not in LADDER]
     if unknown:

@@ -157,7 +157,7 @@ def read_source(dataset: str, data_dir: str | Path | None, on_bad_row: str = "er
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if dataset == "synthetic":
-        from alro_ray.synthetic import generate  # here: synthetic.py imports SourceData from us
+        from alro_ray.data.synthetic import generate  # here: synthetic.py imports SourceData from us
 
         return generate(synthetic or SyntheticConfig())
     if data_dir is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from alro_ray.errors import ConfigError
-from alro_ray.prompts import LETTERS, RESPONSE_HEADER
+from alro_ray.data.prompts import LETTERS, RESPONSE_HEADER
 
 
 def identifier_token_ids(tokenizer, candidates: int) -> list[int]:

@@ -9,12 +9,12 @@ Two deployments (see docs/serving.md):
            request batching (`@serve.batch`): a batch is split into groups of the same adapter,
            mode and candidate count, each ranked in one forward pass.
 
-Adapters come from a registry fixed at start (name -> checkpoint directory, `alro_ray.checkpoint`
+Adapters come from a registry fixed at start (name -> checkpoint directory, `alro_ray.model.checkpoint`
 format). A request names an adapter, never a path; every adapter of one registry must share the
 base model (checked at start, before anything is deployed).
 
 The code lives in the installed package (not in `serve/`) so that every Ray worker, on any node,
-can import it: `serve/config.yaml` points at `alro_ray.serving:build_app`.
+can import it: `serve/config.yaml` points at `alro_ray.serve.app:build_app`.
 
 Entry points:
   build_app(args)                Serve application builder (`serve run serve/config.yaml`)
@@ -42,7 +42,7 @@ from alro_ray.errors import AlroError, ConfigError
 log = logging.getLogger("alro_ray")
 
 APP_NAME = "alro"
-MODES = ("generate", "one-pass")  # same names as alro_ray.ranking.MODES
+MODES = ("generate", "one-pass")  # same names as alro_ray.rank.ranking.MODES
 MAX_ATTRIBUTE_ITEMS = 20  # attributes given as a list: at most this many, each <= max_attribute_chars
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -165,7 +165,7 @@ def _base_key(entry: AdapterEntry) -> dict:
 
 def load_registry(adapters: dict[str, str], base_dir: str | None = None) -> dict[str, AdapterEntry]:
     """Check every checkpoint of the registry and that they share one base model."""
-    from alro_ray.checkpoint import check_ranker_dir
+    from alro_ray.model.checkpoint import check_ranker_dir
     from alro_ray.config import read_yaml
 
     root = Path(base_dir) if base_dir else Path.cwd()
@@ -376,7 +376,7 @@ class RankerDeployment:
         import torch
 
         from alro_ray.config import ModelConfig, from_dict
-        from alro_ray.models import load_base_model
+        from alro_ray.model.loading import load_base_model
 
         self.settings = settings
         self.registry = registry
@@ -397,7 +397,7 @@ class RankerDeployment:
         self.base = load_base_model(model_cfg, dtype).to(self.device)
         self.peft = None
         self.loaded: list[str] = []
-        self.rankers: dict[str, Any] = {}  # name -> alro_ray.checkpoint.Ranker sharing self.peft
+        self.rankers: dict[str, Any] = {}  # name -> alro_ray.model.checkpoint.Ranker sharing self.peft
         self._lock = threading.Lock()  # one forward at a time; guards set_adapter/load/delete
         self._evicted: set[str] = set()
         self._stats_lock = threading.Lock()
@@ -446,9 +446,9 @@ class RankerDeployment:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        from alro_ray.checkpoint import Ranker
+        from alro_ray.model.checkpoint import Ranker
         from alro_ray.config import Config, from_dict, read_yaml
-        from alro_ray.tokenize import RankTokenizer
+        from alro_ray.data.tokenize import RankTokenizer
 
         entry = self.registry[name]
         self._evicted.discard(name)
@@ -500,7 +500,7 @@ class RankerDeployment:
         return out
 
     def _run_batch(self, payloads: list[dict]) -> list[dict]:
-        from alro_ray.prompts import Item
+        from alro_ray.data.prompts import Item
 
         n = len(payloads)
         with self._stats_lock:
@@ -798,7 +798,7 @@ def build_app_from(settings: ServeSettings, registry: dict[str, AdapterEntry]):
 
 
 def build_app(args: dict):
-    """Serve application builder: `import_path: alro_ray.serving:build_app`, `args:` = ServeSettings."""
+    """Serve application builder: `import_path: alro_ray.serve.app:build_app`, `args:` = ServeSettings."""
     settings = ServeSettings.from_dict(dict(args))
     registry = load_registry(settings.adapters, settings.base_dir)
     return build_app_from(settings, registry)

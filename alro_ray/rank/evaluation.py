@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 
-from alro_ray.metrics import mean_ndcg
-from alro_ray.ranking import rank_batch
+from alro_ray.rank.metrics import mean_ndcg
+from alro_ray.rank.ranking import rank_batch
 
 KS = (3, 10, 25)
 
@@ -52,9 +52,9 @@ def heldout_summary(final_dir, data_dir, mode: str, baselines=("random", "popula
     """NDCG of a trained ranker and of simple baselines on the same held-out candidate lists."""
     import time
 
-    from alro_ray.baselines import evaluate_baselines
-    from alro_ray.checkpoint import load_ranker
-    from alro_ray.prepare import read_split
+    from alro_ray.rank.baselines import evaluate_baselines
+    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.data.prepare import read_split
 
     rows = rows_of(read_split(data_dir, split))
     table = evaluate_baselines(data_dir, baselines, split, seed)

@@ -18,8 +18,8 @@ from typing import Sequence
 
 from alro_ray.config import Config, from_dict, read_yaml, save_config
 from alro_ray.errors import AlroError
-from alro_ray.prompts import Item, render_prefix, render_suffix
-from alro_ray.tokenize import RankTokenizer
+from alro_ray.data.prompts import Item, render_prefix, render_suffix
+from alro_ray.data.tokenize import RankTokenizer
 
 FORMAT = "alro-ranker-v1"
 REQUIRED = ("adapter/adapter_config.json", "tokenizer", "config.yaml", "ranker.json")
@@ -84,7 +84,7 @@ class Ranker:
     def rank(self, prompts: Sequence[Sequence[int]], mode: str, c: int | None = None
              ) -> tuple[list[list[int]], list[list[float]]]:
         """Rank prompts that each show `c` candidates (default: the trained C)."""
-        from alro_ray.ranking import rank_batch
+        from alro_ray.rank.ranking import rank_batch
 
         c = c or self.candidates
         return rank_batch(self.model, prompts, self.rank_tokenizer.identifier_ids[:c], mode,
@@ -96,7 +96,7 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from alro_ray.models import load_base_model
+    from alro_ray.model.loading import load_base_model
 
     info = check_ranker_dir(path)
     path = Path(path)

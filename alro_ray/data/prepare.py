@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 
 from alro_ray.config import Config, save_config, to_dict
 from alro_ray.errors import DataError
-from alro_ray.models import load_tokenizer
-from alro_ray.prompts import SampleRenderer, render_response
-from alro_ray.samples import SPLITS, assign_splits, permuted_gold, user_samples
-from alro_ray.sources import SourceData, read_source
-from alro_ray.tokenize import RankTokenizer
+from alro_ray.model.loading import load_tokenizer
+from alro_ray.data.prompts import SampleRenderer, render_response
+from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
+from alro_ray.data.sources import SourceData, read_source
+from alro_ray.data.tokenize import RankTokenizer
 
 log = logging.getLogger("alro_ray")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from alro_ray.prompts import LETTERS
+from alro_ray.data.prompts import LETTERS
 
 
 def identifier_letters(c: int) -> list[str]:

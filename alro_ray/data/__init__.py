@@ -1,0 +1,1 @@
+"""Stage 1, data: read interaction logs, build per-user samples, render prompts, tokenize (Ray Data)."""

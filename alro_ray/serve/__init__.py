@@ -1,0 +1,1 @@
+"""Stage 4, serving: the Ray Serve application that hosts trained rankers behind HTTP."""
