@@ -11,6 +11,7 @@ Overrides are `section.key=value` strings (the value parsed as YAML, so `3`, `0.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -290,6 +291,22 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML implements YAML 1.1, where `1e-4` (no dot) is a string; YAML 1.2 and every user
+    read it as a number. This loader adds 1.2's float forms to the safe loader."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
@@ -298,7 +315,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"override {text!r} names no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
     return path, value
@@ -318,27 +335,68 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section (lists and values are replaced, not merged)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict. `extends: other.yaml` (relative to this file) loads that file
+    first and merges this one over it, so tune and GPU configs build on base ones."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself ({' -> '.join(map(str, _seen))})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {parent!r}")
+    return _merge(read_yaml(path.parent / parent, (*_seen, path.resolve())), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then the overrides; validated."""
+    """Defaults, then the YAML file (if any), then the overrides; validated. An error names where
+    the bad value came from: the file, or the override that set it."""
     data = read_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
+    try:
+        file_ok = _valid(from_dict(Config, data))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    for text in overrides or []:
+        apply_overrides(data, [text])
+        try:
+            from_dict(Config, data)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from e
     try:
         return from_dict(Config, data).validate()
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+        # A cross-field check: if the file alone passes, the overrides broke it (name those whose
+        # key the message mentions, else all of them); otherwise the file.
+        where = str(path) if path else None
+        if file_ok and overrides:
+            named = [t for t in overrides if t.split("=", 1)[0].strip().lstrip("-") in str(e)]
+            where = "override " + ", ".join(map(repr, named or overrides))
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from e
+
+
+def _valid(cfg: Config) -> bool:
+    try:
+        cfg.validate()
+    except ConfigError:
+        return False
+    return True
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from alro_ray.config import Config, load_config
+from alro_ray.config import Config, load_config, parse_yaml
 from alro_ray.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -58,3 +58,43 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_overrides_apply_after_the_file():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", ["data.history=3", "model.lora.target_modules=[q_proj]"])
     assert cfg.data.history == 3 and cfg.model.lora.target_modules == ["q_proj"] and cfg.model.name == "tiny-random"
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("1E+30", 1e30), ("2.5e-3", 2.5e-3), (".5e-2", 0.005),
+                                         ("3e2", 300.0), ("0.0001", 1e-4)])
+def test_scientific_notation_is_a_number_on_the_command_line_and_in_yaml(tmp_path, text, value):
+    assert load_config(None, [f"train.lr={text}"]).train.lr == value
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  lr: {text}\n")
+    assert load_config(f).train.lr == value
+    assert parse_yaml(f"-{text}") == -value
+
+
+def test_text_that_only_looks_numeric_stays_text():
+    with pytest.raises(ConfigError, match="train.lr must be a number, got '1e'"):
+        load_config(None, ["train.lr=1e"])
+
+
+def test_an_error_in_an_override_names_the_override_not_the_file():
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^override 'train.lr=fast': train.lr must be a number"):
+        load_config(tiny, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"^override 'loss.gamma=0': loss.gamma must be > 0"):
+        load_config(tiny, ["data.history=3", "loss.gamma=0"])
+    # A cross-field check the overrides broke, though the message names another key.
+    with pytest.raises(ConfigError, match=r"^override 'data.dataset=amazon': data.data_dir is required"):
+        load_config(tiny, ["data.dataset=amazon"])
+
+
+def test_extends_builds_on_a_base_config(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  history: 7\n  candidates: 5\ntrain:\n  lr: 1e-3\n  epochs: 3\n")
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\ntrain:\n  epochs: 4\n")
+    (tmp_path / "top.yaml").write_text("extends: mid.yaml\ndata:\n  candidates: 6\n")
+    cfg = load_config(tmp_path / "top.yaml", ["train.lr=2e-3"])
+    assert (cfg.data.history, cfg.data.candidates, cfg.train.epochs, cfg.train.lr) == (7, 6, 4, 2e-3)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_config(tmp_path / "orphan.yaml")
