@@ -11,7 +11,7 @@ from alro_ray.rank.baselines import (
     evaluate_baselines,
     make_baseline,
     order_from_scores,
-    rank_rows,
+    baseline_orders,
 )
 from alro_ray.rank.metrics import mean_ndcg
 
@@ -31,7 +31,7 @@ def row(user, candidates, ratings=None, history=()):
 
 
 def ndcg10(baseline, rows):
-    orders = rank_rows(baseline, rows)
+    orders = baseline_orders(baseline, rows)
     return mean_ndcg([[r["candidate_ratings"][j] for j in o] for r, o in zip(rows, orders)], ks=(10,))["ndcg@10"]
 
 
@@ -48,7 +48,7 @@ def test_popularity_worked_example():
     pop = make_baseline("popularity").fit(COUNTED)
     # counts d 1, b 4, z 0, c 1, a 3 -> b, a, then d and c tie at 1 (prompt order: d first), z
     assert pop.score(COUNTED_ROW).tolist() == [1, 4, 0, 1, 3]
-    assert rank_rows(pop, [COUNTED_ROW]) == [[1, 4, 0, 3, 2]]
+    assert baseline_orders(pop, [COUNTED_ROW]) == [[1, 4, 0, 3, 2]]
 
 
 @pytest.mark.parametrize("k, scores, order", [
@@ -62,7 +62,7 @@ def test_popularity_worked_example():
 def test_item_mean_worked_example(k, scores, order):
     model = make_baseline("item-mean", **({} if k is None else {"k": k})).fit(COUNTED)
     assert model.score(COUNTED_ROW) == pytest.approx(scores)
-    assert rank_rows(model, pd.DataFrame([COUNTED_ROW])) == [order]
+    assert baseline_orders(model, pd.DataFrame([COUNTED_ROW])) == [order]
 
 
 def test_ties_keep_prompt_order():
@@ -74,10 +74,10 @@ def test_ties_keep_prompt_order():
 
 def test_random_is_seeded_per_user_and_independent_of_row_order():
     rows = [row(u, range(20)) for u in range(30)]
-    a = rank_rows(make_baseline("random", seed=0).fit(COUNTED), rows)
-    assert a == rank_rows(make_baseline("random", seed=0), rows)
-    assert a[::-1] == rank_rows(make_baseline("random", seed=0), rows[::-1])
-    b = rank_rows(make_baseline("random", seed=1), rows)
+    a = baseline_orders(make_baseline("random", seed=0).fit(COUNTED), rows)
+    assert a == baseline_orders(make_baseline("random", seed=0), rows)
+    assert a[::-1] == baseline_orders(make_baseline("random", seed=0), rows[::-1])
+    b = baseline_orders(make_baseline("random", seed=1), rows)
     assert sum(x != y for x, y in zip(a, b)) >= 29           # another seed, other orders
     assert len({tuple(o) for o in a}) == 30                     # users differ from each other
     assert sorted(a[0]) == list(range(20))
@@ -163,7 +163,7 @@ def chain_model(request, chain_data):
 
 def test_sequential_models_learn_the_planted_successor(chain_model, chain_data):
     _, rows, _ = chain_data
-    firsts = [r["candidate_ratings"][o[0]] == 5.0 for r, o in zip(rows, rank_rows(chain_model, rows))]
+    firsts = [r["candidate_ratings"][o[0]] == 5.0 for r, o in zip(rows, baseline_orders(chain_model, rows))]
     assert np.mean(firsts) >= 0.8   # chance: 0.1
 
 

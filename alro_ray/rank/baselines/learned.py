@@ -1,129 +1,16 @@
-"""Classical baselines for the ranking table (spec §6): random, popularity, item mean rating,
-biased matrix factorization, GRU4Rec and SASRec.
-
-Every baseline is fitted on `fit_interactions.parquet` (columns user, item, rating, timestamp),
-which `alro prepare` writes without any valid/test candidate window, and then scores one prepared
-row's candidates (higher = better). `rank_rows` turns scores into orders of prompt positions, best
-first; ties keep prompt-position order (a stable sort), so every order is deterministic.
-
-The three learned models are small torch (CPU) re-implementations, not RecBole: RecBole 1.2.1 (its
-latest release) stops in `Config()` under numpy 2 (`np.float_`), its pinned ray 2.6.3 needs the
-removed `pkg_resources`, and under pandas 3 its in-place `fillna` calls silently do nothing. They
-are seeded inside a forked torch RNG, so fitting one leaves the caller's random state alone.
-
-GRU4Rec and SASRec are next-item models: they predict *which* item a user will interact with, not
-how highly she will rate it, so on graded NDCG over a window the user did watch they need not beat
-the item-mean order.
-"""
+"""Learned baselines, small torch (CPU) models: biased matrix factorization, GRU4Rec, SASRec.
+Each is seeded inside a forked torch RNG, so fitting one leaves the caller's random state alone."""
 
 from __future__ import annotations
 
-import time
-import zlib
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from alro_ray.rank.metrics import mean_ndcg
-
-KS = (3, 10, 25)
-
-
-class Baseline(Protocol):
-    name: str
-
-    def fit(self, interactions: pd.DataFrame) -> "Baseline": ...
-
-    def score(self, row: dict) -> np.ndarray: ...
-
-
-def _candidates(row) -> list[str]:
-    return [str(x) for x in row["candidate_ids"]]
-
-
-def _lookup(table: dict, keys: Sequence[str], default: float) -> np.ndarray:
-    return np.array([table.get(k, default) for k in keys], dtype=np.float64)
-
-
-def _sorted_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
-    """Ids as strings (prepared rows hold strings), each user's interactions in time order
-    (ties: item id, as `prepare` orders them)."""
-    df = interactions[["user", "item", "rating", "timestamp"]].copy()
-    df["user"] = df["user"].astype(str)
-    df["item"] = df["item"].astype(str)
-    return df.sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Non-learned orders.
-
-
-class RandomBaseline:
-    """Uniform random scores, drawn from a generator seeded by (seed, user, window): a row's order
-    does not depend on which other rows are scored or in what order."""
-
-    name = "random"
-
-    def __init__(self, seed: int = 0):
-        self.seed = int(seed)
-
-    def fit(self, interactions: pd.DataFrame) -> "RandomBaseline":
-        return self
-
-    def score(self, row) -> np.ndarray:
-        # crc32, not hash(): Python's str hash is salted per process.
-        key = zlib.crc32(str(row["user"]).encode())
-        rng = np.random.default_rng([self.seed, key, int(row.get("window", 0) or 0)])
-        return rng.random(len(row["candidate_ids"]))
-
-
-class PopularityBaseline:
-    """Number of interactions with the item in the fit data (unseen items: 0)."""
-
-    name = "popularity"
-
-    def __init__(self, seed: int = 0):
-        self.counts: dict[str, float] = {}
-
-    def fit(self, interactions: pd.DataFrame) -> "PopularityBaseline":
-        counts = interactions["item"].astype(str).value_counts()
-        self.counts = {k: float(v) for k, v in counts.items()}
-        return self
-
-    def score(self, row) -> np.ndarray:
-        return _lookup(self.counts, _candidates(row), 0.0)
-
-
-class ItemMeanBaseline:
-    """Mean rating shrunk towards the global mean, (sum + k * mu) / (n + k), so an item with one
-    5-star rating does not outrank one with hundreds of 4.8s. Unseen items get mu."""
-
-    name = "item-mean"
-
-    def __init__(self, seed: int = 0, k: float = 5.0):
-        self.k = float(k)
-        self.mu = 0.0
-        self.means: dict[str, float] = {}
-
-    def fit(self, interactions: pd.DataFrame) -> "ItemMeanBaseline":
-        r = interactions["rating"].astype(float)
-        self.mu = float(r.mean())
-        g = r.groupby(interactions["item"].astype(str)).agg(["sum", "count"])
-        shrunk = (g["sum"] + self.k * self.mu) / (g["count"] + self.k)
-        self.means = {k: float(v) for k, v in shrunk.items()}
-        return self
-
-    def score(self, row) -> np.ndarray:
-        return _lookup(self.means, _candidates(row), self.mu)
-
-
-# ---------------------------------------------------------------------------------------------
-# Learned models (torch, CPU).
+from alro_ray.rank.baselines.common import candidate_ids, sorted_interactions
 
 
 @contextmanager
@@ -175,7 +62,7 @@ class MFBaseline:
         self.reg, self.batch_size, self.threads = reg, batch_size, threads
 
     def fit(self, interactions: pd.DataFrame) -> "MFBaseline":
-        df = _sorted_interactions(interactions)
+        df = sorted_interactions(interactions)
         self.users, self.items = _Vocab(df["user"]), _Vocab(df["item"])
         u = torch.from_numpy(self.users.encode(df["user"]))
         i = torch.from_numpy(self.items.encode(df["item"]))
@@ -210,7 +97,7 @@ class MFBaseline:
 
     @torch.no_grad()
     def score(self, row) -> np.ndarray:
-        i = torch.from_numpy(self.items.encode(_candidates(row)))
+        i = torch.from_numpy(self.items.encode(candidate_ids(row)))
         u = int(self.users.encode([row["user"]])[0])
         pred = self.mu + self.bi(i)[:, 0]
         if u:  # known user: her bias is a constant, only the factors reorder
@@ -245,7 +132,7 @@ class _SequentialBaseline:
         raise NotImplementedError
 
     def fit(self, interactions: pd.DataFrame) -> "_SequentialBaseline":
-        df = _sorted_interactions(interactions)
+        df = sorted_interactions(interactions)
         self.items = _Vocab(df["item"])
         codes = self.items.encode(df["item"])
         self.sequences: dict[str, np.ndarray] = {
@@ -302,7 +189,7 @@ class _SequentialBaseline:
         x = torch.from_numpy(np.pad(ctx, (self.max_len - len(ctx), 0)))[None]
         with _torch_threads(self.threads):
             logits = (self.net(x)[0, -1] @ self.net.emb.weight.T)[1:]  # drop the padding item
-        cand = self.items.encode(_candidates(row))
+        cand = self.items.encode(candidate_ids(row))
         floor = float(logits.min())
         return np.array([float(logits[c - 1]) if c else floor for c in cand], dtype=np.float64)
 
@@ -371,81 +258,3 @@ class SASRecBaseline(_SequentialBaseline):
 
     def _encoder(self, n_items: int) -> nn.Module:
         return _SASNet(n_items, self.dim, self.max_len, self.dropout, self.layers, self.heads)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry, ranking, evaluation.
-
-BASELINES: dict[str, type] = {
-    "random": RandomBaseline,
-    "popularity": PopularityBaseline,
-    "item-mean": ItemMeanBaseline,
-    "mf": MFBaseline,
-    "gru4rec": GRU4RecBaseline,
-    "sasrec": SASRecBaseline,
-}
-
-
-def make_baseline(name: str, seed: int = 0, **kw) -> Baseline:
-    """A fresh, unfitted baseline; kw go to its constructor (e.g. k for item-mean, epochs)."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
-    return BASELINES[name](seed=seed, **kw)
-
-
-def _rows(rows) -> list:
-    return rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
-
-
-def order_from_scores(scores) -> list[int]:
-    """Prompt positions by score, highest first; equal scores keep prompt order."""
-    s = np.asarray(scores, dtype=np.float64)
-    if not np.all(np.isfinite(s)):
-        raise ValueError("baseline scores must be finite")
-    return np.argsort(-s, kind="stable").tolist()
-
-
-def rank_rows(baseline: Baseline, rows) -> list[list[int]]:
-    """Orders (candidate prompt positions, best first) of prepared rows (DataFrame or dicts)."""
-    return [order_from_scores(baseline.score(r)) for r in _rows(rows)]
-
-
-ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_ids", "candidate_ratings"]
-
-
-def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
-                       seed: int = 0, ks: Sequence[int] = KS,
-                       options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, dict]:
-    """Fit each baseline on DIR/fit_interactions.parquet and score DIR/<split> (only `users`' rows
-    when given: the lists a ranker was scored on).
-
-    Returns {name: {"ndcg@k": ..., "fit_seconds", "tpq_seconds" (scoring + sorting per row),
-    "lists" (rows with a defined NDCG)}}. options: {name: {constructor options}}. On split "train" the
-    fitted baselines have seen the candidates' ratings: only valid/test numbers are fair.
-    """
-    from alro_ray.data.prepare import read_split
-
-    for name in names:  # fail before any fitting
-        if name not in BASELINES:
-            raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
-    import torch._dynamo  # noqa: F401  torch imports its compiler lazily at the first optimizer
-    # step (seconds): done here, so that cost is not charged to the first learned model's fit time.
-
-    fit = pd.read_parquet(Path(data_dir) / "fit_interactions.parquet")
-    frame = read_split(data_dir, split)
-    rows = frame[[c for c in ROW_COLUMNS if c in frame.columns]].to_dict("records")
-    if users is not None:
-        rows = [r for r in rows if r["user"] in users]
-    out: dict[str, dict] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        model = make_baseline(name, seed=seed, **(options or {}).get(name, {})).fit(fit)
-        t1 = time.perf_counter()
-        orders = rank_rows(model, rows)
-        t2 = time.perf_counter()
-        rel = [[float(r["candidate_ratings"][j]) for j in o] for r, o in zip(rows, orders)]
-        m = mean_ndcg(rel, ks=tuple(ks))
-        out[name] = {**{f"ndcg@{k}": m[f"ndcg@{k}"] for k in ks},
-                     "fit_seconds": t1 - t0, "tpq_seconds": (t2 - t1) / max(len(rows), 1),
-                     "lists": m["lists"]}
-    return out
