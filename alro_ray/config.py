@@ -25,6 +25,8 @@ from alro_ray.errors import ConfigError
 DATASETS = ("synthetic", "movielens-100k", "movielens-1m", "amazon", "table")
 # Identifiers are the letters A, B, C, ... so a list holds at most 26 candidates.
 MAX_CANDIDATES = 26
+# Relevance feeds gains 2^r - 1, summed in float32: 100 keeps them (and their sums) finite.
+MAX_RATING = 100
 
 
 @dataclass
@@ -42,6 +44,35 @@ class SyntheticConfig:
 
 
 @dataclass
+class GradingConfig:
+    """Raw values that are not ratings (play or purchase counts) made levels 0..N-1 (`ratings.py`)."""
+
+    method: Literal["none", "bins", "quantiles"] = "none"
+    bins: list[float] = field(default_factory=list)  # bins: ascending edges; level = edges the value exceeds
+    levels: int | None = None  # quantiles: N levels, the edges are the values' inner N-quantiles
+
+    def validate(self) -> None:
+        if self.method == "bins":
+            if not self.bins or any(not a < b for a, b in zip(self.bins, self.bins[1:])):
+                raise ConfigError(f"data.grading.bins must be a non-empty, strictly ascending list of "
+                                  f"edges for method 'bins', got {self.bins}")
+            if any(b != b or abs(b) == float("inf") for b in self.bins):
+                raise ConfigError(f"data.grading.bins must be finite numbers, got {self.bins}")
+        elif self.bins:
+            raise ConfigError(f"data.grading.bins is set but data.grading.method is {self.method!r} (use 'bins')")
+        if self.method == "quantiles":
+            if self.levels is None or self.levels < 2:
+                raise ConfigError(f"data.grading.levels must be >= 2 for method 'quantiles', got {self.levels}")
+        elif self.levels is not None:
+            raise ConfigError(f"data.grading.levels is set but data.grading.method is {self.method!r} "
+                              "(use 'quantiles'; with 'bins' the levels are len(bins) + 1)")
+
+    def top_level(self) -> int | None:
+        """The highest level grading gives (None: no grading, ratings are used as read)."""
+        return {"bins": len(self.bins), "quantiles": (self.levels or 0) - 1}.get(self.method)
+
+
+@dataclass
 class DataConfig:
     dataset: Literal["synthetic", "movielens-100k", "movielens-1m", "amazon", "table"] = "synthetic"
     data_dir: str | None = None  # raw files; not used by `synthetic`
@@ -53,6 +84,9 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     seed: int = 0
     on_bad_row: Literal["error", "skip"] = "error"
+    # [min, max] relevance levels; a rating outside is a bad row. Gains are 2^r - 1, so min >= 0.
+    rating_scale: list[float] = field(default_factory=lambda: [0.0, 10.0])
+    grading: GradingConfig = field(default_factory=GradingConfig)  # raw value -> level, before the scale
     domain_plural: str | None = None  # "movies", "CDs", ...; None: the dataset's own word
     max_title_chars: int = 120  # longer titles are cut (counted in stats)
     max_attribute_chars: int = 80
@@ -74,6 +108,22 @@ class DataConfig:
             raise ConfigError(f"data.split must be three non-negative shares summing to 1, got {self.split}")
         if self.dataset != "synthetic" and self.data_dir is None and self.prepared is None:
             raise ConfigError(f"data.data_dir is required for dataset {self.dataset!r}")
+        self._validate_ratings()
+
+    def _validate_ratings(self) -> None:
+        scale = self.rating_scale
+        if len(scale) != 2 or not 0 <= scale[0] < scale[1] < float("inf"):
+            raise ConfigError(
+                f"data.rating_scale must be [min, max] with 0 <= min < max (relevance feeds gains "
+                f"2^r - 1, which need r >= 0), got {scale}")
+        if scale[1] > MAX_RATING:
+            raise ConfigError(f"data.rating_scale max must be <= {MAX_RATING} (gains 2^r - 1 overflow "
+                              f"float32 near r = 127), got {scale[1]}; grade large values with data.grading")
+        self.grading.validate()
+        top = self.grading.top_level()
+        if top is not None and not scale[0] <= 0 < top <= scale[1]:
+            raise ConfigError(f"data.grading gives levels 0..{top}; data.rating_scale {scale} must "
+                              f"cover them (e.g. data.rating_scale=[0, {top}])")
 
 
 @dataclass
@@ -149,10 +199,13 @@ class TrainConfig:
     run_name: str = "default"
     log_every: int = 1  # optimizer steps between progress lines
     inject_failure_epoch: int | None = None  # testing: crash a worker once, mid-way through this epoch
+    max_nonfinite_steps: int = 5  # skipped NaN/inf updates tolerated per run; one more stops it
 
     def validate(self) -> None:
         if self.num_workers < 1 or self.epochs < 1 or self.micro_batch < 1 or self.grad_accum < 1:
             raise ConfigError("train.num_workers, epochs, micro_batch and grad_accum must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.zero_stage not in (0, 1, 2):
@@ -187,11 +240,15 @@ class TuneConfig:
     grace_period: int = 1  # epochs a trial runs before ASHA may stop it
     reduction_factor: int = 2
     name: str = "tune"
+    # Seconds a trial's Train workers may wait for their resources before the trial fails.
+    resource_timeout_s: float = 300.0
     search_space: dict[str, SearchRange] = field(default_factory=_default_space)
 
     def validate(self) -> None:
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise ConfigError("tune.num_samples and tune.max_concurrent must be >= 1")
+        if not self.resource_timeout_s > 0:
+            raise ConfigError(f"tune.resource_timeout_s must be > 0 seconds, got {self.resource_timeout_s}")
         for name, r in self.search_space.items():
             if name not in TUNABLE:
                 raise ConfigError(f"tune.search_space.{name}: not a tunable parameter "

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alro_ray.config import SyntheticConfig
+from alro_ray.config import GradingConfig, SyntheticConfig, load_config
 from alro_ray.errors import ConfigError, DataError
 from alro_ray.data.sources import METADATA_PREFIX, SourceData, read_source
 from alro_ray.data.synthetic import generate
@@ -178,6 +178,9 @@ def test_bad_lines_skipped_and_counted(tmp_path):
     (json.dumps({"reviewerID": "A", "overall": 5, "unixReviewTime": 1}), "missing field asin"),
     (json.dumps({"reviewerID": "A", "asin": "B", "overall": "x", "unixReviewTime": 1}), "bad rating"),
     (json.dumps({"reviewerID": "A", "asin": "B", "overall": 5, "unixReviewTime": 1.5}), "bad timestamp"),
+    (json.dumps({"reviewerID": "A", "asin": "B", "overall": 10**400, "unixReviewTime": 1}), "bad rating"),
+    (json.dumps({"reviewerID": "A", "asin": "B", "overall": 11, "unixReviewTime": 1}),
+     "rating outside data.rating_scale"),
     (json.dumps({"reviewerID": "", "asin": "B", "overall": 5, "unixReviewTime": 1}), "empty user id"),
 ])
 def test_amazon_bad_lines(tmp_path, line, reason):
@@ -257,6 +260,90 @@ def test_bad_arguments(tmp_path):
         read_source("amazon", None)
     with pytest.raises(DataError, match="not a directory"):
         read_source("amazon", tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rating scale and grading.
+
+
+def table(tmp_path: Path, ratings: list) -> Path:
+    rows = "".join(f"u{k % 2},i{k},{r},{100 + k}\n" for k, r in enumerate(ratings))
+    write(tmp_path / "interactions.csv", "user_id,item_id,rating,timestamp\n" + rows)
+    write(tmp_path / "items.csv", "item_id,title\n" + "".join(f"i{k},T{k}\n" for k in range(len(ratings))))
+    return tmp_path
+
+
+def test_rating_outside_scale_is_a_bad_row(tmp_path):
+    """The new-user case: a table with ratings 5000 and -3 (gain 2^5000 overflows; NDCG refuses
+    negative relevance). Error names file:line and the scale; skip counts them."""
+    d = table(tmp_path, [4, 5000, 0, -3, 10, 2.5])
+    with pytest.raises(DataError, match=rf"^{d / 'interactions.csv'}:3: rating 5000 outside "
+                                        r"data.rating_scale \[0, 10\]: 'u1,i1,5000,101'"):
+        read_source("table", d)
+    src = read_source("table", d, on_bad_row="skip")
+    check_shape(src)
+    assert src.bad_rows == {"rating outside data.rating_scale": 2}
+    assert src.interactions["rating"].tolist() == [4.0, 0.0, 10.0, 2.5]
+    assert src.rows_read == 6 and src.grading == {"method": "none"}
+    with pytest.raises(DataError, match=r":2: rating 4 outside data.rating_scale \[1, 3\]"):
+        read_source("table", d, rating_scale=[1, 3])
+
+
+def test_movielens_ratings_unchanged_by_the_default_scale(tmp_path):
+    d = ml100k(tmp_path, "1\t1\t1\t100\n2\t2\t5\t101\n")
+    src = read_source("movielens-100k", d)
+    assert src.interactions["rating"].tolist() == [1.0, 5.0] and src.grading == {"method": "none"}
+
+
+def test_bins_grade_play_counts(tmp_path):
+    """bins [0, 2, 10, 50]: 0 -> 0; 1-2 -> 1; 3-10 -> 2; 11-50 -> 3; over 50 -> 4."""
+    d = table(tmp_path, [0, 1, 2, 3, 10, 11, 51, 500])
+    src = read_source("table", d, rating_scale=[0, 4],
+                      grading=GradingConfig(method="bins", bins=[0, 2, 10, 50]))
+    assert src.interactions["rating"].tolist() == [0, 1, 1, 2, 2, 3, 4, 4]
+    assert src.grading == {"method": "bins", "edges": [0, 2, 10, 50], "levels": 5}
+    check_shape(src)
+
+
+def test_quantiles_grade_by_the_values_read(tmp_path):
+    """10 values, 3 levels: the edges are the 1/3 and 2/3 quantiles, at sorted positions 9/3 = 3
+    and 18/3 = 6: values 1 and 5. A value equal to an edge takes the lower level."""
+    d = table(tmp_path, [1, 1, 1, 1, 2, 3, 5, 8, 20, 100])
+    src = read_source("table", d, rating_scale=[0, 2], grading=GradingConfig(method="quantiles", levels=3))
+    assert src.interactions["rating"].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert src.grading == {"method": "quantiles", "edges": [1.0, 5.0], "levels": 3}
+
+
+def test_synthetic_ratings_go_through_the_same_rule():
+    src = read_source("synthetic", None, synthetic=SMALL, rating_scale=[0, 2],
+                      grading=GradingConfig(method="bins", bins=[2, 4]))
+    raw = generate(SMALL).interactions["rating"]
+    assert src.interactions["rating"].tolist() == [0 if r <= 2 else 1 if r <= 4 else 2 for r in raw]
+    with pytest.raises(DataError, match=r"synthetic data: rating 5 outside data.rating_scale \[0, 4\]"):
+        read_source("synthetic", None, synthetic=SMALL, rating_scale=[0, 4])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.rating_scale=[-1, 5]"], r"data.rating_scale must be \[min, max\] with 0 <= min < max"),
+    (["data.rating_scale=[5, 5]"], "0 <= min < max"),
+    (["data.rating_scale=[1]"], "0 <= min < max"),
+    (["data.rating_scale=[0, 5000]"], "max must be <= 100"),
+    (["data.grading.method=bins"], "bins must be a non-empty, strictly ascending list"),
+    (["data.grading={method: bins, bins: [5, 2]}"], "strictly ascending"),
+    (["data.grading.bins=[1, 2]"], "bins is set but data.grading.method is 'none'"),
+    (["data.grading.method=quantiles"], "levels must be >= 2 for method 'quantiles'"),
+    (["data.grading={method: bins, bins: [1], levels: 3}"], "levels is set but"),
+    (["data.grading={method: quantiles, levels: 12}"], r"levels 0..11; data.rating_scale \[0.0, 10.0\] must"),
+    (["data.grading={method: bins, bins: [1, 2]}", "data.rating_scale=[1, 5]"], r"rating_scale=\[0, 2\]"),
+])
+def test_bad_scale_or_grading_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_scale_and_grading_from_config():
+    d = load_config(None, ["data.rating_scale=[0, 4]", "data.grading={method: bins, bins: [0, 2, 10, 50]}"]).data
+    assert d.rating_scale == [0.0, 4.0] and d.grading.top_level() == 4
 
 
 # ---------------------------------------------------------------------------------------------

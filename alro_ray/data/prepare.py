@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from alro_ray.config import Config, save_config, to_dict
 from alro_ray.errors import DataError
 from alro_ray.model.loading import load_tokenizer
-from alro_ray.data.prompts import SampleRenderer, render_response
+from alro_ray.data.prompts import SampleRenderer, neutralise, render_response
 from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.data.sources import SourceData, read_source
 from alro_ray.data.tokenize import RankTokenizer
@@ -86,19 +86,25 @@ def clean_interactions(source: SourceData) -> tuple[pd.DataFrame, dict[str, int]
     return df[~dup].reset_index(drop=True), dropped
 
 
-def item_table(source: SourceData, cfg: Config) -> tuple[dict[str, tuple[str, str]], int]:
-    """item id -> (title, attributes) as prompts show them: one line each, over-long text cut.
-    Also how many titles were cut."""
+def item_table(source: SourceData, cfg: Config) -> tuple[dict[str, tuple[str, str]], dict[str, int]]:
+    """item id -> (title, attributes) as prompts show them: one line each, the template's markers
+    neutralised (`prompts.neutralise`), over-long text cut. Also the counts of titles and
+    attributes neutralised and of titles cut."""
     d = cfg.data
+    name = neutralise(source.attribute_name)[0]
 
-    def one_line(col: pd.Series) -> pd.Series:
-        return col.astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+    def shown(col: pd.Series) -> tuple[pd.Series, int]:
+        pairs = [neutralise(text, name) for text in col.astype(str)]
+        return pd.Series([t.strip() for t, _ in pairs], dtype=str), sum(n > 0 for _, n in pairs)
 
-    titles = one_line(source.items["title"])
+    titles, titles_neutralised = shown(source.items["title"])
+    attrs, attributes_neutralised = shown(source.items["attributes"])
     cut = int((titles.str.len() > d.max_title_chars).sum())
     titles = titles.str.slice(0, d.max_title_chars)
-    attrs = one_line(source.items["attributes"]).str.slice(0, d.max_attribute_chars)
-    return dict(zip(source.items["item"], zip(titles, attrs))), cut
+    attrs = attrs.str.slice(0, d.max_attribute_chars)
+    counts = {"titles_truncated": cut, "titles_neutralised": titles_neutralised,
+              "attributes_neutralised": attributes_neutralised}
+    return dict(zip(source.items["item"], zip(titles, attrs))), counts
 
 
 def write_items(items: dict[str, tuple[str, str]], path: Path) -> None:
@@ -184,10 +190,10 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     tok = RankTokenizer(load_tokenizer(tokenizer_name, cfg.model.cache_dir), d.candidates)
 
     log.info("reading %s from %s", d.dataset, d.data_dir or "(generated)")
-    source = read_source(d.dataset, d.data_dir, d.on_bad_row, d.synthetic)
+    source = read_source(d.dataset, d.data_dir, d.on_bad_row, d.synthetic, d.rating_scale, d.grading)
     log.info("read %d interactions, %d items", source.rows_read, len(source.items))
     df, dropped_interactions = clean_interactions(source)
-    items, titles_cut = item_table(source, cfg)
+    items, text_counts = item_table(source, cfg)
 
     need = d.history + d.candidates
     # Every user read is counted, also one whose every interaction was dropped above (count 0).
@@ -253,7 +259,10 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
         "users_per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
         "rows": rows,
         "mean_prompt_tokens": prompt_tokens,
-        "titles_truncated": titles_cut,
+        **text_counts,  # titles_truncated, titles_neutralised, attributes_neutralised
+        "rating_scale": list(d.rating_scale),
+        "grading": source.grading,
+        "ratings_used": {f"{r:g}": int(n) for r, n in df["rating"].value_counts().sort_index().items()},
         "history": d.history,
         "candidates": d.candidates,
         "tokenizer": tokenizer_name,

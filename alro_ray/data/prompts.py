@@ -8,11 +8,17 @@ the same way, and so that a prompt and its permuted twin share a token-identical
   header   "Given the historical interaction, the ranking result is:"
 
 The response is the header followed by one identifier token per candidate (" B", " A", ...).
+
+Item text is user-supplied (a seller's title, a table's column names, a Serve request), so
+`item_text` puts it on one line and neutralises anything that imitates the template's
+structure (`neutralise`): training, evaluation and serving all render through it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 INSTRUCTION = (
@@ -36,10 +42,64 @@ def format_rating(rating: float) -> str:
     return f"{rating:g}"
 
 
+# Template markers in user-supplied text, each altered so that it no longer reads as one:
+# header runs of '#', the section labels, a candidate label "(A)", the response header, and the
+# field labels an item line is made of ("title:", "rating:", "<attribute name>:").
+_MARKERS = (r"(?P<hashes>#{3,})"
+            r"|\[(?P<section>(?i:candidate items|user interaction history))\]"
+            r"|\((?P<letter>[A-Z])\)"
+            r"|(?P<header>(?i:ranking result is)):"
+            r"|(?<!\w)(?P<label>(?i:{labels})):")
+_WHITESPACE = re.compile(r"\s+")
+_LETTER = re.compile(r"\([A-Z]\)")
+
+
+@lru_cache(maxsize=64)
+def _marker_pattern(attribute_name: str) -> re.Pattern:
+    labels = sorted({"title", "rating", attribute_name.lower()} - {""}, key=len, reverse=True)
+    return re.compile(_MARKERS.replace("{labels}", "|".join(map(re.escape, labels))))
+
+
+def _unmarked(m: re.Match) -> str:
+    if m["hashes"]:
+        return "#"
+    if m["letter"]:
+        return f"[{m['letter']}]"
+    if m["label"]:
+        return m["label"] + " -"
+    return m["section"] or m["header"]
+
+
+def neutralise(text: str, attribute_name: str = "") -> tuple[str, int]:
+    """`text` on one line with the template's markers altered, and how many were altered.
+
+    "### Response:" -> "# Response:", "(A)" -> "[A]", "[Candidate Items]:" -> "Candidate Items:",
+    "... ranking result is:" loses its colon, "rating: 5" -> "rating - 5". Ordinary text comes
+    back unchanged, and so does neutralised text (prepare counts with it, the renderer applies
+    it again): passes repeat until one changes nothing, in case an alteration completes another
+    marker; each alteration removes a '#', ':', '(' or '[', so the passes end."""
+    if "  " in text or not text.isprintable():  # cheap: any whitespace but single spaces is caught
+        text = _WHITESPACE.sub(" ", text)
+    if not ("###" in text or "[" in text or ":" in text or ("(" in text and _LETTER.search(text))):
+        return text, 0  # no marker can be there: the common case, many times faster than the pattern
+    pattern, count = _marker_pattern(attribute_name), 0
+    while True:
+        text, n = pattern.subn(_unmarked, text)
+        if not n:
+            return text, count
+        count += n
+
+
+@lru_cache(maxsize=64)
+def _shown_name(attribute_name: str) -> str:
+    return neutralise(attribute_name)[0]
+
+
 def item_text(item: Item, attribute_name: str) -> str:
-    text = f"title: {item.title}"
+    name = _shown_name(attribute_name)
+    text = f"title: {neutralise(item.title, name)[0]}"
     if item.attributes:
-        text += f" {attribute_name}: {item.attributes}"
+        text += f" {name}: {neutralise(item.attributes, name)[0]}"
     return text
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from alro_ray.config import SyntheticConfig
 from alro_ray.errors import ConfigError
-from alro_ray.data.sources import SourceData, interactions_frame, items_frame
+from alro_ray.data.source_data import SourceData, interactions_frame, items_frame
 
 GENRES = (
     "Noir", "Space Opera", "Western", "Romance", "Heist", "Horror", "Musical", "Documentary",
