@@ -100,3 +100,26 @@ def test_bad_inputs_fail_before_any_actor(ranker_dir, tmp_path):
     prepare(other, tmp_path / "c4")
     with pytest.raises(AlroError, match="C=4 candidates per list, the ranker was trained with C=5"):
         run_evaluation(ranker_dir / "ranker", tmp_path / "o2", data_dir=tmp_path / "c4")
+
+
+def test_evaluation_of_a_nan_ranker_fails_with_the_message_and_writes_no_metrics(ranker_dir, tmp_path, capsys):
+    """A ranker whose adapter is NaN: `alro evaluate` exits non-zero with the actor's message
+    (not a remote traceback), and no metrics.json holds an NDCG computed from NaN scores."""
+    from alro_ray.cli import main
+
+    cfg = load_config("configs/tiny.yaml", TINY)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.fill_(float("nan"))
+    save_ranker(tmp_path / "nan", model, load_tokenizer("tiny-random"), cfg, read_stats(ranker_dir / "data"),
+                ranker_dir / "data")
+    out = tmp_path / "out"
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "nan"), "--out", str(out), "--modes", "one-pass",
+                 "--baselines", "", "--limit", "3"])
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("alro evaluate: error:")]
+    assert code == 2 and len(line) == 1
+    assert "evaluation stopped, no metrics written: one-pass ranking: the model's scores are NaN" in line[0]
+    assert "users:" in line[0] and "UserCodeException" not in line[0]
+    assert not (out / "metrics.json").exists() and not (out / "predictions.parquet").exists()

@@ -146,3 +146,15 @@ def test_time_per_query():
     assert time_per_query(12.0, 4) == 3.0
     with pytest.raises(ValueError):
         time_per_query(1.0, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_never_become_a_metric(bad):
+    from alro_ray.errors import NonFiniteError
+
+    for call in (lambda: ndcg_at_k([3, bad, 1], 3), lambda: dcg_at_k([bad], 1),
+                 lambda: mean_ndcg([[3, 2, 1], [1, bad, 0]]), lambda: spearman([1, 2, 3], [1, bad, 2]),
+                 lambda: kendall_tau([bad, 2, 3], [1, 2, 3]), lambda: time_per_query(bad, 3),
+                 lambda: position_bias(np.array([[1, 2, 3], [bad, 1, 2]]))):
+        with pytest.raises(NonFiniteError, match="finite"):
+            call()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alro_ray.errors import AlroError
-from alro_ray.rank.evaluation import ndcg_summary
+from alro_ray.errors import AlroError, NonFiniteError
+from alro_ray.rank.evaluation import ndcg_summary, with_users
 from alro_ray.rank.metrics import position_bias
 
 log = logging.getLogger("alro_ray")
@@ -109,7 +110,10 @@ class RankActor:
         out = []
         for mode in self.modes:
             t0 = time.perf_counter()
-            orders, repaired = self._rank(mode, rows)
+            try:
+                orders, repaired = self._rank(mode, rows)
+            except NonFiniteError as e:  # stops the job: no metric may come from these scores
+                raise with_users(e, rows) from None
             per_query = (time.perf_counter() - t0) / max(1, len(rows))
             for row, order, fixed in zip(rows, orders, repaired):
                 ids, ratings = list(row["candidate_ids"]), list(row["candidate_ratings"])
@@ -123,6 +127,15 @@ class RankActor:
                     "repaired": bool(fixed), "seconds": per_query,
                 })
         return pd.DataFrame(out)
+
+
+def nonfinite_message(error: BaseException) -> str | None:
+    """The message of the NonFiniteError an actor raised, or None if that is not what failed.
+    Ray Data hands the driver a UserCodeException that keeps only the remote traceback as text
+    (not the exception object), so the message is read off its last line naming the class."""
+    name = f"{NonFiniteError.__module__}.{NonFiniteError.__qualname__}"
+    found = re.findall(rf"^{re.escape(name)}: (.+)$", str(error), flags=re.MULTILINE)
+    return found[-1] if found else None
 
 
 def few_shot_prefix(ranker, data_dir: str, k: int, seed: int) -> list[int]:
@@ -186,7 +199,13 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         batch_format="pandas",
     )
     # Through Arrow, without Ray's pandas metadata, so plain pandas/pyarrow read the file back.
-    table = pa.concat_tables(ray.get(ranked.to_arrow_refs())).replace_schema_metadata(None)
+    try:
+        table = pa.concat_tables(ray.get(ranked.to_arrow_refs())).replace_schema_metadata(None)
+    except Exception as e:
+        message = nonfinite_message(e)
+        if message is None:
+            raise
+        raise NonFiniteError(f"{checkpoint}: evaluation stopped, no metrics written: {message}") from None
     pq.write_table(table, out / "predictions.parquet")
     predictions = table.to_pandas()
     log.info("ranked %d queries x %d modes in %.1f s", predictions["user"].nunique(), len(modes), time.time() - t0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-
+from alro_ray.errors import NonFiniteError
 from alro_ray.rank.metrics import mean_ndcg
 from alro_ray.rank.ranking import rank_batch
 
@@ -26,9 +26,19 @@ def rank_rows(model, rows: Sequence, identifier_ids: Sequence[int], pad_id: int,
     orders: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch_orders, _ = rank_batch(model, [prompt_ids(r) for r in chunk], identifier_ids, mode, pad_id)
+        try:
+            batch_orders, _ = rank_batch(model, [prompt_ids(r) for r in chunk], identifier_ids, mode, pad_id)
+        except NonFiniteError as e:
+            raise with_users(e, chunk) from None
         orders.extend(batch_orders)
     return orders
+
+
+def with_users(error: NonFiniteError, rows: Sequence) -> NonFiniteError:
+    """The ranking error naming the users of the batch it came from."""
+    users = [str(r["user"]) for r in rows if "user" in r]
+    shown = ", ".join(users[:10]) + (" ..." if len(users) > 10 else "")
+    return NonFiniteError(f"{error} [batch of {len(rows)} rows, users: {shown or 'unknown'}]")
 
 
 def ranked_relevance(rows: Sequence, orders: Iterable[Sequence[int]]) -> list[list[float]]:

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from alro_ray.errors import NonFiniteError
+
 DEFAULT_KS: tuple[int, ...] = (3, 10, 25)
 
 
@@ -17,12 +19,17 @@ def _relevance_array(relevance: Sequence[float]) -> np.ndarray:
     rel = np.asarray(relevance, dtype=np.float64)
     if rel.ndim != 1:
         raise ValueError(f"relevance must be a 1-D sequence, got shape {rel.shape}")
-    if not np.all(np.isfinite(rel)):
-        raise ValueError("relevance must be finite")
+    _check_finite(rel, "relevance")
     # Negative ratings give negative gains, so NDCG could leave [0, 1]: reject them.
     if np.any(rel < 0):
         raise ValueError("relevance must be non-negative")
     return rel
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    # A NaN must never become a metric: sorts and comparisons would quietly turn it into one.
+    if not np.all(np.isfinite(values)):
+        raise NonFiniteError(f"{what} must be finite, got NaN or inf")
 
 
 def _check_k(k: int) -> None:
@@ -104,10 +111,12 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rho: Pearson correlation of average ranks. 0.0 if either side is constant."""
-    rx = _average_ranks(np.asarray(x, dtype=np.float64))
-    ry = _average_ranks(np.asarray(y, dtype=np.float64))
-    if rx.size != ry.size:
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xa.size != ya.size:
         raise ValueError("x and y must have the same length")
+    _check_finite(xa, "spearman: x")
+    _check_finite(ya, "spearman: y")
+    rx, ry = _average_ranks(xa), _average_ranks(ya)
     dx, dy = rx - rx.mean(), ry - ry.mean()
     denom = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
     if denom == 0.0:
@@ -121,6 +130,8 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     ya = np.asarray(y, dtype=np.float64)
     if xa.size != ya.size:
         raise ValueError("x and y must have the same length")
+    _check_finite(xa, "kendall_tau: x")
+    _check_finite(ya, "kendall_tau: y")
     iu = np.triu_indices(xa.size, k=1)  # every unordered pair once
     sx = np.sign(xa[:, None] - xa[None, :])[iu]
     sy = np.sign(ya[:, None] - ya[None, :])[iu]
@@ -146,6 +157,7 @@ def position_bias(predicted_ranks_by_position: np.ndarray) -> dict:
     ranks = np.asarray(predicted_ranks_by_position, dtype=np.float64)
     if ranks.ndim != 2 or ranks.shape[0] == 0 or ranks.shape[1] == 0:
         raise ValueError(f"expected a non-empty [N, C] array, got shape {ranks.shape}")
+    _check_finite(ranks, "position_bias: predicted ranks")
     mean_rank = ranks.mean(axis=0)
     positions = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
     return {
@@ -159,6 +171,7 @@ def time_per_query(total_seconds: float, n_queries: int) -> float:
     """TPQ: wall-clock seconds per ranked query."""
     if n_queries <= 0:
         raise ValueError(f"n_queries must be positive, got {n_queries}")
+    _check_finite(np.asarray(total_seconds, dtype=np.float64), "total_seconds")
     if total_seconds < 0:
         raise ValueError(f"total_seconds must be non-negative, got {total_seconds}")
     return float(total_seconds) / n_queries

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
-from alro_ray.rank.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
+from alro_ray.errors import NonFiniteError
 from alro_ray.model.padding import left_pad, positions
+from alro_ray.rank.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
 
 MODES = ("one-pass", "generate")  # the modes rank_batch runs on ready prompts
 
@@ -32,6 +33,24 @@ def parse_mode(mode: str) -> tuple[str, int]:
     if mode not in (*MODES, "free"):
         raise ValueError(f"unknown ranking mode {mode!r}; choose from one-pass, generate, free, bootstrap@p")
     return mode, 1
+
+
+def refuse_nonfinite(scores: torch.Tensor, mode: str, rows: torch.Tensor | None = None) -> None:
+    """Raise NonFiniteError when the model's scores [B, ...] hold NaN/inf: argsort, argmax and
+    constrained picks would silently turn them into an order (NaN everywhere gives the prompt
+    order). Check the model's own scores, before any masking of chosen candidates; `rows`
+    restricts the check to rows still in use."""
+    finite = torch.isfinite(scores).flatten(1).all(dim=1)
+    if rows is not None:
+        finite = finite | ~rows
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    raise NonFiniteError(
+        f"{mode} ranking: the model's scores are NaN or infinite for {len(bad)} of {len(finite)} prompts of "
+        f"the batch (rows {bad[:10]}{' ...' if len(bad) > 10 else ''}): its weights or these inputs produce "
+        f"non-finite values, so no order from them means anything. Check the checkpoint (a diverged or "
+        f"corrupted run) and retrain it")
 
 
 @torch.no_grad()
@@ -53,6 +72,7 @@ def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=(mode == "generate"), logits_to_keep=1)
     first = out.logits[:, -1, :].float()[:, ident]
+    refuse_nonfinite(first, mode)
     if mode == "one-pass":
         scores = torch.log_softmax(first, dim=-1)
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)
@@ -68,6 +88,7 @@ def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence
                          position_ids=state["pos"], past_key_values=state["past"], use_cache=True)
             state["past"] = step.past_key_values
             state["scores"] = step.logits[:, -1, :].float()[:, ident]
+            refuse_nonfinite(state["scores"], mode)
         return state["scores"]
 
     order = constrained_greedy_order(slot_scores, len(prompts), c, device=device)
@@ -88,6 +109,7 @@ def free_batch(model, prompts: Sequence[Sequence[int]], c: int, pad_id: int, eos
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     for _ in range(max_new_tokens or 2 * c + 4):  # " A" is one token: room for C letters and some noise
+        refuse_nonfinite(out.logits[:, -1, :], "free", rows=~done)
         nxt = out.logits[:, -1, :].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         generated.append(nxt)
@@ -121,7 +143,10 @@ def bootstrap_orders(model, prompt_for, seeds: Sequence[int], c: int, p: int, pa
     copies: list[list[list[int]]] = [[] for _ in seeds]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        orders, _ = rank_batch(model, [prompt_for(r, perm) for r, perm in chunk], identifier_ids, "generate", pad_id)
+        try:
+            orders, _ = rank_batch(model, [prompt_for(r, perm) for r, perm in chunk], identifier_ids, "generate", pad_id)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"bootstrap@{p} (each copy ranked by generate): {e}") from None
         for (r, perm), order in zip(chunk, orders):
             copies[r].append([perm[j] for j in order])  # permuted positions -> original positions
     return [borda(rows, c) for rows in copies]

@@ -4,7 +4,9 @@ Sequences are LEFT-padded so every row's response (header, C identifiers, eos) s
 offsets from the end. The model then computes logits only for that tail (`logits_to_keep`):
 with a 49k vocabulary the LM head is a large share of the step, and the loss needs no other
 position. The loss functions in `losses.py` are called on that tail as if it were a whole
-sequence, so they stay plain functions of (logits, mask, ids, positions).
+sequence, so they stay plain functions of (logits, mask, ids, positions). Padding positions get
+attention-mask rows that are never empty (`padding.attention_mask_for`): an empty row turns into
+NaN gradients in CUDA's SDPA backward while the loss stays finite.
 
 With beta > 0 the permuted prompt shares the whole history prefix with the original one. With
 `shared_prefix` the prefix runs once and both candidate orders continue from its KV cache
@@ -27,7 +29,7 @@ from alro_ray.train.losses import (
     sft_loss,
     slot_probabilities,
 )
-from alro_ray.model.padding import left_pad, positions
+from alro_ray.model.padding import attention_mask_for, left_pad, positions
 
 
 @dataclass
@@ -110,8 +112,8 @@ def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared
     else:
         flat = [s for group in seqs for s in group]
         ids, mask = left_pad(flat, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                       logits_to_keep=tail_len).logits
+        logits = model(input_ids=ids, attention_mask=attention_mask_for(model, mask, ids.shape[1]),
+                       position_ids=positions(mask), logits_to_keep=tail_len).logits
         logits = list(logits.view(len(seqs), batch.size, *logits.shape[1:]).unbind(0))
     return [_tail(lg, s, p, tail_len, device) for lg, s, p in zip(logits, seqs, slots)]
 
@@ -122,8 +124,8 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
     for b in range(B):  # the permuted prompt must start with the same tokens
         assert batch.perm_input_ids[b][: batch.prefix_len[b]] == prefixes[b]
     p_ids, p_mask = left_pad(prefixes, pad_id, device)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask),
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=p_ids, attention_mask=attention_mask_for(model, p_mask, p_ids.shape[1]),
+                position_ids=positions(p_mask), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(2)  # rows: b0 original, b0 permuted, b1 original, ...
     suffixes = []
@@ -132,7 +134,8 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
     s_ids, s_mask = left_pad(suffixes, pad_id, device)
     prefix_mask = p_mask.repeat_interleave(2, dim=0)
     start = prefix_mask.sum(-1, keepdim=True)
-    logits = model(input_ids=s_ids, attention_mask=torch.cat([prefix_mask, s_mask], dim=1),
+    full_mask = torch.cat([prefix_mask, s_mask], dim=1)
+    logits = model(input_ids=s_ids, attention_mask=attention_mask_for(model, full_mask, s_ids.shape[1]),
                    position_ids=positions(s_mask, start), past_key_values=cache, use_cache=True,
                    logits_to_keep=tail_len).logits
     return [logits[0::2], logits[1::2]]
