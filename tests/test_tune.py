@@ -2,6 +2,8 @@
 
 One study serves most tests (each trial is a real Ray Train run, so it costs minutes on 2 CPUs):
 4 trials, 2 at a time, interrupted after 2 trials have ended and then resumed by rerunning it.
+Others: a study in which ASHA stops trials must finish and leave no placement group behind
+(slow), and a trial whose Train workers cannot get a CPU must fail within tune.resource_timeout_s.
 """
 
 import json
@@ -11,16 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from alro_ray.train import tuning
+from alro_ray.train import tune_report, tuning
 from alro_ray.cli import main as cli_main
 from alro_ray.config import load_config
 from alro_ray.train.trainer import run_training
+from alro_ray.train.tune_space import NDCG_KEYS, PAPER_POINT
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(*overrides):
     return load_config(REPO / "configs" / "tune_tiny.yaml", list(overrides))
+
+
+def _held_placement_groups(ray) -> list[dict]:
+    """Placement groups that still hold CPUs (Train worker groups; Tune's trial groups hold none)."""
+    return [pg for pg in ray.util.placement_group_table().values()
+            if pg["state"] == "CREATED" and any(b.get("CPU") for b in pg["bundles"].values())]
 
 
 def _starts(out: Path, trial_id: str) -> int:
@@ -61,11 +70,11 @@ def test_interrupted_study_resumes_without_rerunning_ended_trials(study):
 def test_study_writes_table_best_yaml_and_plot(study):
     _, _, outcome, out = study
     first_trial = outcome.trials[0]
-    assert first_trial["params"] == pytest.approx(tuning.PAPER_POINT)  # the paper's values first
+    assert first_trial["params"] == pytest.approx(PAPER_POINT)  # the paper's values first
     for t in outcome.trials:
         assert t["status"] in ("completed", "stopped early"), t
         assert 1 <= t["epochs"] <= 2
-        assert all(0 <= t[k] <= 1 for k in tuning.NDCG_KEYS)
+        assert all(0 <= t[k] <= 1 for k in NDCG_KEYS)
     assert len({t["params"]["alpha"] for t in outcome.trials}) == 4  # TPE proposed new points
 
     table = (out / "trials.md").read_text()
@@ -128,22 +137,56 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 def test_report_helpers_cope_with_failed_and_few_trials(tmp_path):
     cfg = _cfg()
-    ok = {"number": 1, "trial_id": "a", "status": "completed", "params": dict(tuning.PAPER_POINT),
+    ok = {"number": 1, "trial_id": "a", "status": "completed", "params": dict(PAPER_POINT),
           "valid_ndcg@3": 0.5, "valid_ndcg@10": 0.6, "valid_ndcg@25": 0.6, "epochs": 2,
           "checkpoint": None, "error": None}
     failed = {**ok, "number": 2, "trial_id": "b", "status": "failed", "valid_ndcg@3": None,
               "valid_ndcg@10": None, "valid_ndcg@25": None, "epochs": 0, "error": "RuntimeError: boom"}
-    assert tuning.pick_best([ok, failed], "valid_ndcg@10") is ok
-    assert tuning.pick_best([failed], "valid_ndcg@10") is None
-    importances, note = tuning.param_importances([ok, failed], cfg)
+    assert tune_report.pick_best([ok, failed], "valid_ndcg@10") is ok
+    assert tune_report.pick_best([failed], "valid_ndcg@10") is None
+    importances, note = tune_report.param_importances([ok, failed], cfg)
     assert importances == {} and "at least 2" in note
-    table = tuning.format_trials_table([ok, failed], ["alpha", "beta", "gamma"], "a")
+    table = tune_report.format_trials_table([ok, failed], ["alpha", "beta", "gamma"], "a")
     assert "a *" in table and "failed (RuntimeError: boom)" in table
-    png = tuning.plot_study([ok, failed], importances, note, "valid_ndcg@10", tmp_path / "p.png")
+    png = tune_report.plot_study([ok, failed], importances, note, "valid_ndcg@10", tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    assert tuning.error_summary("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+    assert tune_report.error_summary("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                                 "ray.train.WorkerGroupError: Training failed due to worker errors:\n"
                                 "[Rank 0 Error Snippet]:\nThe actor is dead because its worker process "
                                 "has died. Worker exit type: SYSTEM_ERROR") == (
         "ray.train.WorkerGroupError: Training failed due to worker errors: "
         "The actor is dead because its worker process has died")
+
+
+@pytest.mark.slow
+def test_study_in_which_asha_stops_trials_finishes_and_releases_them(ray_local, tmp_path):
+    # The learning rate in the space makes the trials' NDCGs differ (with only α, β, γ the tiny
+    # model often ranks identically, and ASHA stops no tie); 3 epochs, rung at 1, keep the top third.
+    cfg = _cfg("tune.num_samples=6", "train.epochs=3", "tune.reduction_factor=3",
+               "tune.search_space.lr={low: 0.0001, high: 0.05, log: true}")
+    outcome = tuning.run_tune(cfg, tmp_path)
+    statuses = [t["status"] for t in outcome.trials]
+    assert outcome.complete and len(statuses) == 6, statuses
+    assert "stopped early" in statuses, statuses
+    stopped = [t for t in outcome.trials if t["status"] == "stopped early"]
+    assert all(t["epochs"] < 3 for t in stopped)
+    # Every stopped trial had recorded its Train placement group, and none is left holding CPUs.
+    for t in stopped:
+        assert (tmp_path / "trials" / t["trial_id"] / "placement_groups").read_text().split()
+    assert _held_placement_groups(ray_local) == []
+
+
+def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_path):
+    # Another job holds both CPUs of the 2-CPU Ray for the whole study.
+    hog = ray_local.util.placement_group([{"CPU": 2}])
+    ray_local.get(hog.ready(), timeout=60)
+    try:
+        cfg = _cfg("tune.num_samples=1", "tune.max_concurrent=1", "tune.resource_timeout_s=5")
+        outcome = tuning.run_tune(cfg, tmp_path)
+    finally:
+        ray_local.util.remove_placement_group(hog)
+    (trial,) = outcome.trials
+    assert trial["status"] == "failed", trial
+    assert "ResourceTimeoutError" in trial["error"], trial["error"]
+    assert "waited 5 s for 1 CPU" in trial["error"] and "the cluster has 2 CPU, free now 0 CPU" in trial["error"]
+    assert _held_placement_groups(ray_local) == []
