@@ -9,6 +9,7 @@ from alro_ray.serve.app import (  # noqa: F401
     Ingress,
     RankerDeployment,
     ServeSettings,
+    adapters_from_args,
     build_app,
     build_app_from,
     load_registry,

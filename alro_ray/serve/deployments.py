@@ -1,0 +1,293 @@
+"""The two Serve deployments: the ranker (model, multiplexed adapters, batching) and the ingress.
+
+The ingress process imports this module too (to build its class), so torch, transformers and
+peft are imported inside the ranker's methods only.
+"""
+
+import asyncio
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from alro_ray.config import Config, ModelConfig, from_dict, read_yaml
+from alro_ray.data.prompts import Item
+from alro_ray.data.tokenize import RankTokenizer
+from alro_ray.errors import AlroError, NonFiniteError
+from alro_ray.model.checkpoint import Ranker
+from alro_ray.serve.http import make_fastapi_app, nonfinite_scores
+from alro_ray.serve.registry import AdapterEntry
+from alro_ray.serve.schemas import safe_text
+from alro_ray.serve.settings import ServeSettings
+
+log = logging.getLogger("alro_ray")
+
+
+class _AdapterRef:
+    """What the multiplexed loader returns; Serve calls __del__ when it evicts the adapter (LRU).
+
+    Eviction only marks the adapter: it is deleted from the shared model by the next load, under
+    the model lock, so a batch that is running never loses its weights.
+    """
+
+    def __init__(self, owner: "RankerDeployment", name: str):
+        self.owner, self.name, self._released = owner, name, False
+
+    def __del__(self):
+        if not self._released:
+            self._released = True
+            self.owner._evicted.add(self.name)
+
+
+@serve.deployment(name="ranker")
+class RankerDeployment:
+    """One base model, several LoRA adapters on it (multiplexed by name), batched ranking."""
+
+    def __init__(self, settings: ServeSettings, registry: dict[str, AdapterEntry]):
+        import torch  # heavy: the ranker's process only
+
+        from alro_ray.model.loading import load_base_model  # imports torch
+
+        self.settings = settings
+        self.registry = registry
+        threads = settings.torch_threads
+        if threads is None:  # the CPUs Ray gave this replica (YAML ray_actor_options or num_cpus=)
+            try:
+                threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+            except Exception:
+                threads = 1
+        torch.set_num_threads(max(1, threads))
+        use_cuda = bool(settings.num_gpus) and torch.cuda.is_available()
+        self.device = "cuda" if use_cuda else "cpu"
+        dtype = getattr(torch, settings.dtype)
+        first = next(iter(registry.values()))
+        model_cfg = from_dict(ModelConfig, first.model)
+        self.base = load_base_model(model_cfg, dtype).to(self.device)
+        self.peft = None
+        self.loaded: list[str] = []
+        self.rankers: dict[str, Ranker] = {}  # name -> a Ranker sharing self.peft
+        self.broken: dict[str, str] = {}  # name -> why it cannot rank (NaN/inf weights); checked per load
+        self._lock = threading.Lock()  # one forward at a time; guards set_adapter/load/delete
+        self._evicted: set[str] = set()
+        self._stats_lock = threading.Lock()
+        self.batch_sizes: Counter = Counter()  # requests per @serve.batch call
+        self.group_sizes: Counter = Counter()  # prompts per forward pass
+        self.requests = 0
+        self.adapter_loads = 0
+        self.busy_s = 0.0  # time spent ranking batches (prompt rendering included)
+        self.started = time.time()
+        k = settings.max_adapters_per_replica
+
+        async def load(name: str) -> _AdapterRef:  # multiplexed: LRU cache of adapters
+            return await self._load_adapter(name)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=k)(load)
+        self.reconfigure({"max_batch_size": settings.max_batch_size,
+                          "batch_wait_timeout_s": settings.batch_wait_timeout_s})
+        with self._lock:  # the default adapter is ready before the replica reports healthy
+            self._attach(settings.default_name)
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config: {max_batch_size, batch_wait_timeout_s}; changes batching without restarting."""
+        config = config or {}
+        if "max_batch_size" in config:
+            self.settings.max_batch_size = int(config["max_batch_size"])
+            self._batched.set_max_batch_size(self.settings.max_batch_size)
+        if "batch_wait_timeout_s" in config:
+            self.settings.batch_wait_timeout_s = float(config["batch_wait_timeout_s"])
+            self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    async def _load_adapter(self, name: str) -> _AdapterRef:
+        if name not in self.registry:  # never a path: only names fixed at start
+            raise KeyError(f"unknown adapter {name!r}")
+
+        def attach():
+            with self._lock:
+                self._attach(name)
+
+        await asyncio.to_thread(attach)
+        return _AdapterRef(self, name)
+
+    def _attach(self, name: str) -> None:
+        """Load adapter `name` into the shared model (caller holds the lock)."""
+        from peft import PeftModel  # heavy: the ranker's process only
+        from transformers import AutoTokenizer
+
+        entry = self.registry[name]
+        self._evicted.discard(name)
+        adapter_dir = str(Path(entry.path) / "adapter")
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
+            self.adapter_loads += 1
+        elif name not in self.peft.peft_config:
+            self.peft.load_adapter(adapter_dir, adapter_name=name)
+            self.adapter_loads += 1
+        self.peft.to(self.device).eval()
+        bad = self._nonfinite_weights(name)
+        if bad:  # kept loaded (it is small) but refused per request, so other adapters still answer
+            self.broken[name] = (f"the adapter {name!r} is broken: {len(bad)} of its weight tensors hold "
+                                 f"NaN/inf (e.g. {bad[0]}), so its scores would be too; retrain it (or "
+                                 f"replace its checkpoint) and restart the app; other adapters still answer")
+            log.error("%s", self.broken[name])
+        else:
+            self.broken.pop(name, None)
+        for old in list(self._evicted):  # free adapters Serve's LRU let go of
+            if old in self.peft.peft_config and len(self.peft.peft_config) > 1:
+                self.peft.delete_adapter(old)
+                self.rankers.pop(old, None)
+            self._evicted.discard(old)
+        if name not in self.rankers:
+            tok = AutoTokenizer.from_pretrained(Path(entry.path) / "tokenizer")
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            rank_tok = RankTokenizer(tok, entry.candidates)
+            if rank_tok.identifier_ids != entry.info["identifier_ids"]:
+                raise AlroError(f"adapter {name!r}: the saved tokenizer's identifier ids differ from ranker.json")
+            cfg = from_dict(Config, read_yaml(Path(entry.path) / "config.yaml"))
+            self.rankers[name] = Ranker(self.peft, tok, rank_tok, entry.info, cfg)
+        self.loaded = sorted(self.peft.peft_config)  # a new list: stats() reads it without the lock
+        log.info("adapter %r ready (loaded: %s)", name, self.loaded)
+
+    def _nonfinite_weights(self, name: str) -> list[str]:
+        """Names of adapter `name`'s LoRA tensors holding NaN/inf (its parameters are `...lora_X.<name>...`)."""
+        import torch  # heavy: the ranker's process only
+
+        bad = []
+        for pname, p in self.peft.named_parameters():
+            parts = pname.split(".")
+            mine = any(a.startswith("lora_") and b == name for a, b in zip(parts, parts[1:]))
+            if mine and not bool(torch.isfinite(p).all()):
+                bad.append(pname)
+        return bad
+
+    # -- ranking -------------------------------------------------------------------------------
+
+    async def rank(self, payload: dict) -> dict:
+        """payload: adapter, mode, history [[title, attributes, rating]], candidates [[title, attributes]].
+
+        Returns {"order": prompt positions best first, "scores": per position, "batch_size"} or
+        {"error", "status"} for a request that cannot be ranked (the rest of its batch still is).
+        """
+        name = payload.get("adapter")
+        if name not in self.registry:
+            return {"error": f"unknown adapter {safe_text(name, 80)!r}", "status": 404}
+        await self.get_adapter(name)
+        if name in self.broken:
+            return {"error": self.broken[name], "status": 500}
+        return await self._batched(payload)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, payloads: list[dict]) -> list[dict]:
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self._run_batch, payloads)
+        with self._stats_lock:
+            self.busy_s += time.perf_counter() - t0
+        return out
+
+    def _run_batch(self, payloads: list[dict]) -> list[dict]:
+        n = len(payloads)
+        with self._stats_lock:
+            self.batch_sizes[n] += 1
+            self.requests += n
+        results: list[dict | None] = [None] * n
+        groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, p in enumerate(payloads):
+            try:
+                ranker = self.rankers.get(p["adapter"])
+                if ranker is None:  # evicted between load and batch: load it again
+                    with self._lock:
+                        self._attach(p["adapter"])
+                    ranker = self.rankers[p["adapter"]]
+                c = len(p["candidates"])
+                if not 2 <= c <= ranker.candidates:
+                    results[i] = {"error": f"adapter {p['adapter']!r} ranks 2 to {ranker.candidates} "
+                                           f"candidates, got {c}", "status": 422}
+                    continue
+                history = [(Item(t, a), r) for t, a, r in p["history"]]
+                ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]])
+            except Exception as e:  # a bug or a broken checkpoint: fail this request only
+                log.exception("cannot prepare a request")
+                results[i] = {"error": f"internal error preparing the request: {type(e).__name__}", "status": 500}
+                continue
+            if len(ids) > self.settings.max_prompt_tokens:
+                results[i] = {"error": f"the rendered prompt has {len(ids)} tokens, limit "
+                                       f"{self.settings.max_prompt_tokens}: shorten history or titles",
+                              "status": 422}
+                continue
+            groups[(p["adapter"], p["mode"], c)].append((i, ids))
+        for (name, mode, c), members in groups.items():
+            members.sort(key=lambda m: len(m[1]))  # less padding
+            try:
+                with self._lock:
+                    if name not in self.peft.peft_config:
+                        self._attach(name)
+                    if name in self.broken:  # reloaded in this batch and found broken
+                        raise NonFiniteError(self.broken[name])
+                    self.peft.set_adapter(name)
+                    orders, scores = self.rankers[name].rank([ids for _, ids in members], mode, c)
+                if not all(math.isfinite(s) for row in scores for s in row):  # in case a path did not raise
+                    raise NonFiniteError(nonfinite_scores(name))
+            except NonFiniteError as e:  # a broken adapter or model: never an order from noise
+                log.error("adapter %r: %s", name, e)
+                for i, _ in members:
+                    results[i] = {"error": self.broken.get(name) or nonfinite_scores(name), "status": 500}
+                continue
+            except Exception as e:  # fail this group only; the rest of the batch is answered
+                log.exception("ranking a group of %d failed", len(members))
+                for i, _ in members:
+                    results[i] = {"error": f"internal error while ranking: {type(e).__name__}", "status": 500}
+                continue
+            with self._stats_lock:
+                self.group_sizes[len(members)] += 1
+            for (i, _), order, score in zip(members, orders, scores):
+                results[i] = {"order": order, "scores": score, "batch_size": n}
+        return results
+
+    def stats(self) -> dict:
+        import torch  # heavy: the ranker's process only
+
+        with self._stats_lock:
+            batch_sizes, group_sizes, requests = dict(self.batch_sizes), dict(self.group_sizes), self.requests
+            busy_s = self.busy_s
+        return {
+            "requests": requests,
+            "batches": sum(batch_sizes.values()),
+            "batch_sizes": {str(k): v for k, v in sorted(batch_sizes.items())},
+            "forward_batch_sizes": {str(k): v for k, v in sorted(group_sizes.items())},
+            "max_batch_size": self.settings.max_batch_size,
+            "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
+            "loaded_adapters": self.loaded,
+            "broken_adapters": sorted(self.broken),
+            "adapter_loads": self.adapter_loads,
+            "busy_s": round(busy_s, 3),
+            "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "pid": os.getpid(),  # which replica answered (bench/serve.py --fault watches it change)
+        }
+
+    def ping(self) -> str:
+        return "ok"
+
+
+@serve.deployment(name="ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP front: validation, limits and error bodies; forwards to the ranker by adapter name."""
+
+    def __init__(self, ranker, settings: ServeSettings, registry: dict[str, AdapterEntry]):
+        self.ranker = ranker
+        self.settings = settings
+        self.registry = registry
+
+    def __serve_build_asgi_app__(self):
+        return make_fastapi_app(self.settings, self.registry, self.ranker)
+

@@ -1,0 +1,138 @@
+"""Request and response schemas (pydantic models built from the limits, so /openapi.json shows them)."""
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, model_validator
+
+from alro_ray.serve.settings import ServeSettings
+
+MAX_ATTRIBUTE_ITEMS = 20  # attributes given as a list: at most this many, each <= max_attribute_chars
+
+
+def safe_text(value: Any, limit: int = 300) -> str:
+    """A string that can always be JSON-encoded as UTF-8 (no lone surrogates), cut to `limit`."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _clean(value: str) -> str:
+    """Collapse whitespace (newlines could forge template lines) and reject non-encodable text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogate code points)") from None
+    return " ".join(value.split())
+
+
+def _nonblank(value: str) -> str:
+    value = _clean(value)
+    if not value:
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    """Integer ids: 7 and 7.0 (JSON Schema integers), never true/false."""
+    if isinstance(value, bool):
+        raise ValueError("an id must be a string or an integer, not a boolean")
+    return value
+
+
+def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type]:
+    s = settings
+    Title = Annotated[StrictStr, Field(min_length=1, max_length=s.max_title_chars, pattern=r"\S",
+                                       description="item title (whitespace runs are collapsed)"),
+                      AfterValidator(_nonblank)]
+    AttrStr = Annotated[StrictStr, Field(max_length=s.max_attribute_chars), AfterValidator(_clean)]
+    AttrList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=s.max_attribute_chars,
+                                                         pattern=r"\S"), AfterValidator(_nonblank)]],
+                         Field(max_length=MAX_ATTRIBUTE_ITEMS)]
+    Attributes = Annotated[Union[AttrStr, AttrList], Field(
+        description='e.g. "Action|Sci-Fi", or ["Action", "Sci-Fi"] (joined with "|"); '
+                    f'a string or each list item <= {s.max_attribute_chars} characters')]
+    CandidateId = Union[Annotated[StrictStr, Field(min_length=1, max_length=s.max_id_chars, pattern=r"\S"),
+                                  AfterValidator(_nonblank)],
+                        Annotated[int, BeforeValidator(_not_bool), Field(ge=-(2 ** 63), le=2 ** 63 - 1)]]
+    Rating = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
+
+    def joined(attrs) -> str:
+        return attrs if isinstance(attrs, str) else "|".join(attrs)
+
+    class HistoryItem(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        title: Title
+        attributes: Attributes = ""
+        rating: Optional[Rating] = Field(None, description="the user's rating; left out of the prompt if null")
+
+        @model_validator(mode="after")
+        def _attrs(self):
+            self.attributes = joined(self.attributes)
+            return self
+
+    class Candidate(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        id: CandidateId = Field(description="returned in `ranking`; unique within the request")
+        title: Title
+        attributes: Attributes = ""
+
+        @model_validator(mode="after")
+        def _attrs(self):
+            self.attributes = joined(self.attributes)
+            return self
+
+    class RankRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
+        history: list[HistoryItem] = Field(min_length=1, max_length=s.max_history,
+                                           description="items the user interacted with, oldest first")
+        candidates: list[Candidate] = Field(
+            min_length=2, max_length=max_candidates,
+            description="items to rank; at most the adapter's trained candidate count C (GET /adapters)")
+        mode: Optional[Literal["generate", "one-pass"]] = Field(
+            None, description=f"ranking mode; default {s.default_mode!r}")
+        adapter: Optional[StrictStr] = Field(None, max_length=64,
+                                             description=f"adapter name (GET /adapters); default {s.default_name!r}")
+
+        @model_validator(mode="after")
+        def _unique_ids(self):
+            seen: set[str] = set()
+            dups = []
+            for c in self.candidates:
+                key = str(c.id)
+                if key in seen:
+                    dups.append(key)
+                seen.add(key)
+            if dups:
+                raise ValueError(f"duplicate candidate ids: {sorted(set(dups))[:10]}")
+            return self
+
+    class RankResponse(BaseModel):
+        ranking: list[Union[str, int]] = Field(description="candidate ids, best first")
+        scores: dict[str, float] = Field(
+            description="per candidate id: one-pass = log-probability of being ranked first; "
+                        "generate = minus the rank (higher is better)")
+        adapter: str
+        mode: str
+        batch_size: int = Field(description="requests in the server-side batch this one ran in")
+
+    class ErrorBody(BaseModel):
+        error: str = Field(description="what is wrong")
+        detail: Optional[list[dict[str, Any]]] = Field(None, description="per-field validation errors")
+
+    return {"HistoryItem": HistoryItem, "Candidate": Candidate, "RankRequest": RankRequest,
+            "RankResponse": RankResponse, "ErrorBody": ErrorBody}
+
+
+EXAMPLE_REQUEST = {
+    "history": [
+        {"title": "The Matrix (1999)", "attributes": "Action|Sci-Fi", "rating": 5},
+        {"title": "Toy Story (1995)", "attributes": "Animation|Children's|Comedy", "rating": 3},
+    ],
+    "candidates": [
+        {"id": "m1", "title": "Alien (1979)", "attributes": "Horror|Sci-Fi"},
+        {"id": "m2", "title": "Babe (1995)", "attributes": "Children's|Comedy|Drama"},
+        {"id": "m3", "title": "Heat (1995)", "attributes": "Action|Crime|Thriller"},
+    ],
+    "mode": "generate",
+}

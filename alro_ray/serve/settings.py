@@ -1,0 +1,105 @@
+"""Serve settings: what `build_app` (YAML `args:`) and `run_serve` (keyword arguments) accept."""
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from alro_ray.errors import ConfigError
+
+APP_NAME = "alro"
+MODES = ("generate", "one-pass")  # same names as alro_ray.rank.ranking.MODES
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class ServeSettings:
+    """Everything `build_app` / `run_serve` accept besides the HTTP host and port.
+
+    Limits are checked by the ingress before any model work; a request over one gets a 4xx.
+    """
+
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
+    default_adapter: str | None = None  # None: "default" if registered, else the first name
+    default_mode: Literal["generate", "one-pass"] = "generate"
+    # request limits
+    max_history: int = 50  # history items per request
+    max_title_chars: int = 200
+    max_attribute_chars: int = 200
+    max_id_chars: int = 128
+    max_body_bytes: int = 1_048_576  # 413 above this
+    max_prompt_tokens: int = 4096  # rendered prompt length; 422 above this
+    # batching (ranker deployment; also settable at run time through its user_config)
+    max_batch_size: int = 8  # 1 = batching off
+    batch_wait_timeout_s: float = 0.01
+    max_adapters_per_replica: int = 4  # LRU of loaded adapters per ranker replica
+    # a request whose ranker replica died is sent again (ranking is a pure function: safe to
+    # repeat) up to `retry_attempts` more times, within `retry_budget_s` of the first failure:
+    # with one replica that is the time Serve's controller needs to start a new one
+    retry_attempts: int = 4
+    retry_budget_s: float = 60.0
+    # placement; None leaves it to Serve / the YAML `deployments:` section
+    num_replicas: int | None = None  # ranker replicas
+    num_cpus: float | None = None  # per ranker replica
+    num_gpus: float | None = None  # per ranker replica; > 0 runs the model on CUDA
+    ingress_num_cpus: float | None = None
+    max_ongoing_requests: int | None = None  # per ranker replica; None: 4 x max_batch_size
+    ingress_max_ongoing_requests: int | None = None  # None: 256
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = None  # None: the replica's CPU count (at least 1)
+    base_dir: str | None = None  # relative adapter paths are resolved against it (default: cwd)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ServeSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown serve setting(s) {unknown}; known: {sorted(known)}")
+        settings = cls(**data)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not isinstance(self.adapters, dict) or not self.adapters:
+            raise ConfigError("serve: `adapters` must map at least one adapter name to a checkpoint directory")
+        for name, path in self.adapters.items():
+            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+                raise ConfigError(f"serve: adapter name {name!r} must match {ADAPTER_NAME.pattern}")
+            if not isinstance(path, (str, Path)) or not str(path):
+                raise ConfigError(f"serve: adapter {name!r} needs a checkpoint directory, got {path!r}")
+        if self.default_adapter is not None and self.default_adapter not in self.adapters:
+            raise ConfigError(f"serve: default_adapter {self.default_adapter!r} is not in adapters "
+                              f"{sorted(self.adapters)}")
+        if self.default_mode not in MODES:
+            raise ConfigError(f"serve: default_mode must be one of {MODES}, got {self.default_mode!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"serve: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        positive = ("max_history", "max_title_chars", "max_attribute_chars", "max_id_chars",
+                    "max_body_bytes", "max_prompt_tokens", "max_batch_size", "max_adapters_per_replica")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"serve: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.retry_attempts, int) or isinstance(self.retry_attempts, bool) \
+                or not 0 <= self.retry_attempts <= 20:
+            raise ConfigError(f"serve: retry_attempts must be an integer in [0, 20], got {self.retry_attempts!r}")
+        if not isinstance(self.retry_budget_s, (int, float)) or not 0 < self.retry_budget_s <= 3600:
+            raise ConfigError(f"serve: retry_budget_s must be in (0, 3600] seconds, got {self.retry_budget_s!r}")
+        if not isinstance(self.batch_wait_timeout_s, (int, float)) or not 0 <= self.batch_wait_timeout_s <= 10:
+            raise ConfigError(f"serve: batch_wait_timeout_s must be in [0, 10] seconds, "
+                              f"got {self.batch_wait_timeout_s!r}")
+        for name in ("num_replicas", "max_ongoing_requests", "ingress_max_ongoing_requests", "torch_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"serve: {name} must be an integer >= 1, got {value!r}")
+        for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ConfigError(f"serve: {name} must be >= 0, got {value!r}")
+
+    @property
+    def default_name(self) -> str:
+        if self.default_adapter:
+            return self.default_adapter
+        return "default" if "default" in self.adapters else next(iter(self.adapters))
