@@ -98,7 +98,8 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.rank.evaluation import format_table, heldout_summary
+    from alro_ray.rank.batch_eval import run_evaluation
+    from alro_ray.rank.report import metrics_table
     from alro_ray.train.trainer import run_training
 
     outcome = run_training(cfg, args.output_dir)
@@ -106,10 +107,13 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     for h in outcome.history:
         print(f"{h['epoch']:5d} | " + " | ".join(f"{h.get(k, float('nan')):.4f}" for k in HISTORY_COLUMNS))
     if not args.no_test_summary:
-        table = heldout_summary(outcome.final_dir, outcome.data_dir, cfg.train.eval_mode)
+        # The evaluation job's own path (Ray Data actor pool), on the held-out test users.
+        eval_dir = outcome.output_dir / "eval"
+        metrics = run_evaluation(outcome.final_dir, eval_dir, data_dir=outcome.data_dir,
+                                 modes=[cfg.train.eval_mode])
         print(f"\nHeld-out test users ({cfg.train.eval_mode} ranking):")
-        print(format_table(table))
-        (outcome.output_dir / "test_summary.json").write_text(json.dumps(table, indent=2))
+        print(metrics_table(metrics))
+        print(f"report: {eval_dir / 'report.md'}")
     print(f"\nfinal ranker: {outcome.final_dir}")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from alro_ray.config import Config
+from alro_ray.rank.report import LISTS, TPQ, ndcg_table
 
 log = logging.getLogger("alro_ray")
 
@@ -96,10 +97,6 @@ def _write(rows: dict[str, dict], out: Path, cfg: Config, mode: str) -> None:
         if t.max_steps_per_epoch else ""
     lines = [f"Ranking mode: {mode}. Data: H={cfg.data.history}, C={cfg.data.candidates}, model {cfg.model.name}, "
              f"{t.epochs} epoch(s){cap}, lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.", "",
-             "| method | NDCG@3 | NDCG@10 | NDCG@25 | TPQ s | lists |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, m in rows.items():
-        cells = [f"{m[f'ndcg@{k}']:.4f}" if m.get(f"ndcg@{k}") is not None else "-" for k in (3, 10, 25)]
-        tpq = f"{m['tpq_seconds']:.3f}" if "tpq_seconds" in m else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tpq} | {m.get('lists', '-')} |")
+             ndcg_table(rows, [TPQ, LISTS])]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     log.info("compare table so far:\n%s", "\n".join(lines))

@@ -9,10 +9,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from alro_ray.errors import NonFiniteError
-from alro_ray.rank.metrics import mean_ndcg
+from alro_ray.rank.metrics import KS, mean_ndcg
 from alro_ray.rank.ranking import rank_batch
-
-KS = (3, 10, 25)
 
 
 def prompt_ids(row) -> list[int]:
@@ -55,31 +53,3 @@ def rows_of(frame) -> list[dict]:
         return frame.to_dict("records")
     n = len(next(iter(frame.values())))
     return [{k: v[i] for k, v in frame.items()} for i in range(n)]
-
-
-def heldout_summary(final_dir, data_dir, mode: str, baselines=("random", "popularity", "item-mean"),
-                    split: str = "test", seed: int = 0) -> dict[str, dict]:
-    """NDCG of a trained ranker and of simple baselines on the same held-out candidate lists."""
-    import time
-
-    from alro_ray.rank.baselines import evaluate_baselines
-    from alro_ray.model.checkpoint import load_ranker
-    from alro_ray.data.prepare import read_split
-
-    rows = rows_of(read_split(data_dir, split))
-    table = evaluate_baselines(data_dir, baselines, split, seed)
-    ranker = load_ranker(final_dir)
-    t0 = time.time()
-    orders = rank_rows(ranker.model, rows, ranker.rank_tokenizer.identifier_ids, ranker.tokenizer.pad_token_id, mode)
-    table[f"ALRO ({mode})"] = {**ndcg_summary(ranked_relevance(rows, orders)),
-                               "tpq_seconds": (time.time() - t0) / max(1, len(rows))}
-    return table
-
-
-def format_table(table: dict[str, dict], ks=KS) -> str:
-    head = "| method | " + " | ".join(f"NDCG@{k}" for k in ks) + " | lists |"
-    lines = [head, "|" + " --- |" * (len(ks) + 2)]
-    for name, m in table.items():
-        cells = [f"{m[f'ndcg@{k}']:.4f}" if m.get(f"ndcg@{k}") is not None else "-" for k in ks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m.get('lists', '-')} |")
-    return "\n".join(lines)

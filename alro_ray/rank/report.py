@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Sequence
 
-KS = (3, 10, 25)
+from alro_ray.rank.metrics import KS
+
+Column = tuple[str, Callable[[dict], str]]
 
 
 def _cell(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def metrics_table(metrics: dict) -> str:
-    lines = ["| method | NDCG@3 | NDCG@10 | NDCG@25 | TPQ s | repair rate | position bias (Spearman) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, m in metrics.get("baselines", {}).items():
-        lines.append(f"| {name} | " + " | ".join(_cell(m.get(f"ndcg@{k}")) for k in KS) + " | - | - | - |")
-    for mode, m in metrics["modes"].items():
-        lines.append(f"| ranker: {mode} | " + " | ".join(_cell(m.get(f"ndcg@{k}")) for k in KS)
-                     + f" | {m['tpq_seconds']:.3f} | {m['repair_rate']:.1%} | {m['position_bias']['spearman']:+.3f} |")
+def column(header: str, key: str, fmt: str) -> Column:
+    """A table column showing `key` of each row's metrics with `fmt` ("-" where it is absent)."""
+    return header, lambda m: "-" if m.get(key) is None else format(m[key], fmt)
+
+
+LISTS = column("lists", "lists", "d")
+TPQ = column("TPQ s", "tpq_seconds", ".3f")
+
+
+def ndcg_table(rows: dict[str, dict], extra: Sequence[Column] = (LISTS,)) -> str:
+    """The one NDCG table: a row per method, NDCG@k for every k in KS, then `extra` columns."""
+    head = ["method", *(f"NDCG@{k}" for k in KS), *(h for h, _ in extra)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in rows.items():
+        cells = [name, *(_cell(m.get(f"ndcg@{k}")) for k in KS), *(f(m) for _, f in extra)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def metrics_table(metrics: dict) -> str:
+    """An evaluation's baselines and ranker modes on the same lists."""
+    rows = dict(metrics.get("baselines", {}))
+    rows.update({f"ranker: {mode}": {**m, "bias": m["position_bias"]["spearman"]}
+                 for mode, m in metrics["modes"].items()})
+    return ndcg_table(rows, [LISTS, TPQ, column("repair rate", "repair_rate", ".1%"),
+                             column("position bias (Spearman)", "bias", "+.3f")])
 
 
 def write_report(metrics: dict, out: Path, history_path: Path | None = None) -> None:

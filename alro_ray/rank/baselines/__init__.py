@@ -28,7 +28,7 @@ import pandas as pd
 from alro_ray.rank.baselines.common import Baseline
 from alro_ray.rank.baselines.learned import GRU4RecBaseline, MFBaseline, SASRecBaseline
 from alro_ray.rank.baselines.simple import ItemMeanBaseline, PopularityBaseline, RandomBaseline
-from alro_ray.rank.metrics import DEFAULT_KS, mean_ndcg
+from alro_ray.rank.metrics import KS, mean_ndcg
 
 BASELINES: dict[str, type] = {
     "random": RandomBaseline,
@@ -68,7 +68,7 @@ ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_
 
 
 def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
-                       seed: int = 0, ks: Sequence[int] = DEFAULT_KS,
+                       seed: int = 0, ks: Sequence[int] = KS,
                        options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, dict]:
     """Fit each baseline on DIR/fit_interactions.parquet and score DIR/<split> (only `users`' rows
     when given: the lists a ranker was scored on).
