@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -31,6 +33,7 @@ def test_two_workers_train_log_every_term_and_change_lora(trained):
         for key in ("train_loss", "train_sft", "train_rank", "train_perm", "valid_ndcg@3", "valid_ndcg@10"):
             assert math.isfinite(h[key]), key
         assert h["train_rank"] > 0 and h["train_perm"] > 0
+        assert h["nonfinite_steps"] == 0
     weights = load_file(outcome.final_dir / "adapter" / "adapter_model.safetensors")
     lora_b = [w for n, w in weights.items() if "lora_B" in n]
     # PEFT starts lora_B at zero: non-zero values prove the optimizer stepped through DeepSpeed.
@@ -73,3 +76,19 @@ def test_bad_data_is_refused_before_workers_start(ray_local, tmp_path):
         run_training(_cfg(f"data.prepared={tmp_path}"), tmp_path / "out")
     with pytest.raises(AlroError, match="not a directory written by `alro prepare`"):
         run_training(_cfg(f"data.prepared={tmp_path / 'nowhere'}"), tmp_path / "out")
+
+
+@pytest.mark.slow  # a tiny run, prepared data and one worker-group restart: 2-5 min on 2 busy CPUs
+def test_diverging_run_stops_with_a_non_finite_error_and_no_final(tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)  # an earlier run's ranker: must not pass for this run's
+    (out / "final" / "ranker.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "alro_ray.cli", "train", "--config", "configs/tiny.yaml",
+                           "train.lr=1e30", "--output-dir", str(out), "--no-test-summary"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if line.startswith("alro train: error:")]
+    assert error and "non-finite loss at epoch 1" in error[0] and "(users u" in error[0], proc.stderr[-3000:]
+    assert "train.max_nonfinite_steps=5" in error[0] and "final.previous" in error[0]
+    assert not (out / "final").exists() and (out / "final.previous" / "ranker.json").exists()
+    assert not list((out / "ray").rglob("state.json"))  # no checkpoint either

@@ -5,11 +5,16 @@ Aliases work with no network:
                 and cached as safetensors (the GGUF load takes ~25 s; the cached one ~1 s).
   tiny-random   a randomly initialised 2-layer Llama with SmolLM2's tokenizer, for fast tests.
 Anything else is a local directory or a hub name passed to `from_pretrained`.
+The cache ($ALRO_CACHE or ~/.cache/alro-ray) is checked by content (config, weights, tokenizer)
+and rebuilt when incomplete; `run_training` builds it in the driver before workers start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,9 +23,13 @@ from pathlib import Path
 from alro_ray.config import ModelConfig
 from alro_ray.errors import ConfigError
 
+log = logging.getLogger("alro_ray")
+
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-random"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Cache directories found complete in this process: checked once, not on every load.
+_sound: set[Path] = set()
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -37,23 +46,77 @@ def _gguf_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def _cached(target: Path, build) -> Path:
-    """Build `target` once (into a temp dir, then an atomic rename, so parallel workers are safe)."""
-    if (target / "DONE").exists():
+def _cached(target: Path, build, problem) -> Path:
+    """`target`, built by `build(tmp)` unless `problem(target)` finds nothing wrong with it.
+
+    Completeness is judged by content, never by a marker: a directory that a crashed or partial
+    build left behind is rebuilt. Builders take an exclusive lock beside the cache, so concurrent
+    processes (Ray workers, tests) wait for one build instead of racing; the build goes to a temp
+    dir renamed into place, so readers without the lock never see a half-written cache."""
+    if target in _sound or problem(target) is None:
+        _sound.add(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / "DONE").write_text("ok\n")
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        why = problem(target)
+        if why is None:  # another process built it while we waited
+            _sound.add(target)
+            return target
+        # Under the lock no other builder is running, so any temp dir is a crashed build's.
+        for stale in target.parent.glob(f"{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            log.warning("the model cache %s is incomplete (%s): rebuilding it", target, why)
+            shutil.rmtree(target)
+        else:
+            log.info("building the model cache %s (once)", target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
+            build(tmp)
+            why = problem(tmp)
+            if why is not None:
+                raise ConfigError(f"building the model cache {target} failed: {why}")
             tmp.rename(target)
-        except OSError:  # another process won the race
-            if not (target / "DONE").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _sound.add(target)
     return target
+
+
+def _tokenizer_problem(d: Path) -> str | None:
+    from transformers import AutoTokenizer
+
+    if not (d / "tokenizer_config.json").is_file():
+        return "no tokenizer_config.json"
+    try:
+        AutoTokenizer.from_pretrained(d)
+    except Exception as e:  # noqa: BLE001 - any failure to load means: rebuild
+        return f"the tokenizer does not load: {e}"
+    return None
+
+
+def _model_problem(d: Path) -> str | None:
+    """What is missing from a converted model directory, or None when config, weights and
+    tokenizer are all there and readable."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json unreadable: {e}"
+    if not config.get("model_type"):
+        return "config.json has no model_type"
+    weights = d / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # noqa: BLE001 - a missing or truncated file
+        return f"weights {weights.name} unreadable: {e}"
+    if "model.embed_tokens.weight" not in keys:
+        return f"weights {weights.name} lack model.embed_tokens.weight"
+    return _tokenizer_problem(d)
 
 
 def smollm2_dir(cache_dir: str | None = None, with_model: bool = True) -> Path:
@@ -65,6 +128,7 @@ def smollm2_dir(cache_dir: str | None = None, with_model: bool = True) -> Path:
 
     def build_model(tmp: Path) -> None:
         import torch
+        from safetensors.torch import save_file
 
         build_tokenizer(tmp)
         loaded = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
@@ -75,14 +139,32 @@ def smollm2_dir(cache_dir: str | None = None, with_model: bool = True) -> Path:
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Not model.save_pretrained: with torch.distributed initialised (inside a Ray Train worker)
+        # it writes config and weights on rank 0 only, whatever is_main_process says, and another
+        # rank's build would be cached without them.
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:  # lm_head shares the embedding's storage; loading re-ties it
+            weights.pop("lm_head.weight", None)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
     root = cache_root(cache_dir)
     if with_model:
-        return _cached(root / "smollm2-135m", build_model)
-    if (root / "smollm2-135m" / "DONE").exists():
-        return root / "smollm2-135m"
-    return _cached(root / "smollm2-135m-tokenizer", build_tokenizer)
+        return _cached(root / SMOLLM2, build_model, _model_problem)
+    if root / SMOLLM2 in _sound or _model_problem(root / SMOLLM2) is None:
+        _sound.add(root / SMOLLM2)
+        return root / SMOLLM2
+    return _cached(root / f"{SMOLLM2}-tokenizer", build_tokenizer, _tokenizer_problem)
+
+
+def prepare_model_cache(cfg: ModelConfig) -> None:
+    """Build the offline model's cache here, before Ray workers start, so no worker converts it
+    (and workers of one run do not all wait on the same lock)."""
+    if cfg.name == SMOLLM2:
+        smollm2_dir(cfg.cache_dir)
+    if (cfg.tokenizer or cfg.name) in (SMOLLM2, TINY):
+        smollm2_dir(cfg.cache_dir, with_model=False)
 
 
 def tokenizer_source(name: str, cache_dir: str | None = None) -> str:

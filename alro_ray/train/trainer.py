@@ -2,38 +2,40 @@
 
 `run_training` (driver) checks everything it can before a worker starts, prepares the data if
 the config names a dataset, then runs a `TorchTrainer` whose workers execute `train_loop`.
-Each epoch every worker reports its losses, the validation NDCG and its part of a DeepSpeed
-checkpoint (ZeRO-2 shards the optimizer state, so every rank saves); rank 0 adds the ranker
-(adapter, tokenizer, config) to it. A rerun with the same output directory and run name resumes
-from the last checkpoint, and `FailureConfig` restarts a crashed worker group from it.
+Each epoch every worker reports its losses, the validation NDCG and its part of a checkpoint
+(checkpoints.py). A rerun with the same output directory and run name resumes from the last
+checkpoint, and `FailureConfig` restarts a crashed worker group from it. NaN/inf losses and
+gradients skip their update on every worker; too many stop the run (guard.py).
 
 Output directory layout:
   DIR/data/                       prepared data (when the config names a dataset)
   DIR/ray/<run_name>/epoch_NNN/   Ray Train checkpoints (DeepSpeed state + ranker/)
   DIR/final/                      the final ranker (see checkpoint.py)
   DIR/history.json                per-epoch metrics
+  DIR/nonfinite_error.txt         why the last run stopped on NaN/inf (see guard.py)
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from alro_ray.config import Config, from_dict, to_dict
-from alro_ray.errors import AlroError, DataError
+from alro_ray.errors import AlroError, DataError, NonFiniteError
+from alro_ray.train import guard
+from alro_ray.train.checkpoints import DS_TAG, check_resume_world, resume_dir, save_and_report, set_aside_final
 
 log = logging.getLogger("alro_ray")
 
-DS_TAG = "ds"
+# train.schedule -> transformers' scheduler name (all with linear warmup over warmup_ratio).
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -86,16 +88,16 @@ def check_data_fits(cfg: Config, stats: dict) -> None:
         raise AlroError(f"{stats['rows']['train']} training rows for {cfg.train.num_workers} workers")
 
 
-def check_resume_world(run_dir: Path, num_workers: int) -> None:
-    """A rerun resumes from the run's checkpoints, whose ZeRO optimizer state is sharded one
-    file per worker: a different worker count cannot load it, so say so before workers start."""
-    for d in sorted(run_dir.glob("epoch_*")):
-        shards = _optimizer_shards(d)
-        if (d / "state.json").is_file() and shards and shards != num_workers:
-            raise AlroError(
-                f"{d} was written by {shards} workers and this run has train.num_workers={num_workers}: "
-                f"resume with train.num_workers={shards}, or start afresh with another train.run_name "
-                f"or output directory")
+def check_writable(out: Path) -> None:
+    """Write a small file into the output directory now, rather than fail after training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".alro-write-probe"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
+    except OSError as e:
+        raise AlroError(f"cannot write to the output directory {out}: {e.strerror or e}. Choose a writable "
+                        f"directory with free space (--output-dir, or train.output_dir and train.run_name)") from None
 
 
 def run_training(cfg: Config, output_dir: str | Path | None = None,
@@ -109,8 +111,12 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     from alro_ray.cluster import ensure_ray, quiet_ray_data
     from alro_ray.data.prepare import read_stats
 
+    from alro_ray.model.loading import prepare_model_cache
+
     out = Path(output_dir or Path(cfg.train.output_dir) / cfg.train.run_name).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    (out / guard.FAILURE_FILE).unlink(missing_ok=True)  # a stop of an earlier run
+    prepare_model_cache(cfg.model)  # once here, not in every worker
     ensure_ray()
     data_dir = resolve_data(cfg, out)
     stats = read_stats(data_dir)
@@ -145,7 +151,15 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
             callbacks=list(callbacks or []),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+        error = result.error
+    except ray.train.TrainingFailedError as e:
+        error = e
+    if error is not None and guard.read_failure(out):
+        raise NonFiniteError(guard.read_failure(out) + set_aside_final(out)) from None
+    if error is not None:
+        raise error
     if result.checkpoint is None:
         raise AlroError(f"training finished without a checkpoint ({result.error})")
     final = out / "final"
@@ -173,25 +187,20 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},  # skip non-finite updates (guard.py)
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own progress lines instead
         "wall_clock_breakdown": False,
     }
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+def make_scheduler(optimizer, total_steps: int, warmup_ratio: float, schedule: str):
+    """transformers' schedule: linear warmup over `warmup_ratio` of the steps (none at 0), then
+    linear decay to 0, cosine decay to 0, or constant."""
+    from transformers import get_scheduler  # heavy; the driver does not need it
+
     warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    return get_scheduler(SCHEDULES[schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def say(message: str) -> None:
@@ -208,13 +217,14 @@ def train_loop(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-    from alro_ray.train.objective import collate, compute_losses
-    from alro_ray.data.tokenize import RankTokenizer
-
     from alro_ray.cluster import quiet_ray_data
+    from alro_ray.data.tokenize import RankTokenizer
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 
     quiet_ray_data(progress=False)
+    stopped = guard.read_failure(loop_config["output_dir"])
+    if stopped:  # Ray Train restarted the workers after a non-finite stop: it would only recur
+        raise NonFiniteError(stopped)
     cfg: Config = from_dict(Config, loop_config["config"])
     stats = loop_config["stats"]
     t = cfg.train
@@ -242,7 +252,7 @@ def train_loop(loop_config: dict) -> None:
     total_steps = max(1, t.epochs * micro_steps // t.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t.warmup_ratio, t.schedule))
+    scheduler = make_scheduler(optimizer, total_steps, t.warmup_ratio, t.schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, bf16))
 
@@ -256,72 +266,89 @@ def train_loop(loop_config: dict) -> None:
             if rank == 0:
                 say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
 
-    for epoch in range(start_epoch, t.epochs):
-        engine.train()
-        sums = {"loss": 0.0, "sft": 0.0, "rank": 0.0, "perm": 0.0}
-        n, tokens, t0 = 0, 0, time.time()
-        shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_batches(batch_size=t.micro_batch, batch_format="numpy",
-                                     local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + epoch)
-        for step, rows in enumerate(batches):
-            if step >= micro_steps:
-                break
-            batch = collate(rows, perm_index=epoch if cfg.loss.beta > 0 else None)
-            terms = compute_losses(engine, batch, identifier_ids, cfg.loss, tokenizer.pad_token_id,
-                                   len(rank_tok.header_ids), shared_prefix=t.shared_prefix)
-            engine.backward(terms.total)
-            engine.step()
-            if step + 1 == t.grad_accum:
-                maybe_inject_failure(loop_config, epoch, rank)
-            for key, value in (("loss", terms.total), ("sft", terms.sft), ("rank", terms.rank), ("perm", terms.perm)):
-                sums[key] += float(value.detach())
-            n += 1
-            tokens += sum(len(s) for s in batch.input_ids) + sum(len(s) for s in (batch.perm_input_ids or []))
-            if rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
-                say(f"epoch {epoch + 1}/{t.epochs} step {(step + 1) // t.grad_accum}/{micro_steps // t.grad_accum} "
-                    f"loss {sums['loss'] / n:.4f} (sft {sums['sft'] / n:.4f} rank {sums['rank'] / n:.4f} "
-                    f"perm {sums['perm'] / n:.4f}) {tokens * world / (time.time() - t0):.0f} tok/s")
-        seconds = time.time() - t0
-        metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch + 1, resumed=resumed and epoch == start_epoch, train_seconds=seconds, tokens_per_s=tokens * world / max(seconds, 1e-9),
-                       lr=scheduler.get_last_lr()[0])
-        metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world))
-        history.append(metrics)
+    checks = guard.NonFiniteGuard(t.max_nonfinite_steps, sum(h.get("nonfinite_steps", 0) for h in history))
+    # DeepSpeed skips non-finite gradient norms itself under ZeRO and bf16, not in plain fp32.
+    own_grad_check = t.zero_stage == 0 and not bf16
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            metrics = train_epoch(engine, params, checks, own_grad_check, cfg, epoch, micro_steps, rank, world,
+                                  rank_tok, identifier_ids, tokenizer.pad_token_id, loop_config)
+            metrics.update(resumed=resumed and epoch == start_epoch, lr=scheduler.get_last_lr()[0])
+            metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world))
+            history.append(metrics)
+            if rank == 0:
+                say(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                     if isinstance(v, float)) + f", nonfinite_steps {checks.epoch_count}")
+            save_and_report(engine, tokenizer, cfg, stats, loop_config["data_dir"], history, epoch, rank, metrics)
+    except NonFiniteError as e:
         if rank == 0:
-            say(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-        save_and_report(engine, tokenizer, cfg, stats, loop_config["data_dir"], history, epoch, rank, metrics)
+            guard.write_failure(loop_config["output_dir"], str(e))
+            say(f"error: {e}")
+        raise
     if dist.is_initialized():
         dist.barrier()
 
 
-def _complete(d: Path, world: int) -> bool:
-    """Every rank's part is there: rank 0's state and one ZeRO optimizer shard per rank."""
-    return (d / "state.json").is_file() and _optimizer_shards(d) == world
+def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch: int, micro_steps: int,
+                rank: int, world: int, rank_tok, identifier_ids, pad_id: int, loop_config: dict) -> dict:
+    """One pass over this worker's shard; skips non-finite updates on every worker alike (guard.py)."""
+    import ray.train
 
+    from alro_ray.train.objective import collate, compute_losses
 
-def _optimizer_shards(d: Path) -> int:
-    """ZeRO writes one optimizer-state file per rank."""
-    return len(list((d / DS_TAG).glob("*optim_states.pt")))
-
-
-def _epoch_of(d: Path | None) -> int:
-    return json.loads((d / "state.json").read_text())["epoch"] if d is not None else -1
-
-
-@contextlib.contextmanager
-def resume_dir(checkpoint, run_dir: Path, world: int):
-    """The checkpoint to resume from: the newer of Ray's latest registered checkpoint and the
-    latest complete one in the run's storage. A worker that crashes right after reporting can
-    die before Ray's controller registers that report, though its files are already stored;
-    without the scan the restarted group would begin from an older checkpoint or from scratch.
-    (The scan covers local and mounted storage; remote URIs rely on Ray's record alone.)"""
-    on_disk = max((d for d in run_dir.glob("epoch_*") if _complete(d, world)), key=_epoch_of, default=None)
-    if checkpoint is None:
-        yield on_disk
-        return
-    with checkpoint.as_directory() as d:
-        registered = Path(d)
-        yield on_disk if _epoch_of(on_disk) > _epoch_of(registered) else registered
+    t = cfg.train
+    engine.train()
+    checks.start_epoch()
+    sums = {"loss": 0.0, "sft": 0.0, "rank": 0.0, "perm": 0.0}
+    n, tokens, t0, window = 0, 0, time.time(), []
+    batches = ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=t.micro_batch, batch_format="numpy", local_shuffle_buffer_size=256,
+        local_shuffle_seed=t.seed + epoch)
+    for step, rows in enumerate(batches):
+        if step >= micro_steps:
+            break
+        batch = collate(rows, perm_index=epoch if cfg.loss.beta > 0 else None)
+        users = [str(u) for u in rows["user"]]
+        terms = compute_losses(engine, batch, identifier_ids, cfg.loss, pad_id, len(rank_tok.header_ids),
+                               shared_prefix=t.shared_prefix)
+        where = (epoch + 1, f"{step // t.grad_accum + 1} (micro-batch {step % t.grad_accum + 1}/{t.grad_accum})")
+        finite = guard.loss_is_finite(terms.total)
+        if guard.any_rank(not finite):  # every worker drops this micro-batch: no backward, no step
+            checks.skipped("loss", *where, guard.gather_users([] if finite else users))
+            if rank == 0:
+                say(f"skipped: {checks.last}")
+            continue
+        window += users
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(terms.total)
+        bad_grad = boundary and own_grad_check and guard.any_rank(not guard.grads_finite(params))
+        if bad_grad:  # AdamW leaves parameters without a gradient alone
+            for p in params:
+                p.grad = None
+        engine.step()
+        if boundary:
+            if bad_grad or not engine.was_step_applied():
+                checks.skipped("gradient norm", *where, guard.gather_users(window))
+                if rank == 0:
+                    say(f"skipped: {checks.last}")
+            window = []
+        if step + 1 == t.grad_accum:
+            maybe_inject_failure(loop_config, epoch, rank)
+        for key, value in (("loss", terms.total), ("sft", terms.sft), ("rank", terms.rank), ("perm", terms.perm)):
+            sums[key] += float(value.detach())
+        n += 1
+        tokens += sum(len(s) for s in batch.input_ids) + sum(len(s) for s in (batch.perm_input_ids or []))
+        if rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
+            skipped = f", {checks.epoch_count} non-finite skipped (last: {checks.last})" if checks.epoch_count else ""
+            say(f"epoch {epoch + 1}/{t.epochs} step {(step + 1) // t.grad_accum}/{micro_steps // t.grad_accum} "
+                f"loss {sums['loss'] / max(n, 1):.4f} (sft {sums['sft'] / max(n, 1):.4f} "
+                f"rank {sums['rank'] / max(n, 1):.4f} perm {sums['perm'] / max(n, 1):.4f}) "
+                f"{tokens * world / (time.time() - t0):.0f} tok/s{skipped}")
+    seconds = time.time() - t0
+    metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+    metrics.update(epoch=epoch + 1, train_seconds=seconds, tokens_per_s=tokens * world / max(seconds, 1e-9),
+                   nonfinite_steps=checks.epoch_count)
+    return metrics
 
 
 def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, world: int) -> dict:
@@ -350,23 +377,6 @@ def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, 
         gathered = [mine]
     summary = ndcg_summary([r for part in gathered for r in part])
     return {f"valid_{k}": v for k, v in summary.items() if k.startswith("ndcg") and v is not None}
-
-
-def save_and_report(engine, tokenizer, cfg: Config, stats: dict, data_dir: str, history: list[dict],
-                    epoch: int, rank: int, metrics: dict) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    from alro_ray.model.checkpoint import save_ranker
-
-    with tempfile.TemporaryDirectory(prefix="alro-ckpt-") as tmp:
-        # Every rank saves its optimizer shard; frozen base weights are not saved (LoRA only).
-        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            save_ranker(Path(tmp) / "ranker", engine.module, tokenizer, cfg, stats, data_dir, history)
-            (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
 
 
 def maybe_inject_failure(loop_config: dict, epoch: int, rank: int) -> None:
