@@ -1,0 +1,67 @@
+"""Typed configuration: dataclasses loaded from YAML with command-line overrides.
+
+One `Config` holds everything a run needs. YAML files in `configs/` are partial configs: keys
+they leave out keep the dataclass defaults. Loading is strict: an unknown key or a value of the
+wrong type is a `ConfigError` that names the dotted key, so a typo never silently does nothing.
+
+Overrides are `section.key=value` strings (the value parsed as YAML, so `3`, `0.1`, `true`,
+`[a, b]` and `null` work), applied after the file.
+"""
+
+from alro_ray.config.data import (
+    DATASETS,
+    MAX_CANDIDATES,
+    MAX_RATING,
+    DataConfig,
+    GradingConfig,
+    SyntheticConfig,
+)
+from alro_ray.config.loading import (
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override,
+    parse_yaml,
+    read_yaml,
+    save_config,
+    to_dict,
+)
+from alro_ray.config.sections import (
+    TUNABLE,
+    Config,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    SearchRange,
+    TinyModelConfig,
+    TrainConfig,
+    TuneConfig,
+)
+from alro_ray.errors import ConfigError  # noqa: F401  (raised by everything above)
+
+__all__ = [
+    "DATASETS",
+    "MAX_CANDIDATES",
+    "MAX_RATING",
+    "DataConfig",
+    "GradingConfig",
+    "SyntheticConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "parse_yaml",
+    "read_yaml",
+    "save_config",
+    "to_dict",
+    "TUNABLE",
+    "Config",
+    "LoraConfig",
+    "LossConfig",
+    "ModelConfig",
+    "SearchRange",
+    "TinyModelConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "ConfigError",
+]

@@ -1,0 +1,111 @@
+"""The `data` section: which interaction log, how samples are cut, rated and rendered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alro_ray.errors import ConfigError
+
+DATASETS = ("synthetic", "movielens-100k", "movielens-1m", "amazon", "table")
+# Identifiers are the letters A, B, C, ... so a list holds at most 26 candidates.
+MAX_CANDIDATES = 26
+# Relevance feeds gains 2^r - 1, summed in float32: 100 keeps them (and their sums) finite.
+MAX_RATING = 100
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset: users with latent genre tastes (see `synthetic.py`)."""
+
+    users: int = 400
+    items: int = 240
+    genres: int = 8
+    min_interactions: int = 50  # every user fits the default H + C = 45
+    max_interactions: int = 80
+    noise: float = 0.4  # std of the rating noise, in rating points
+    taste_groups: int = 0  # 0: every user has own tastes; N: users share N taste profiles
+    seed: int = 0
+
+
+@dataclass
+class GradingConfig:
+    """Raw values that are not ratings (play or purchase counts) made levels 0..N-1 (`ratings.py`)."""
+
+    method: Literal["none", "bins", "quantiles"] = "none"
+    bins: list[float] = field(default_factory=list)  # bins: ascending edges; level = edges the value exceeds
+    levels: int | None = None  # quantiles: N levels, the edges are the values' inner N-quantiles
+
+    def validate(self) -> None:
+        if self.method == "bins":
+            if not self.bins or any(not a < b for a, b in zip(self.bins, self.bins[1:])):
+                raise ConfigError(f"data.grading.bins must be a non-empty, strictly ascending list of "
+                                  f"edges for method 'bins', got {self.bins}")
+            if any(b != b or abs(b) == float("inf") for b in self.bins):
+                raise ConfigError(f"data.grading.bins must be finite numbers, got {self.bins}")
+        elif self.bins:
+            raise ConfigError(f"data.grading.bins is set but data.grading.method is {self.method!r} (use 'bins')")
+        if self.method == "quantiles":
+            if self.levels is None or self.levels < 2:
+                raise ConfigError(f"data.grading.levels must be >= 2 for method 'quantiles', got {self.levels}")
+        elif self.levels is not None:
+            raise ConfigError(f"data.grading.levels is set but data.grading.method is {self.method!r} "
+                              "(use 'quantiles'; with 'bins' the levels are len(bins) + 1)")
+
+    def top_level(self) -> int | None:
+        """The highest level grading gives (None: no grading, ratings are used as read)."""
+        return {"bins": len(self.bins), "quantiles": (self.levels or 0) - 1}.get(self.method)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "movielens-100k", "movielens-1m", "amazon", "table"] = "synthetic"
+    data_dir: str | None = None  # raw files; not used by `synthetic`
+    prepared: str | None = None  # a directory written by `alro prepare`; set, nothing is prepared
+    history: int = 20  # H
+    candidates: int = 25  # C
+    windows_per_user: int = 1  # >1: earlier non-overlapping windows too, training users only
+    permutations: int = 1  # K permuted prompts per training row (permutation-sensitive loss)
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    seed: int = 0
+    on_bad_row: Literal["error", "skip"] = "error"
+    # [min, max] relevance levels; a rating outside is a bad row. Gains are 2^r - 1, so min >= 0.
+    rating_scale: list[float] = field(default_factory=lambda: [0.0, 10.0])
+    grading: GradingConfig = field(default_factory=GradingConfig)  # raw value -> level, before the scale
+    domain_plural: str | None = None  # "movies", "CDs", ...; None: the dataset's own word
+    max_title_chars: int = 120  # longer titles are cut (counted in stats)
+    max_attribute_chars: int = 80
+    tokenize_actors: int = 1  # Ray Data actors that render and tokenize
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        if self.history < 1:
+            raise ConfigError(f"data.history must be >= 1, got {self.history}")
+        if not 2 <= self.candidates <= MAX_CANDIDATES:
+            raise ConfigError(
+                f"data.candidates must be between 2 and {MAX_CANDIDATES} (one letter A-Z per "
+                f"candidate), got {self.candidates}"
+            )
+        if self.windows_per_user < 1 or self.permutations < 0 or self.tokenize_actors < 1:
+            raise ConfigError("data.windows_per_user and data.tokenize_actors must be >= 1, "
+                              "data.permutations >= 0")
+        if len(self.split) != 3 or any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"data.split must be three non-negative shares summing to 1, got {self.split}")
+        if self.dataset != "synthetic" and self.data_dir is None and self.prepared is None:
+            raise ConfigError(f"data.data_dir is required for dataset {self.dataset!r}")
+        self._validate_ratings()
+
+    def _validate_ratings(self) -> None:
+        scale = self.rating_scale
+        if len(scale) != 2 or not 0 <= scale[0] < scale[1] < float("inf"):
+            raise ConfigError(
+                f"data.rating_scale must be [min, max] with 0 <= min < max (relevance feeds gains "
+                f"2^r - 1, which need r >= 0), got {scale}")
+        if scale[1] > MAX_RATING:
+            raise ConfigError(f"data.rating_scale max must be <= {MAX_RATING} (gains 2^r - 1 overflow "
+                              f"float32 near r = 127), got {scale[1]}; grade large values with data.grading")
+        self.grading.validate()
+        top = self.grading.top_level()
+        if top is not None and not scale[0] <= 0 < top <= scale[1]:
+            raise ConfigError(f"data.grading gives levels 0..{top}; data.rating_scale {scale} must "
+                              f"cover them (e.g. data.rating_scale=[0, {top}])")

