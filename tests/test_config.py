@@ -98,3 +98,9 @@ def test_extends_builds_on_a_base_config(tmp_path):
     (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_retired_keys_of_saved_configs_still_load(tmp_path):
+    old = tmp_path / "old.yaml"  # what a checkpoint written before the key was retired holds
+    old.write_text("train:\n  epochs: 2\n  inject_failure_epoch: null\n")
+    assert load_config(old).train.epochs == 2

@@ -17,11 +17,16 @@ from alro_ray.train.losses import (
     LossTerms,
     alro_loss,
     lambda_loss,
+    listnet_loss,
     literal_permutation_loss,
+    map_scores_to_items,
     map_to_items,
     permutation_loss,
+    plackett_luce_loss,
     predicted_ranks,
     rank_loss_from_slots,
+    score_consistency_loss,
+    score_rank_loss,
     sft_loss,
     slot_probabilities,
     soft_positions,
@@ -504,3 +509,79 @@ def test_full_objective_backpropagates_to_logits():
         assert logits.grad.abs().sum().item() > 0
         # Only the permutation term touches the permuted pass (reference side detached).
         assert (logits_p.grad is not None) == bool(beta)
+
+
+# ---------------------------------------------------------------------------
+# Losses on score-head scores
+# ---------------------------------------------------------------------------
+
+
+def test_listnet_loss_hand_example():
+    # softmax(rel [2, 1]) = [e, 1]/(e+1); softmax(scores [0, ln 2]) = [1/3, 2/3]
+    e = math.e
+    got = listnet_loss(t([[0.0, LN(2)]]), t([[2.0, 1.0]]))
+    want = -(e / (e + 1) * LN(1 / 3) + 1 / (e + 1) * LN(2 / 3))
+    assert float(got) == pytest.approx(want, abs=1e-12)
+
+
+def test_listnet_loss_is_shift_invariant_and_prefers_the_relevant_item():
+    rel = t([[5.0, 1.0, 3.0]])
+    good, bad = t([[2.0, -2.0, 0.0]]), t([[-2.0, 2.0, 0.0]])
+    assert float(listnet_loss(good, rel)) < float(listnet_loss(bad, rel))
+    assert float(listnet_loss(good + 7.0, rel)) == pytest.approx(float(listnet_loss(good, rel)), abs=1e-12)
+
+
+def test_plackett_luce_loss_hand_example():
+    # s = [0, ln 2, ln 3], gold order [2, 0, 1]:
+    # k=1: ln(3+1+2) - ln 3 = ln 2; k=2: ln(1+2) - 0 = ln 3; k=3: 0  ->  ln 6
+    got = plackett_luce_loss(t([[0.0, LN(2), LN(3)]]), torch.tensor([[2, 0, 1]]))
+    assert float(got) == pytest.approx(LN(6), abs=1e-12)
+
+
+def test_plackett_luce_loss_is_lowest_for_the_order_the_scores_sort_into():
+    s = t([[0.3, -1.0, 2.0, 0.9]])
+    by_score = torch.argsort(s, dim=-1, descending=True)
+    losses = {perm: float(plackett_luce_loss(s, torch.tensor([perm])))
+              for perm in itertools.permutations(range(4))}
+    assert min(losses, key=losses.get) == tuple(by_score[0].tolist())
+
+
+def test_score_rank_loss_dispatches_and_rejects_unknown_names():
+    s, rel, order = t([[0.5, -0.2, 1.0]]), t([[3.0, 1.0, 5.0]]), torch.tensor([[2, 0, 1]])
+    assert torch.equal(score_rank_loss("lambda", s, rel, order, sigma=1.5), lambda_loss(s, rel, sigma=1.5))
+    assert torch.equal(score_rank_loss("listnet", s, rel, order), listnet_loss(s, rel))
+    assert torch.equal(score_rank_loss("plackett_luce", s, rel, order), plackett_luce_loss(s, order))
+    with pytest.raises(ValueError, match="unknown score loss 'ranknet'"):
+        score_rank_loss("ranknet", s, rel, order)
+
+
+def test_score_consistency_loss_hand_example_zero_when_equal_up_to_a_shift():
+    # p = softmax([0, ln 3]) = [1/4, 3/4], q = [3/4, 1/4]: KL = 1/4 ln(1/3) + 3/4 ln 3 = ln(3)/2
+    got = score_consistency_loss(t([[0.0, LN(3)]]), t([[LN(3), 0.0]]))
+    assert float(got) == pytest.approx(LN(3) / 2, abs=1e-12)
+    s = t([[0.1, -2.0, 1.3]])
+    assert float(score_consistency_loss(s, s + 4.0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_score_consistency_loss_detach_reference_stops_gradient_into_the_original():
+    s = t([[0.1, -2.0, 1.3]]).requires_grad_()
+    sp = t([[1.0, 0.0, -1.0]]).requires_grad_()
+    score_consistency_loss(s, sp).backward()
+    assert s.grad is None and sp.grad.abs().sum() > 0
+
+
+def test_map_scores_to_items_hand_example():
+    # position j shows original item perm_order[j]: item 2 got 10, item 0 got 20, item 1 got 30
+    got = map_scores_to_items(t([[10.0, 20.0, 30.0]]), torch.tensor([[2, 0, 1]]))
+    assert got.tolist() == [[20.0, 30.0, 10.0]]
+
+
+def test_score_losses_gradcheck():
+    torch.manual_seed(0)
+    s = torch.randn(2, 4, dtype=D64, requires_grad=True)
+    sp = torch.randn(2, 4, dtype=D64, requires_grad=True)
+    rel = t([[5.0, 1.0, 3.0, 2.0], [1.0, 4.0, 4.0, 2.0]])
+    order = torch.tensor([[0, 2, 3, 1], [1, 2, 3, 0]])
+    assert gradcheck(lambda x: listnet_loss(x, rel), (s,))
+    assert gradcheck(lambda x: plackett_luce_loss(x, order), (s,))
+    assert gradcheck(lambda a, b: score_consistency_loss(a, b, detach_reference=False), (s, sp))

@@ -16,6 +16,7 @@ import pytest
 from alro_ray.train import tune_report, tuning
 from alro_ray.cli import main as cli_main
 from alro_ray.config import load_config
+from alro_ray.data.prepare import prepare
 from alro_ray.train.trainer import run_training
 from alro_ray.train.tune_space import NDCG_KEYS, PAPER_POINT
 
@@ -177,11 +178,13 @@ def test_study_in_which_asha_stops_trials_finishes_and_releases_them(ray_local, 
 
 
 def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_path):
-    # Another job holds both CPUs of the 2-CPU Ray for the whole study.
+    # The data first (preparing needs the CPUs too), then another job holds both CPUs of the 2-CPU
+    # Ray for the whole study.
+    cfg = _cfg("tune.num_samples=1", "tune.max_concurrent=1", "tune.resource_timeout_s=5")
+    prepare(cfg, tmp_path / "data")
     hog = ray_local.util.placement_group([{"CPU": 2}])
     ray_local.get(hog.ready(), timeout=60)
     try:
-        cfg = _cfg("tune.num_samples=1", "tune.max_concurrent=1", "tune.resource_timeout_s=5")
         outcome = tuning.run_tune(cfg, tmp_path)
     finally:
         ray_local.util.remove_placement_group(hog)

@@ -157,6 +157,10 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
             "mode": mode,
             "history": [[h.title, h.attributes, h.rating] for h in req.history],
             "candidates": [[c.title, c.attributes] for c in req.candidates],
+            # For hints: the saved fit's values by id, unless the request passes its own.
+            "candidate_ids": [c.id for c in req.candidates],
+            "candidate_hints": [c.hints.model_dump(exclude_none=True) if c.hints else None for c in req.candidates],
+            "history_ids": [h.id for h in req.history],
         }
         try:
             out = await call_with_retry(lambda: ranker.options(multiplexed_model_id=name).rank.remote(payload),

@@ -17,12 +17,18 @@ from torch import Tensor
 __all__ = [
     "LossTerms",
     "alro_loss",
+    "SCORE_LOSSES",
     "lambda_loss",
+    "listnet_loss",
     "literal_permutation_loss",
+    "map_scores_to_items",
     "map_to_items",
+    "plackett_luce_loss",
     "permutation_loss",
     "predicted_ranks",
     "rank_loss_from_slots",
+    "score_consistency_loss",
+    "score_rank_loss",
     "sft_loss",
     "slot_probabilities",
     "soft_positions",
@@ -181,6 +187,69 @@ def rank_loss_from_slots(
 ) -> Tensor:
     """Soft lambda loss as training uses it: lambda_loss(-soft_positions(y, gamma), relevance)."""
     return lambda_loss(-soft_positions(slot_probs, gamma), relevance, sigma=sigma, mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Losses on per-candidate scores (the score head, docs/method.md "Score head")
+# ---------------------------------------------------------------------------
+
+
+def listnet_loss(scores: Tensor, relevance: Tensor) -> Tensor:
+    """ListNet, top-one (Cao et al. 2007): mean_b -sum_i softmax(relevance)_i log softmax(scores)_i."""
+    if scores.dim() != 2 or relevance.shape != scores.shape:
+        raise ValueError(f"listnet_loss: scores and relevance must both be [B,C]; got "
+                         f"{tuple(scores.shape)}, {tuple(relevance.shape)}")
+    dtype = _compute_dtype(scores.dtype)
+    target = relevance.to(dtype).softmax(dim=-1)
+    return -(target * scores.to(dtype).log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def plackett_luce_loss(scores: Tensor, order: Tensor) -> Tensor:
+    """ListMLE (Xia et al. 2008): minus the Plackett-Luce log-likelihood of the gold order.
+
+    order [B,C]: candidate indices best first (the data's gold order, ties already broken).
+    L = mean_b sum_k [ logsumexp_{j>=k} s[o_j] - s[o_k] ]."""
+    if scores.dim() != 2 or order.shape != scores.shape:
+        raise ValueError(f"plackett_luce_loss: scores and order must both be [B,C]; got "
+                         f"{tuple(scores.shape)}, {tuple(order.shape)}")
+    s = scores.to(_compute_dtype(scores.dtype)).gather(1, order.long())
+    # logsumexp over the suffix j >= k: a reversed cumulative logsumexp.
+    tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+    return (tail - s).sum(dim=-1).mean()
+
+
+SCORE_LOSSES = ("lambda", "listnet", "plackett_luce")
+
+
+def score_rank_loss(name: str, scores: Tensor, relevance: Tensor, order: Tensor, sigma: float = 1.0) -> Tensor:
+    """The ranking loss `loss.score_loss` names, on head scores [B,C] (higher = better):
+    lambda (the soft lambda loss of eqs. 2-4 with f = the scores), listnet or plackett_luce."""
+    if name == "lambda":
+        return lambda_loss(scores, relevance, sigma=sigma)
+    if name == "listnet":
+        return listnet_loss(scores, relevance)
+    if name == "plackett_luce":
+        return plackett_luce_loss(scores, order)
+    raise ValueError(f"unknown score loss {name!r}; choose from {SCORE_LOSSES}")
+
+
+def score_consistency_loss(scores: Tensor, scores_perm: Tensor, detach_reference: bool = True) -> Tensor:
+    """The permutation term for scores: KL(softmax(scores) || softmax(scores_perm)), mean over lists.
+
+    Both [B,C] in original item order (`map_scores_to_items` for the permuted pass). Zero when
+    the permuted prompt gives the same scores up to a shift; with detach_reference only the
+    permuted side gets a gradient (as in eq. 6)."""
+    if scores.dim() != 2 or scores.shape != scores_perm.shape:
+        raise ValueError(f"score_consistency_loss: inputs must both be [B,C]; got "
+                         f"{tuple(scores.shape)}, {tuple(scores_perm.shape)}")
+    dtype = _compute_dtype(scores.dtype)
+    ref = (scores.detach() if detach_reference else scores).to(dtype).log_softmax(dim=-1)
+    return (ref.exp() * (ref - scores_perm.to(dtype).log_softmax(dim=-1))).sum(dim=-1).mean()
+
+
+def map_scores_to_items(scores_perm: Tensor, perm_order: Tensor) -> Tensor:
+    """[B,C] scores of a permuted pass (position j shows original item perm_order[b,j]) in original item order."""
+    return map_to_items(scores_perm.unsqueeze(1), perm_order).squeeze(1)
 
 
 # ---------------------------------------------------------------------------

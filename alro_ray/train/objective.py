@@ -11,6 +11,9 @@ NaN gradients in CUDA's SDPA backward while the loss stays finite.
 With beta > 0 the permuted prompt shares the whole history prefix with the original one. With
 `shared_prefix` the prefix runs once and both candidate orders continue from its KV cache
 (gradients flow through the cache), instead of two full passes.
+
+With loss.objective=score the same pass also returns the hidden states at the candidate lines,
+which the score head (model/score_head.py) maps to one score per candidate.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ from alro_ray.train.losses import (
     LossTerms,
     alro_loss,
     literal_permutation_loss,
+    map_scores_to_items,
     map_to_items,
     permutation_loss,
     rank_loss_from_slots,
+    score_consistency_loss,
+    score_rank_loss,
     sft_loss,
     slot_probabilities,
 )
 from alro_ray.model.padding import attention_mask_for, left_pad, positions
+from alro_ray.model.score_head import gather_hidden
 
 
 @dataclass
@@ -80,15 +87,16 @@ class _Tail:
     ids: torch.Tensor  # [N, R+1]
     labels_mask: torch.Tensor  # [N, R+1]
     slots: torch.Tensor  # [N, C] slot positions in tail coordinates
+    hidden: torch.Tensor | None = None  # [N, C, H] at the candidate lines (score objective)
 
 
-def _tail(logits, seqs, slot_positions, tail_len, device) -> _Tail:
+def _tail(logits, seqs, slot_positions, tail_len, device, hidden=None) -> _Tail:
     ids = torch.tensor([s[-tail_len:] for s in seqs], device=device)
     lengths = torch.tensor([len(s) for s in seqs], device=device)
     slots = slot_positions.to(device) - (lengths - tail_len)[:, None]
     mask = torch.zeros_like(ids)
     mask[:, 1:] = 1  # the tail is the response, preceded by the prompt's last token
-    return _Tail(logits, ids, mask, slots)
+    return _Tail(logits, ids, mask, slots, hidden)
 
 
 def _tail_len(batch: TrainBatch, header_len: int) -> int:
@@ -100,25 +108,36 @@ def _tail_len(batch: TrainBatch, header_len: int) -> int:
     return 1 + header_len + from_first_slot.pop()
 
 
-def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool) -> list[_Tail]:
-    """Logits of the response tail of the original (and permuted) sequences."""
+def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool,
+                  hidden_at: tuple[int, list[torch.Tensor]] | None = None) -> list[_Tail]:
+    """Logits of the response tail of the original (and permuted) sequences. With `hidden_at` =
+    (layer, [candidate positions [B, C] per sequence group, unpadded]) also that layer's hidden
+    states there."""
     device = next(model.parameters()).device
     tail_len = _tail_len(batch, header_len)
     seqs = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
 
+    hidden = [None] * len(seqs)
     if len(seqs) == 2 and shared_prefix:
-        logits = _shared_prefix_forward(model, batch, pad_id, tail_len, device)
+        logits, hidden = _shared_prefix_forward(model, batch, pad_id, tail_len, device, hidden_at)
     else:
         flat = [s for group in seqs for s in group]
         ids, mask = left_pad(flat, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=attention_mask_for(model, mask, ids.shape[1]),
-                       position_ids=positions(mask), logits_to_keep=tail_len).logits
-        logits = list(logits.view(len(seqs), batch.size, *logits.shape[1:]).unbind(0))
-    return [_tail(lg, s, p, tail_len, device) for lg, s, p in zip(logits, seqs, slots)]
+        out = model(input_ids=ids, attention_mask=attention_mask_for(model, mask, ids.shape[1]),
+                    position_ids=positions(mask), logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
+        logits = list(out.logits.view(len(seqs), batch.size, *out.logits.shape[1:]).unbind(0))
+        if hidden_at is not None:
+            layer, cand = hidden_at
+            lengths = torch.tensor([len(s) for s in flat])
+            padded = torch.cat(cand) + (ids.shape[1] - lengths)[:, None]  # left padding shifts each row
+            hidden = list(gather_hidden(out.hidden_states[layer], padded).view(len(seqs), batch.size, -1,
+                                                                                out.hidden_states[layer].shape[-1]).unbind(0))
+    return [_tail(lg, s, p, tail_len, device, h) for lg, s, p, h in zip(logits, seqs, slots, hidden)]
 
 
-def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device) -> list[torch.Tensor]:
+def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device, hidden_at=None
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     B = batch.size
     prefixes = [s[:p] for s, p in zip(batch.input_ids, batch.prefix_len)]
     for b in range(B):  # the permuted prompt must start with the same tokens
@@ -135,16 +154,30 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
     prefix_mask = p_mask.repeat_interleave(2, dim=0)
     start = prefix_mask.sum(-1, keepdim=True)
     full_mask = torch.cat([prefix_mask, s_mask], dim=1)
-    logits = model(input_ids=s_ids, attention_mask=attention_mask_for(model, full_mask, s_ids.shape[1]),
-                   position_ids=positions(s_mask, start), past_key_values=cache, use_cache=True,
-                   logits_to_keep=tail_len).logits
-    return [logits[0::2], logits[1::2]]
+    out = model(input_ids=s_ids, attention_mask=attention_mask_for(model, full_mask, s_ids.shape[1]),
+                position_ids=positions(s_mask, start), past_key_values=cache, use_cache=True,
+                logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
+    hidden = [None, None]
+    if hidden_at is not None:  # candidate lines lie in the suffixes: suffix coordinates, left-padded
+        layer, (cand, perm_cand) = hidden_at
+        cand = torch.stack([cand, perm_cand], dim=1).flatten(0, 1)  # rows as in the suffix batch
+        prefix = torch.tensor(batch.prefix_len).repeat_interleave(2)
+        if bool((cand < prefix[:, None]).any()):
+            raise ValueError("a candidate line lies in the shared prefix: the data's prefix_len is wrong")
+        shift = s_ids.shape[1] - torch.tensor([len(s) for s in suffixes]) - prefix
+        h = gather_hidden(out.hidden_states[layer], cand + shift[:, None])
+        hidden = [h[0::2], h[1::2]]
+    return [out.logits[0::2], out.logits[1::2]], hidden
 
 
 def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: LossConfig,
-                   pad_id: int, header_len: int, shared_prefix: bool = True) -> LossTerms:
+                   pad_id: int, header_len: int, shared_prefix: bool = True, scorer=None) -> LossTerms:
+    """The objective `cfg.objective` names; `scorer` (model/score_head.CandidateScorer, its head
+    registered on `model`) is needed by the score objective."""
     if cfg.beta > 0 and batch.perm_input_ids is None:
         raise ValueError("loss.beta > 0 needs a batch collated with a permutation (perm_index)")
+    if cfg.objective == "score":
+        return score_losses(model, batch, cfg, pad_id, header_len, shared_prefix, scorer)
     tails = forward_tails(model, batch, pad_id, header_len, shared_prefix)
     orig = tails[0]
     ident = identifier_ids.to(orig.logits.device)
@@ -165,3 +198,29 @@ def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: 
             perm = literal_permutation_loss(y.gather(2, gold).squeeze(-1), q_perm.gather(2, gold).squeeze(-1),
                                             detach_reference=cfg.detach_reference)
     return alro_loss(sft, rank, perm, cfg.alpha, cfg.beta)
+
+
+def score_losses(model, batch: TrainBatch, cfg: LossConfig, pad_id: int, header_len: int, shared_prefix: bool,
+                 scorer) -> LossTerms:
+    """total = alpha * score_loss(head scores) + beta * score consistency + sft_weight * sft.
+
+    The head reads the original and the permuted prompt in the same pass as the SFT tail; the
+    permuted pass's scores are mapped back to original item order before the consistency term."""
+    if scorer is None:
+        raise ValueError("loss.objective=score needs the score head (model.head.kind linear or mlp)")
+    c = batch.ratings.shape[1]
+    groups = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
+    cand = [torch.tensor([scorer.positions(s, c) for s in group]) for group in groups]
+    tails = forward_tails(model, batch, pad_id, header_len, shared_prefix, hidden_at=(scorer.layer, cand))
+    orig = tails[0]
+    scores = scorer.head(orig.hidden)
+    sft = sft_loss(orig.logits, orig.labels_mask, orig.ids)
+    rank = score_rank_loss(cfg.score_loss, scores, batch.ratings.to(scores.device), batch.gold.to(scores.device),
+                           cfg.sigma)
+    total = cfg.alpha * rank + (cfg.sft_weight * sft if cfg.sft_weight else 0.0)
+    perm = None
+    if cfg.beta > 0:
+        permuted = map_scores_to_items(scorer.head(tails[1].hidden), batch.perm_order.to(scores.device))
+        perm = score_consistency_loss(scores, permuted, detach_reference=cfg.detach_reference)
+        total = total + cfg.beta * perm
+    return LossTerms(total=total, sft=sft.detach(), rank=rank, perm=sft.new_zeros(()) if perm is None else perm)
