@@ -12,6 +12,8 @@ DATASETS = ("synthetic", "movielens-100k", "movielens-1m", "amazon", "table")
 MAX_CANDIDATES = 26
 # Relevance feeds gains 2^r - 1, summed in float32: 100 keeps them (and their sums) finite.
 MAX_RATING = 100
+# The prompt hints `data.hints` may name (rendered by data/hints.py).
+HINTS = ("item_mean", "popularity_rank", "mf_score")
 
 
 @dataclass
@@ -76,6 +78,9 @@ class DataConfig:
     max_title_chars: int = 120  # longer titles are cut (counted in stats)
     max_attribute_chars: int = 80
     tokenize_actors: int = 1  # Ray Data actors that render and tokenize
+    # Prompt hints on each candidate line (data/hints.py): any of item_mean, popularity_rank,
+    # mf_score, in the order shown; [] (default): the spec's prompts, byte for byte.
+    hints: list[str] = field(default_factory=list)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
@@ -93,6 +98,8 @@ class DataConfig:
             raise ConfigError(f"data.split must be three non-negative shares summing to 1, got {self.split}")
         if self.dataset != "synthetic" and self.data_dir is None and self.prepared is None:
             raise ConfigError(f"data.data_dir is required for dataset {self.dataset!r}")
+        if any(h not in HINTS for h in self.hints) or len(set(self.hints)) != len(self.hints):
+            raise ConfigError(f"data.hints must be distinct names from {list(HINTS)}, got {self.hints}")
         self._validate_ratings()
 
     def _validate_ratings(self) -> None:

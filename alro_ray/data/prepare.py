@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from alro_ray.config import Config, save_config, to_dict
 from alro_ray.errors import DataError
 from alro_ray.model.loading import load_tokenizer
+from alro_ray.data import hints as hint_fit
 from alro_ray.data.prompts import SampleRenderer, neutralise, render_response
 from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.data.sources import SourceData, read_source
@@ -118,7 +120,8 @@ def load_renderer(data_dir: str | Path) -> SampleRenderer:
     stats = read_stats(data_dir)
     t = pq.read_table(Path(data_dir) / "items.parquet").to_pydict()
     items = dict(zip(t["item"], zip(t["title"], t["attributes"])))
-    return SampleRenderer(items, stats["attribute_name"], stats["domain_plural"])
+    hints = hint_fit.HintModel.load(Path(data_dir) / hint_fit.FILE) if stats.get("hints") else None
+    return SampleRenderer(items, stats["attribute_name"], stats["domain_plural"], hints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +145,9 @@ class RenderTokenize:
     """Renders each sample's prompt(s) and tokenizes them; one tokenizer per actor."""
 
     def __init__(self, tokenizer: str, cache_dir: str | None, candidates: int,
-                 items: dict, attribute_name: str, domain_plural: str):
+                 items: dict, attribute_name: str, domain_plural: str, hints=None):
         self.tok = RankTokenizer(load_tokenizer(tokenizer, cache_dir), candidates)
-        self.render = SampleRenderer(items, attribute_name, domain_plural)
+        self.render = SampleRenderer(items, attribute_name, domain_plural, hints)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
@@ -221,6 +224,8 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
                        permutations=d.permutations, seed=d.seed),
     ).materialize()  # shuffle done before the actor pool starts: with tokenize_actors == CPUs the
     # actors would hold every CPU that the groupby's 1-CPU shuffle tasks wait for (a hang)
+    fit = fit_interactions(df, d.candidates)
+    hints, hint_stats = fit_prompt_hints(cfg, fit, ds, out)
     ds = ds.map_batches(
         RenderTokenize,
         batch_format="pyarrow",
@@ -229,7 +234,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
         fn_constructor_kwargs=dict(tokenizer=tokenizer_name, cache_dir=cfg.model.cache_dir,
                                    candidates=d.candidates, items=items,
                                    attribute_name=source.attribute_name,
-                                   domain_plural=d.domain_plural or source.domain_plural),
+                                   domain_plural=d.domain_plural or source.domain_plural, hints=hints),
     ).materialize()
 
     for split in SPLITS:
@@ -241,8 +246,10 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     rows = {s: int(lengths.size().get(s, 0)) for s in SPLITS}
     prompt_tokens = {s: float(lengths.mean().get(s, 0.0)) for s in SPLITS}
 
-    write_fit_interactions(df, d.candidates, out / "fit_interactions.parquet")
+    pq.write_table(pa.Table.from_pandas(fit, preserve_index=False), out / "fit_interactions.parquet")
     write_items(items, out / "items.parquet")
+    if hints is not None:
+        hint_stats["hint_tokens_per_prompt"] = hint_tokens(ds, tok, items, source.attribute_name, hints)
 
     stats = {
         "format": FORMAT,
@@ -259,6 +266,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
         "users_per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
         "rows": rows,
         "mean_prompt_tokens": prompt_tokens,
+        **hint_stats,  # hints, hint_interactions, hint_tokens_per_prompt
         **text_counts,  # titles_truncated, titles_neutralised, attributes_neutralised
         "rating_scale": list(d.rating_scale),
         "grading": source.grading,
@@ -278,13 +286,40 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     return stats
 
 
-def write_fit_interactions(df: pd.DataFrame, candidates: int, path: Path) -> None:
+def fit_interactions(df: pd.DataFrame, candidates: int) -> pd.DataFrame:
     """What baselines may fit on: every interaction of training users, and of valid/test users
     everything before their candidate window (their history may be used, never their candidates)."""
     df = df.sort_values(["user", "timestamp", "item"], kind="stable")
     from_end = df.groupby("user").cumcount(ascending=False)
     held_out = (df["split"] != "train") & (from_end < candidates)
-    pq.write_table(pa.Table.from_pandas(df[~held_out].reset_index(drop=True), preserve_index=False), path)
+    return df[~held_out].reset_index(drop=True)
+
+
+def fit_prompt_hints(cfg: Config, fit: pd.DataFrame, samples, out: Path) -> tuple[object, dict]:
+    """data.hints fitted on `fit` minus every sample's candidate window (`hints.hint_interactions`),
+    saved as out/hints.parquet; (None, {"hints": []}) without hints (a stale file is removed)."""
+    names = cfg.data.hints
+    path = out / hint_fit.FILE
+    if not names:
+        path.unlink(missing_ok=True)
+        return None, {"hints": []}
+    windows = samples.select_columns(["user", "candidate_ids"]).to_pandas()
+    used = hint_fit.hint_interactions(fit, windows)
+    model = hint_fit.fit_hints(used, names, cfg.data.seed)
+    model.save(path)
+    log.info("hints %s fitted on %d interactions (%d candidate ratings left out)", names, len(used),
+             len(fit) - len(used))
+    return model, {"hints": list(names), "hint_interactions": len(used)}
+
+
+def hint_tokens(samples, tok: RankTokenizer, items: dict, attribute_name: str, hints) -> float:
+    """Mean tokens the hints add to a prompt (its candidate lines with and without them)."""
+    rows = samples.select_columns(["candidate_ids", "history_items", "history_ratings"]).to_pandas()
+    plain, hinted = SampleRenderer(items, attribute_name, ""), SampleRenderer(items, attribute_name, "", hints)
+    n = [len(tok.tokenizer.encode(hinted.suffix(r), add_special_tokens=False))
+         - len(tok.tokenizer.encode(plain.suffix(r), add_special_tokens=False))
+         for r in rows.to_dict("records")]
+    return float(np.mean(n)) if n else 0.0
 
 
 # ---------------------------------------------------------------------------------------------

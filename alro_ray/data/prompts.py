@@ -120,9 +120,13 @@ def render_prefix(history: Sequence[tuple[Item, float | None]], domain_plural: s
     )
 
 
-def render_suffix(candidates: Sequence[Item], attribute_name: str) -> str:
-    """Candidates in the order given, lettered A, B, C, ..."""
-    lines = [f"({LETTERS[j]}) {item_text(item, attribute_name)}\n" for j, item in enumerate(candidates)]
+def render_suffix(candidates: Sequence[Item], attribute_name: str, notes: Sequence[str] | None = None) -> str:
+    """Candidates in the order given, lettered A, B, C, ...; notes[j] (hints, `data/hints.py`: our
+    own text, not neutralised) ends candidate j's line. No notes: the spec's lines exactly."""
+    lines = []
+    for j, item in enumerate(candidates):
+        note = notes[j] if notes else ""
+        lines.append(f"({LETTERS[j]}) {item_text(item, attribute_name)}{' ' + note if note else ''}\n")
     return "".join(lines) + "### Response:\n"
 
 
@@ -138,10 +142,12 @@ class SampleRenderer:
     to length), so evaluation can re-render a stored sample with its candidates permuted.
     """
 
-    def __init__(self, items: dict[str, tuple[str, str]], attribute_name: str, domain_plural: str):
+    def __init__(self, items: dict[str, tuple[str, str]], attribute_name: str, domain_plural: str,
+                 hints=None):
         self.items = items
         self.attribute_name = attribute_name
         self.domain_plural = domain_plural
+        self.hints = hints  # a fitted `hints.HintModel` (its notes(row)), or None: no hints
 
     def item(self, item_id: str) -> Item:
         title, attributes = self.items[item_id]
@@ -154,5 +160,7 @@ class SampleRenderer:
     def suffix(self, row: dict, perm: Sequence[int] | None = None) -> str:
         """Candidates in prompt order, or shown as perm[j] = original position at position j."""
         ids = list(row["candidate_ids"])
-        shown = ids if perm is None else [ids[i] for i in perm]
-        return render_suffix([self.item(i) for i in shown], self.attribute_name)
+        order = range(len(ids)) if perm is None else perm
+        notes = self.hints.notes(row) if self.hints is not None else None
+        return render_suffix([self.item(ids[i]) for i in order], self.attribute_name,
+                             [notes[i] for i in order] if notes else None)

@@ -149,3 +149,23 @@ def time_per_query(total_seconds: float, n_queries: int) -> float:
     if total_seconds < 0:
         raise ValueError(f"total_seconds must be non-negative, got {total_seconds}")
     return float(total_seconds) / n_queries
+
+
+def paired_bootstrap(a_per_user: Sequence[float], b_per_user: Sequence[float], n: int = 10000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of a - b over users and its percentile bootstrap interval: users drawn with
+    replacement n times, the same users for both rows (paired). a[i], b[i]: one user's metric
+    under two rankers on the same list. Returns (mean_diff, lo, hi)."""
+    a, b = np.asarray(a_per_user, dtype=np.float64), np.asarray(b_per_user, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired_bootstrap needs two equally long, non-empty per-user lists, got "
+                         f"{a.shape} and {b.shape}")
+    _check_finite(a, "a_per_user")
+    _check_finite(b, "b_per_user")
+    if n < 1 or not 0 < level < 1:
+        raise ValueError(f"paired_bootstrap needs n >= 1 and 0 < level < 1, got n={n}, level={level}")
+    d = a - b
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), float(lo), float(hi)

@@ -1,0 +1,149 @@
+"""Hybrid ranking (alro_ray/rank/fusion.py) and the paired bootstrap, on worked examples."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from alro_ray.errors import AlroError
+from alro_ray.rank.fusion import choose_weight, fuse, fuse_predictions, fused_order, normalise
+from alro_ray.rank.metrics import paired_bootstrap
+
+
+def test_normalise_by_hand():
+    z = math.sqrt(1.5)  # [1, 2, 3]: mean 2, population std sqrt(2/3)
+    assert normalise([1, 2, 3], "score") == pytest.approx([-z, 0, z])
+    assert normalise([4, 4, 4], "score").tolist() == [0, 0, 0]
+    assert normalise([0.5, 0.9, 0.1], "borda").tolist() == [1, 2, 0]
+    assert normalise([1, 1, 0], "borda").tolist() == [1.5, 1.5, 0]  # ties share the mean rank
+    assert normalise([0.5, 0.9, 0.1], "rrf") == pytest.approx([1 / 62, 1 / 61, 1 / 63])
+    with pytest.raises(AlroError, match="unknown fusion method"):
+        normalise([1, 2], "max")
+    with pytest.raises(AlroError, match="finite"):
+        normalise([1, float("nan")], "score")
+
+
+def test_fused_order_by_hand():
+    llm, cls = [3, 2, 1], [1, 2, 3]  # Borda points: llm [2, 1, 0], classical [0, 1, 2]
+    assert fused_order(llm, cls, 1.0, "borda") == [0, 1, 2]
+    assert fused_order(llm, cls, 0.0, "borda") == [2, 1, 0]
+    assert fused_order(llm, cls, 0.7, "borda") == [0, 1, 2]  # [1.4, 1.0, 0.6]
+    # w = 0.5: every fused score is 1; ties go to the classical score, then prompt position.
+    assert fuse(llm, cls, 0.5, "borda").tolist() == [1, 1, 1]
+    assert fused_order(llm, cls, 0.5, "borda") == [2, 1, 0]
+    assert fused_order([1, 1, 1], [0, 0, 0], 0.5, "score") == [0, 1, 2]
+    with pytest.raises(AlroError, match="3 LLM scores but 2"):
+        fuse([1, 2, 3], [1, 2], 0.5, "score")
+
+
+def test_choose_weight_by_hand():
+    llm, cls = [[3, 2, 1]], [[1, 2, 3]]
+    # Only A is relevant: w = 1 puts it first (NDCG 1); w <= 0.5 puts it last: 31/log2(4) / 31 = 0.5.
+    w, curve = choose_weight(llm, cls, [[5, 0, 0]], "borda", grid=(0, 0.5, 1))
+    assert (w, curve) == (1.0, {0.0: 0.5, 0.5: 0.5, 1.0: 1.0})
+    # Only C is relevant: w = 0 and 0.5 both give NDCG 1; the first in grid order wins.
+    w, curve = choose_weight(llm, cls, [[0, 0, 5]], "borda", grid=(0, 0.5, 1))
+    assert (w, curve) == (0.0, {0.0: 1.0, 0.5: 1.0, 1.0: 0.5})
+
+
+def test_paired_bootstrap_by_hand():
+    assert paired_bootstrap([1, 1, 1], [0, 0, 0], n=200) == (1.0, 1.0, 1.0)
+    # Differences [0, 1]: a resample's mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% percentiles of 10000 resamples are 0 and 1.
+    mean, lo, hi = paired_bootstrap([0.5, 1.0], [0.5, 0.0], n=10000, seed=3)
+    assert (mean, lo, hi) == (0.5, 0.0, 1.0)
+    assert paired_bootstrap([0.5, 1.0], [0.5, 0.0], seed=3) == (mean, lo, hi)  # seeded
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1, 2], [1])
+
+
+def _write_split(d, split, rows):
+    (d / split).mkdir()
+    pd.DataFrame(rows).to_parquet(d / split / "part.parquet")
+
+
+def test_fuse_predictions_chooses_on_valid_and_applies_to_test(tmp_path):
+    # Fit data: item-mean prefers c > b > a. Valid: the LLM is right (a is the relevant item),
+    # Borda points a, b, c: LLM [2, 1, 0], item-mean [0, 1, 2]; a leads from w = 0.6 on (at 0.5
+    # all tie and item-mean's c wins), so the first best grid weight is 0.6.
+    fit = pd.DataFrame({"user": ["f"] * 3, "item": ["a", "b", "c"], "rating": [1.0, 3.0, 5.0],
+                        "timestamp": [1, 2, 3]})
+    fit.to_parquet(tmp_path / "fit_interactions.parquet")
+    row = {"candidate_ids": ["a", "b", "c"], "history_items": [], "history_ratings": [], "window": 0}
+    _write_split(tmp_path, "valid", [{**row, "user": "v", "candidate_ratings": [5.0, 0.0, 0.0]}])
+    _write_split(tmp_path, "test", [{**row, "user": "t", "candidate_ratings": [0.0, 0.0, 5.0]}])
+    pred = {"mode": "one-pass", "scores": [-0.1, -2.0, -3.0], "seconds": 0.5, "repaired": False,
+            "predicted_ids": ["a", "b", "c"], "predicted_ratings": [0.0, 0.0, 0.0], "rank_of_position": [1, 2, 3]}
+    valid, test = pd.DataFrame([{**pred, "user": "v"}]), pd.DataFrame([{**pred, "user": "t"}])
+    fused, info = fuse_predictions(tmp_path, valid, test, ["item-mean"], method="borda")
+    assert info["fused-one-pass-item-mean"]["weight"] == 0.6
+    assert info["fused-one-pass-item-mean"]["valid_ndcg@10"] == 1.0
+    got = fused.iloc[0]
+    assert got["mode"] == "fused-one-pass-item-mean" and got["user"] == "t"
+    assert list(got["predicted_ids"]) == ["a", "b", "c"] and list(got["predicted_ratings"]) == [0, 0, 5.0]
+    assert list(got["rank_of_position"]) == [1, 2, 3] and got["seconds"] == 0.5
+    with pytest.raises(AlroError, match="no valid-split predictions"):
+        fuse_predictions(tmp_path, valid.assign(mode="generate"), test, ["item-mean"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `alro evaluate --fuse`, on a tiny ranker trained (here: randomised) on hinted prompts.
+
+
+@pytest.fixture(scope="module")
+def hinted_ranker(ray_local, tmp_path_factory):
+    import torch
+
+    from alro_ray.config import load_config
+    from alro_ray.data.prepare import prepare, read_stats
+    from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("fuse")
+    cfg = load_config("configs/tiny.yaml", ["data.synthetic.users=40", "data.permutations=0",
+                                            "data.hints=[item_mean, popularity_rank]"])
+    prepare(cfg, root / "data")
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    for name, p in model.named_parameters():  # an untrained adapter is all zeros: make it matter
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    save_ranker(root / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(root / "data"), root / "data")
+    return root
+
+
+@pytest.mark.slow  # ~90 s on 2 CPUs: a prepare and an evaluation of two splits
+def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_path):
+    from alro_ray.data.prepare import read_split
+    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.rank.batch_eval import run_evaluation
+
+    root = hinted_ranker
+    ranker = load_ranker(root / "ranker")
+    assert ranker.hints is not None and (root / "ranker" / "hints.parquet").is_file()
+    test = read_split(root / "data", "test")
+    row = test.iloc[0]
+    # Serve's path renders the same prompt as prepare did, hints computed from the checkpoint's fit.
+    notes = ranker.hint_notes(list(row["candidate_ids"]))
+    assert all(n.startswith("mean rating: ") and "popularity rank: " in n for n in notes)
+    assert f" {notes[0]}\n" in row["prompt"]
+
+    metrics = run_evaluation(root / "ranker", tmp_path, modes="one-pass,generate", baselines=["item-mean"],
+                             fuse=["item-mean"], fusion="score", batch_size=4)
+    preds = pd.read_parquet(tmp_path / "predictions.parquet")
+    fused_modes = {"fused-one-pass-item-mean", "fused-generate-item-mean"}
+    assert set(preds["mode"]) == {"one-pass", "generate"} | fused_modes
+    assert set(preds["split"]) == {"test"} and preds.groupby("mode").size().eq(len(test)).all()
+    valid = pd.read_parquet(tmp_path / "valid_predictions.parquet")
+    assert set(valid["split"]) == {"valid"} and set(valid["mode"]) == {"one-pass", "generate"}
+    for name in fused_modes:
+        f = metrics["fusion"][name]
+        assert f["weight"] in f["valid_curve"] and f["valid_ndcg@10"] == max(f["valid_curve"].values())
+        assert metrics["modes"][name]["lists"] == len(test)
+        if f["weight"] == 0.0:  # all classical: the fused NDCG is the baseline's on the same lists
+            assert metrics["modes"][name]["ndcg@10"] == pytest.approx(metrics["baselines"]["item-mean"]["ndcg@10"])
+    # one-pass scores are log-probabilities; generate's are minus the rank.
+    gen = preds[preds["mode"] == "generate"].iloc[0]
+    assert sorted(gen["scores"]) == [-c for c in range(len(gen["scores"]), 0, -1)]

@@ -1,0 +1,184 @@
+"""Prompt hints (`data.hints`, alro_ray/data/hints.py): hand-computed values, rendering, and the
+guarantee that no candidate window, held-out or training, reaches a hint."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from alro_ray.config import load_config
+from alro_ray.data.hints import HintModel, fit_hints, hint_interactions, render_hint
+from alro_ray.data.prompts import SampleRenderer
+
+NAMES = ["item_mean", "popularity_rank", "mf_score"]
+
+
+def _frame(rows) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+
+
+def test_render_hint_exact_text():
+    v = {"mean_rating": 4.14, "ratings": 52, "popularity_rank": 17, "mf_score": 3.87}
+    assert render_hint(v, NAMES) == "mean rating: 4.1 (52 ratings) popularity rank: 17 predicted rating: 3.9"
+    assert render_hint({**v, "ratings": 1}, ["item_mean"]) == "mean rating: 4.1 (1 rating)"
+    assert render_hint(None, NAMES) == "mean rating: none popularity rank: none predicted rating: none"
+    assert render_hint(v, ["popularity_rank"]) == "popularity rank: 17"  # only what is configured
+
+
+def test_item_mean_and_popularity_rank_by_hand():
+    # a: 5, 4; b: 3; c: 1, 2, 3; d: 4, 4.  mu = 26 / 8 = 3.25; shrunk (sum + 5 mu) / (n + 5).
+    fit = _frame([("u1", "a", 5, 1), ("u2", "a", 4, 1), ("u1", "b", 3, 2), ("u1", "c", 1, 3),
+                  ("u2", "c", 2, 2), ("u3", "c", 3, 1), ("u3", "d", 4, 2), ("u2", "d", 4, 3)])
+    m = fit_hints(fit, ["item_mean", "popularity_rank"])
+    v = dict(zip(m.items, m.values(m.items)))
+    assert v["a"]["mean_rating"] == pytest.approx((9 + 5 * 3.25) / 7)
+    assert v["b"]["mean_rating"] == pytest.approx((3 + 5 * 3.25) / 6)
+    assert [v[i]["ratings"] for i in "abcd"] == [2, 1, 3, 2]
+    assert [v[i]["popularity_rank"] for i in "abcd"] == [2, 4, 1, 2]  # ties share the better rank
+    assert "mf_score" not in v["a"]
+    assert m.values(["never-seen"]) == [None]
+
+
+def _mf_model() -> HintModel:
+    # One factor: q_x = 1, q_y = -1, no item biases, mu = 3, L2 0.1.
+    return HintModel(["mf_score"], ["x", "y"], np.array([3.0, 3.0]), np.array([1, 1]), np.array([1, 1]),
+                     np.zeros(2), np.array([[1.0], [-1.0]]), mf_mu=3.0, mf_reg=0.1)
+
+
+def test_mf_score_solves_the_user_from_the_shown_history():
+    # History: x rated 5. Ridge on [q_x, 1] w = 5 - 3 with L2 0.1 * 1 rating:
+    # [[1.1, 1], [1, 1.1]] w = [2, 2]  ->  p = b_u = 2 / 2.1.
+    w = 2 / 2.1
+    got = _mf_model().values(["x", "y", "z"], ["x"], [5.0])
+    assert got[0]["mf_score"] == pytest.approx(3 + w + w)
+    assert got[1]["mf_score"] == pytest.approx(3 + w - w)
+    assert got[2] is None
+    # An unknown history (or none): the item's own score, mu + b_i.
+    assert _mf_model().values(["x"], ["q"], [1.0])[0]["mf_score"] == pytest.approx(3.0)
+
+
+def test_hint_interactions_drop_every_window_and_nothing_else():
+    fit = _frame([("u1", "a", 5, 1), ("u1", "b", 1, 2), ("u2", "a", 4, 1), ("u2", "b", 2, 2)])
+    windows = pd.DataFrame({"user": ["u1"], "candidate_ids": [np.array(["b", "zz"])]})
+    kept = hint_interactions(fit, windows)
+    assert list(zip(kept["user"], kept["item"])) == [("u1", "a"), ("u2", "a"), ("u2", "b")]
+
+
+def test_save_load_round_trip(tmp_path):
+    fit = _frame([("u1", "a", 5, 1), ("u2", "a", 4, 1), ("u1", "b", 3, 2), ("u2", "c", 2, 2)])
+    m = fit_hints(fit, NAMES)
+    m.save(tmp_path / "h.parquet")
+    back = HintModel.load(tmp_path / "h.parquet")
+    row = {"candidate_ids": ["a", "b", "c", "d"], "history_items": ["a"], "history_ratings": [5.0]}
+    assert back.names == NAMES and back.notes(row) == m.notes(row)
+    assert back.notes(row)[3] == "mean rating: none popularity rank: none predicted rating: none"
+
+
+def test_suffix_with_and_without_hints():
+    items = {"x": ("Alien", "Horror"), "y": ("Babe", "Comedy")}
+    row = {"candidate_ids": ["x", "y"], "history_items": [], "history_ratings": []}
+    plain = SampleRenderer(items, "genres", "movies")
+    assert plain.suffix(row) == "(A) title: Alien genres: Horror\n(B) title: Babe genres: Comedy\n### Response:\n"
+    m = HintModel(["item_mean"], ["x"], np.array([4.25]), np.array([5]), np.array([1]), np.zeros(1),
+                  np.zeros((1, 0)))
+    hinted = SampleRenderer(items, "genres", "movies", m)
+    assert hinted.suffix(row, [1, 0]) == ("(A) title: Babe genres: Comedy mean rating: none\n"
+                                          "(B) title: Alien genres: Horror mean rating: 4.2 (5 ratings)\n"
+                                          "### Response:\n")
+    assert hinted.prefix({**row, "history_items": ["x"], "history_ratings": [5.0]}) == \
+        plain.prefix({**row, "history_items": ["x"], "history_ratings": [5.0]})  # history unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `alro prepare`: planted candidate ratings that would move the hints if they leaked.
+
+USERS = 10
+
+
+def _planted_rows():
+    """Users 0-4: history y=3, x=5; candidates z=1, v<u>=3. Users 5-9: history y=2, z=4;
+    candidates x=1, w<u>=2. x and z are rated 5 / 4 in histories and 1 in candidate windows
+    (of training and held-out users alike), so a leak would pull their means down."""
+    rows = []
+    for u in range(USERS):
+        seq = ([("y", 3), ("x", 5), ("z", 1), (f"v{u}", 3)] if u < 5
+               else [("y", 2), ("z", 4), ("x", 1), (f"w{u}", 2)])
+        rows += [(f"u{u}", i, float(r), 100 * u + t) for t, (i, r) in enumerate(seq)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, ray_local):
+    from ray.data import DataContext
+
+    from alro_ray.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("hints-table")
+    rows = _planted_rows()
+    pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).to_csv(d / "interactions.csv",
+                                                                                    index=False)
+    items = sorted({i for _, i, _, _ in rows})
+    pd.DataFrame({"item_id": items, "title": [f"Film {i}" for i in items]}).to_csv(d / "items.csv", index=False)
+    out = tmp_path_factory.mktemp("hints-out")
+    ctx = DataContext.get_current()
+    old, ctx.default_hash_shuffle_parallelism = ctx.default_hash_shuffle_parallelism, 4
+    try:
+        cfg = load_config(None, ["data.dataset=table", f"data.data_dir={d}", "data.history=2",
+                                 "data.candidates=2", "data.hints=[item_mean, popularity_rank, mf_score]"])
+        stats = prepare(cfg, out)
+    finally:
+        ctx.default_hash_shuffle_parallelism = old
+    return out, stats
+
+
+def test_prepare_fits_hints_without_any_candidate_window(planted):
+    out, stats = planted
+    assert stats["hints"] == NAMES and stats["hint_interactions"] == 2 * USERS  # the histories only
+    assert stats["hint_tokens_per_prompt"] > 0
+    # Hand: histories y=3 x5, x=5 x5, y=2 x5, z=4 x5: mu = 70 / 20 = 3.5.
+    m = HintModel.load(out / "hints.parquet")
+    v = dict(zip(m.items, m.values(m.items)))
+    assert sorted(v) == ["x", "y", "z"]  # v<u>, w<u> only ever were candidates
+    assert v["x"]["mean_rating"] == pytest.approx((25 + 5 * 3.5) / 10)  # 4.25, not pulled to 1
+    assert v["z"]["mean_rating"] == pytest.approx((20 + 5 * 3.5) / 10)
+    assert [v[i]["ratings"] for i in "xyz"] == [5, 10, 5]
+    assert [v[i]["popularity_rank"] for i in "xyz"] == [2, 1, 2]
+    # The baselines' fit data still holds the training users' windows (hints drop them too).
+    fit = pq.read_table(out / "fit_interactions.parquet").to_pandas()
+    assert len(fit) > stats["hint_interactions"]
+
+
+def test_prompts_show_hints_and_re_render_identically(planted):
+    from alro_ray.data.prepare import load_renderer
+
+    out, _ = planted
+    renderer = load_renderer(out)
+    rows = [r for s in ("train", "valid", "test") for r in pq.read_table(out / s).to_pylist()]
+    assert len(rows) == USERS
+    for r in rows:
+        assert renderer.prefix(r) + renderer.suffix(r) == r["prompt"]  # evaluation re-renders these
+        lines = [ln for ln in r["prompt"].splitlines() if ln.startswith("(")]
+        for cid, line in zip(r["candidate_ids"], lines):
+            if cid == "x":
+                assert "mean rating: 4.2 (5 ratings) popularity rank: 2 predicted rating: " in line
+            elif cid.startswith(("v", "w")):
+                assert line.endswith("mean rating: none popularity rank: none predicted rating: none")
+    history = [ln for r in rows for ln in r["prompt"].splitlines() if ln.startswith("title:")]
+    assert history and not any("mean rating" in ln for ln in history)
+
+
+def test_ranker_hint_notes_prefer_request_values_then_the_saved_fit():
+    from alro_ray.model.checkpoint import Ranker
+
+    m = HintModel(["item_mean", "popularity_rank"], ["x"], np.array([4.25]), np.array([5]), np.array([2]),
+                  np.zeros(1), np.zeros((1, 0)))
+    ranker = Ranker(None, None, None, {}, None, None, m)
+    given = [None, {"mean_rating": 3.04, "ratings": 7}, None]
+    assert ranker.hint_notes(["x", "q", "unknown"], given) == [
+        "mean rating: 4.2 (5 ratings) popularity rank: 2",     # from the checkpoint's fit
+        "mean rating: 3.0 (7 ratings) popularity rank: none",  # as the request gave it
+        "mean rating: none popularity rank: none"]             # unknown id, nothing given
+    assert Ranker(None, None, None, {}, None).hint_notes(["x"]) is None  # no hints: spec prompts
