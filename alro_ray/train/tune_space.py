@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from alro_ray.config import TUNABLE, Config, ConfigError, from_dict, to_dict
+from alro_ray.tracking import absolute_uri
 
 log = logging.getLogger("alro_ray")
 
@@ -68,4 +69,5 @@ def absolute_paths(cfg: Config) -> Config:
         if value and Path(value).exists():
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, str(Path(value).resolve()))
+    cfg.tracking.mlflow = absolute_uri(cfg.tracking.mlflow)  # a local MLflow store, too
     return cfg

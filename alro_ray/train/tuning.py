@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from alro_ray import tracking
 from alro_ray.config import Config, ConfigError, from_dict, save_config, to_dict
 from alro_ray.errors import AlroError
 from alro_ray.train.tune_report import TuneOutcome, fmt, report_study
@@ -54,8 +55,9 @@ EXIT_INTERRUPTED = 130
 TRIAL_MEMORY = 256 * 1024**2  # bytes reserved for a trial's driver process (a Ray logical resource)
 
 
-def _train_trial(config: dict, base: dict, output_dir: str) -> None:
-    """One Tune trial (runs in a Tune actor): a full Train run whose epoch reports go to Tune."""
+def _train_trial(config: dict, base: dict, output_dir: str, tracking_parent: str | None = None) -> None:
+    """One Tune trial (runs in a Tune actor): a full Train run whose epoch reports go to Tune
+    (and, with tracking on, to an MLflow run nested under the study's `tracking_parent`)."""
     # Worker-only imports: Ray Tune and Train (the CLI imports this module).
     import ray.train
     import ray.tune
@@ -77,7 +79,7 @@ def _train_trial(config: dict, base: dict, output_dir: str) -> None:
     guard = TrainResourceGuard(trial_dir, trial_resources(cfg), cfg.tune.resource_timeout_s)
     try:
         # Same directory and run name on a restart: the Train run resumes from its last epoch checkpoint.
-        run_training(cfg, trial_dir, callbacks=[TuneReportCallback(), guard])
+        run_training(cfg, trial_dir, callbacks=[TuneReportCallback(), guard], tracking_parent=tracking_parent)
     except ray.train.ControllerError as e:
         if isinstance(e.controller_failure, AlroError):  # e.g. ResourceTimeoutError: say just that
             raise e.controller_failure from None
@@ -96,6 +98,7 @@ def _study_key(cfg: Config) -> dict:
     d = to_dict(cfg)
     for key in (*_RESUME_FREE, *_RESUME_OURS):
         d["tune"].pop(key)
+    d.pop("tracking")  # where runs are logged does not change the study
     return d
 
 
@@ -168,9 +171,15 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
         save_config(cfg, out / "study.yaml")
     base = copy.deepcopy(cfg)
     base.data.prepared = str(data_dir)
+    # MLflow (if tracking.mlflow is set): a parent run for the study, each trial's Train run nested under it.
+    # Each trial logs its own run (run_training), not Ray's MLflowLoggerCallback: that one would log Tune's
+    # raw metric names (`valid_ndcg@10` is not a legal MLflow name) and not the full config or final ranker.
+    study_run = tracking.start_run(cfg.tracking, f"study {cfg.tune.name}", run_dir=out,
+                                   params=tracking.config_params(cfg), tags={"alro.command": "tune"})
 
     trainable = tune.with_resources(
-        tune.with_parameters(_train_trial, base=to_dict(base), output_dir=str(out)),
+        tune.with_parameters(_train_trial, base=to_dict(base), output_dir=str(out),
+                             tracking_parent=study_run.run_id if study_run else None),
         # The trial only drives its TorchTrainer: no CPU, so that the Train workers get them all
         # (Tune refuses an empty request; a token of memory stands in).
         {"CPU": 0, "memory": TRIAL_MEMORY},
@@ -225,7 +234,9 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     finally:
         # Tune has stopped or killed every trial of this session: whatever they still hold is a leftover.
         release_all(out)
-    return report_study(cfg, out, data_dir, exp_dir)
+    outcome = report_study(cfg, out, data_dir, exp_dir)
+    tracking.log_study(study_run, outcome)
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------
