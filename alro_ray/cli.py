@@ -31,6 +31,7 @@ SHORT_FLAGS = {
     "epochs": "train.epochs",
     "num-workers": "train.num_workers",
     "run-name": "train.run_name",
+    "mlflow": "tracking.mlflow",
 }
 
 
@@ -48,6 +49,9 @@ def _collect_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
     overrides += list(args.overrides)
     it = iter(extra)
     for token in it:
+        if not token.startswith("--") and "=" in token:  # key=value after an option (argparse leaves it)
+            overrides.append(token)
+            continue
         if not token.startswith("--"):
             raise AlroError(f"unexpected argument {token!r}")
         key = token[2:]
@@ -83,7 +87,13 @@ def build_config(args: argparse.Namespace, extra: list[str]) -> Config:
         if extra:
             raise AlroError(f"unexpected arguments: {' '.join(extra)}")
         return load_config(None)
-    return load_config(args.config, _collect_overrides(args, extra))
+    overrides = _collect_overrides(args, extra)
+    sections = getattr(args, "config_sections", None)  # commands that take only some sections
+    for text in overrides if sections else []:
+        if text.split("=", 1)[0].strip().lstrip("-").split(".")[0] not in sections:
+            raise AlroError(f"alro {args.command} takes only {', '.join(f'{s}.*' for s in sections)} "
+                            f"settings, not {text!r}")
+    return load_config(getattr(args, "config", None), overrides)
 
 
 def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
@@ -100,6 +110,7 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.rank.report import metrics_table
+    from alro_ray.tracking import log_evaluation, run_in
     from alro_ray.train.trainer import run_training
 
     outcome = run_training(cfg, args.output_dir)
@@ -114,6 +125,7 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
         print(f"\nHeld-out test users ({cfg.train.eval_mode} ranking):")
         print(metrics_table(metrics))
         print(f"report: {eval_dir / 'report.md'}")
+        log_evaluation(run_in(cfg.tracking, outcome.output_dir), metrics, eval_dir, "eval")  # the training run
     print(f"\nfinal ranker: {outcome.final_dir}")
     return 0
 
@@ -124,11 +136,20 @@ HISTORY_COLUMNS = ("train_loss", "train_sft", "train_rank", "train_perm", "valid
 def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.rank.report import metrics_table
+    from alro_ray.tracking import evaluation_params, log_evaluation, tracked
 
-    metrics = run_evaluation(args.checkpoint, args.out, data_dir=args.data, modes=args.modes,
-                             baselines=[b for b in args.baselines.split(",") if b], split=args.split,
-                             actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
-                             use_gpu=args.gpu, few_shot=args.few_shot)
+    ckpt = Path(args.checkpoint)
+    settings = dict(data=args.data, modes=args.modes, baselines=args.baselines, split=args.split, limit=args.limit,
+                    seed=args.seed, few_shot=args.few_shot, fuse=args.fuse, fusion=args.fusion)
+    # The MLflow run (if tracking.mlflow is set) starts first: a bad store fails before any scoring.
+    with tracked(cfg.tracking, f"evaluate {ckpt.resolve().parent.name}/{ckpt.name}",
+                 params=evaluation_params(ckpt, **settings), tags={"alro.command": "evaluate"}) as run:
+        metrics = run_evaluation(args.checkpoint, args.out, data_dir=args.data, modes=args.modes,
+                                 baselines=[b for b in args.baselines.split(",") if b], split=args.split,
+                                 actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
+                                 use_gpu=args.gpu, few_shot=args.few_shot,
+                                 fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion)
+        log_evaluation(run, metrics, args.out)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
     return 0
@@ -139,7 +160,8 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
 
     run_compare(cfg, args.output_dir, ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
                 baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
-                limit=args.limit, actors=args.actors)
+                limit=args.limit, actors=args.actors, fuse=[b for b in args.fuse.split(",") if b],
+                fusion=args.fusion)
     print((Path(args.output_dir) / "compare.md").read_text())
     return 0
 
@@ -152,6 +174,14 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     run_serve(adapters_from_args(checkpoint=args.checkpoint, adapter=args.adapter), host=args.host, port=args.port,
               **{k: v for k, v in limits.items() if v is not None})
     return 0
+
+
+def _add_fusion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fuse", default="", metavar="BASELINES",
+                   help="comma-separated baselines (e.g. mf) to fuse each LLM mode with: adds rows "
+                        "fused-<mode>-<baseline>, weight chosen on the valid split (ranked too)")
+    p.add_argument("--fusion", default="score", choices=("score", "borda", "rrf"),
+                   help="fusion method: z-scored scores, Borda points or reciprocal rank")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -185,7 +215,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds bootstrap orders and random baselines")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--few-shot", type=int, default=0, help="prepend k training samples to every prompt")
-    p.set_defaults(func=cmd_evaluate)
+    _add_fusion_args(p)
+    p.add_argument("--mlflow", dest="short_tracking.mlflow", metavar="URI", help="log an MLflow run (sets tracking.mlflow)")
+    p.add_argument("overrides", nargs="*", metavar="tracking.key=value", help="tracking settings (docs/tracking.md)")
+    p.set_defaults(func=cmd_evaluate, config_sections=("tracking",))
 
     p = sub.add_parser("compare", help="baselines and the LLM ladder on the same test lists (paper Tables 2, 4)")
     _add_config_args(p)
@@ -197,6 +230,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--few-shot", type=int, default=2, help="demonstrations for the few-shot row")
     p.add_argument("--limit", type=int, help="score only the first N test users")
     p.add_argument("--actors", type=int, default=1)
+    _add_fusion_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="serve trained rankers over HTTP (Ray Serve); see docs/serving.md")

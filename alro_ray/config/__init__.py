@@ -10,6 +10,7 @@ Overrides are `section.key=value` strings (the value parsed as YAML, so `3`, `0.
 
 from alro_ray.config.data import (
     DATASETS,
+    HINTS,
     MAX_CANDIDATES,
     MAX_RATING,
     DataConfig,
@@ -29,11 +30,13 @@ from alro_ray.config.loading import (
 from alro_ray.config.sections import (
     TUNABLE,
     Config,
+    HeadConfig,
     LoraConfig,
     LossConfig,
     ModelConfig,
     SearchRange,
     TinyModelConfig,
+    TrackingConfig,
     TrainConfig,
     TuneConfig,
 )
@@ -41,6 +44,7 @@ from alro_ray.errors import ConfigError  # noqa: F401  (raised by everything abo
 
 __all__ = [
     "DATASETS",
+    "HINTS",
     "MAX_CANDIDATES",
     "MAX_RATING",
     "DataConfig",
@@ -56,11 +60,13 @@ __all__ = [
     "to_dict",
     "TUNABLE",
     "Config",
+    "HeadConfig",
     "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "SearchRange",
     "TinyModelConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "ConfigError",

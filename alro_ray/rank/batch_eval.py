@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.rank.evaluation import ndcg_summary, with_users
 from alro_ray.rank.metrics import position_bias
+from alro_ray.rank.modes import parse_mode
 
 log = logging.getLogger("alro_ray")
 
@@ -32,8 +33,6 @@ DEFAULT_MODES = ("generate", "one-pass", "bootstrap@3", "bootstrap@5")
 
 
 def parse_modes(text: str | Sequence[str]) -> list[str]:
-    from alro_ray.rank.ranking import parse_mode
-
     modes = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     if not modes:
         raise AlroError("no ranking mode given")
@@ -82,9 +81,10 @@ class RankActor:
         self.seed = seed
         self.demos = few_shot_prefix(self.ranker, data_dir, few_shot, seed)
 
-    def _rank(self, mode: str, rows: list[dict]) -> tuple[list[list[int]], list[bool]]:
+    def _rank(self, mode: str, rows: list[dict]) -> tuple[list[list[int]], list[bool], list | None]:
+        """Orders, repair flags, and per-candidate scores where the mode has them (else None)."""
         from alro_ray.rank.evaluation import prompt_ids
-        from alro_ray.rank.ranking import bootstrap_orders, free_batch, parse_mode
+        from alro_ray.rank.ranking import bootstrap_orders, free_batch
         from alro_ray.data.samples import stable_hash
 
         r = self.ranker
@@ -98,12 +98,12 @@ class RankActor:
             # Seeded by user, so a row gets the same copies whatever batch it lands in.
             seeds = [self.seed + stable_hash(str(row["user"])) for row in rows]
             orders = bootstrap_orders(r.model, prompt_for, seeds, c, p, pad, r.rank_tokenizer.identifier_ids)
-            return orders, [False] * len(rows)
+            return orders, [False] * len(rows), None
         prompts = [self.demos + prompt_ids(row) for row in rows]
         if kind == "free":
-            return free_batch(r.model, prompts, c, pad, r.tokenizer.eos_token_id, r.tokenizer)
-        orders, _ = r.rank(prompts, kind)
-        return orders, [False] * len(rows)
+            return (*free_batch(r.model, prompts, c, pad, r.tokenizer.eos_token_id, r.tokenizer), None)
+        orders, scores = r.rank(prompts, kind)
+        return orders, [False] * len(rows), scores
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
@@ -111,16 +111,18 @@ class RankActor:
         for mode in self.modes:
             t0 = time.perf_counter()
             try:
-                orders, repaired = self._rank(mode, rows)
+                orders, repaired, scores = self._rank(mode, rows)
             except NonFiniteError as e:  # stops the job: no metric may come from these scores
                 raise with_users(e, rows) from None
             per_query = (time.perf_counter() - t0) / max(1, len(rows))
-            for row, order, fixed in zip(rows, orders, repaired):
+            for k, (row, order, fixed) in enumerate(zip(rows, orders, repaired)):
                 ids, ratings = list(row["candidate_ids"]), list(row["candidate_ratings"])
                 rank_of_position = np.empty(len(order), dtype=np.int32)
                 rank_of_position[list(order)] = np.arange(1, len(order) + 1)
                 out.append({
-                    "user": row["user"], "mode": mode,
+                    "user": row["user"], "split": row["split"], "mode": mode,
+                    # per prompt position, higher = better (fusion reads them); order-only modes: -rank
+                    "scores": [float(x) for x in (scores[k] if scores is not None else -rank_of_position)],
                     "predicted_ids": [ids[j] for j in order],
                     "predicted_ratings": [float(ratings[j]) for j in order],
                     "rank_of_position": rank_of_position.tolist(),
@@ -170,7 +172,10 @@ def summarize(predictions: pd.DataFrame) -> dict[str, dict]:
 def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
                    modes: Sequence[str] = DEFAULT_MODES, baselines: Sequence[str] = ("random", "popularity", "item-mean"),
                    split: str = "test", actors: int = 1, batch_size: int = 8, limit: int | None = None,
-                   seed: int = 0, use_gpu: bool = False, few_shot: int = 0) -> dict:
+                   seed: int = 0, use_gpu: bool = False, few_shot: int = 0,
+                   fuse: Sequence[str] = (), fusion: str = "score") -> dict:
+    """Rank `split` in every mode; with `fuse` (baseline names) also the valid split, and add rows
+    fused-<mode>-<baseline> (rank/fusion.py: weight chosen on valid, method `fusion`)."""
     import ray
 
     from alro_ray.rank.baselines import evaluate_baselines
@@ -179,6 +184,9 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
 
     modes = parse_modes(modes)
     info, data, stats = check_inputs(checkpoint, data_dir)
+    if "score" in modes and not info.get("head"):
+        raise AlroError(f"{checkpoint} has no score head, so it cannot rank in mode 'score': train one with "
+                        f"model.head.kind linear or mlp and loss.objective score, or drop that mode")
     if not stats["rows"].get(split):
         raise AlroError(f"{data} has no {split} rows")
     out = Path(out_dir)
@@ -188,6 +196,12 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     ds = ray.data.read_parquet(str(data / split))
     if limit:
         ds = ds.limit(limit)
+    if fuse:  # the fusion weight is chosen on the valid split, ranked in the same modes
+        if split == "valid" or not stats["rows"].get("valid"):
+            raise AlroError(f"--fuse chooses its weight on the valid split: {data} has no valid rows, or "
+                            f"the split scored is valid itself")
+        valid_ds = ray.data.read_parquet(str(data / "valid"))
+        ds = ds.union(valid_ds.limit(limit) if limit else valid_ds)
     t0 = time.time()
     ranked = ds.map_batches(
         RankActor,
@@ -206,13 +220,26 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         if message is None:
             raise
         raise NonFiniteError(f"{checkpoint}: evaluation stopped, no metrics written: {message}") from None
-    pq.write_table(table, out / "predictions.parquet")
     predictions = table.to_pandas()
     log.info("ranked %d queries x %d modes in %.1f s", predictions["user"].nunique(), len(modes), time.time() - t0)
+    fusion_info = {}
+    if fuse:
+        from alro_ray.rank.fusion import fuse_predictions
+
+        valid = predictions[predictions["split"] == "valid"]
+        predictions = predictions[predictions["split"] == split]
+        fused, fusion_info = fuse_predictions(data, valid, predictions, fuse, fusion, split, seed)
+        predictions = pd.concat([predictions, fused], ignore_index=True)
+        pq.write_table(pa.Table.from_pandas(valid, preserve_index=False).replace_schema_metadata(None),
+                       out / "valid_predictions.parquet")
+        table = pa.Table.from_pandas(predictions, preserve_index=False).replace_schema_metadata(None)
+    pq.write_table(table, out / "predictions.parquet")
 
     metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "few_shot": few_shot,
                "modes": summarize(predictions),
                "baselines": evaluate_baselines(data, baselines, split, seed, users=set(predictions["user"]))}
+    if fusion_info:
+        metrics["fusion"] = fusion_info
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out, history_path=Path(checkpoint) / "history.json")
     return metrics

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from alro_ray import tracking
 from alro_ray.config import Config
 from alro_ray.rank.report import LISTS, TPQ, ndcg_table
 
@@ -54,7 +55,10 @@ def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
 
 def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LADDER,
                 baselines: Sequence[str] = CLASSICAL, bootstrap: Sequence[int] = (3, 5), mode: str = "generate",
-                few_shot: int = 2, limit: int | None = None, actors: int = 1) -> dict:
+                few_shot: int = 2, limit: int | None = None, actors: int = 1,
+                fuse: Sequence[str] = (), fusion: str = "score") -> dict:
+    """fuse: baselines to fuse every LLM row with (rows `<name> fused-<mode>-<baseline>`,
+    the weight chosen on the valid split; rank/fusion.py)."""
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.errors import AlroError
     from alro_ray.train.trainer import resolve_data, run_training
@@ -65,16 +69,20 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = resolve_data(cfg, out)
+    # MLflow (if tracking.mlflow is set): the table's rows in one run, the trained variants nested under it.
+    run = tracking.start_run(cfg.tracking, f"compare {out.name}", run_dir=out, params=tracking.config_params(cfg),
+                             tags={"alro.command": "compare"})
     rows: dict[str, dict] = {}
 
     def evaluate(name: str, checkpoint: Path, modes: list[str], with_baselines: bool = False, shots: int = 0):
         m = run_evaluation(checkpoint, out / "eval" / slug(name), data_dir=data, modes=modes,
                            baselines=list(baselines) if with_baselines else [], limit=limit, actors=actors,
-                           few_shot=shots)
+                           few_shot=shots, fuse=fuse, fusion=fusion)
         if with_baselines:
             rows.update(m["baselines"])
         for mode_name, metrics in m["modes"].items():
-            rows[name if mode_name == mode else f"{name} {mode_name}"] = metrics
+            rows[name if mode_name == mode else f"{name} {mode_name}"] = \
+                {**metrics, "fusion": m["fusion"][mode_name]} if mode_name in m.get("fusion", {}) else metrics
         _write(rows, out, cfg, mode)
 
     if "zero-shot" in ladder or "few-shot" in ladder:
@@ -84,9 +92,11 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
         if "few-shot" in ladder:
             evaluate(f"few-shot ({few_shot})", base, [mode], shots=few_shot)
     for name in (n for n in ladder if n in WEIGHTS):
-        outcome = run_training(variant(cfg, name, data), out / "runs" / slug(name))
+        outcome = run_training(variant(cfg, name, data), out / "runs" / slug(name),
+                               tracking_parent=run.run_id if run else None)
         extra = [f"bootstrap@{p}" for p in bootstrap] if name == "SFT" else []
         evaluate(name, outcome.final_dir, [mode, *extra], with_baselines=not rows)
+    tracking.log_compare(run, rows, out)
     return rows
 
 

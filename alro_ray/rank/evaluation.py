@@ -19,13 +19,14 @@ def prompt_ids(row) -> list[int]:
 
 
 def rank_rows(model, rows: Sequence, identifier_ids: Sequence[int], pad_id: int, mode: str,
-              batch_size: int = 4) -> list[list[int]]:
-    """Predicted orders (prompt positions best first) of prepared rows."""
+              batch_size: int = 4, scorer=None) -> list[list[int]]:
+    """Predicted orders (prompt positions best first) of prepared rows (`scorer`: mode score's head)."""
     orders: list[list[int]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         try:
-            batch_orders, _ = rank_batch(model, [prompt_ids(r) for r in chunk], identifier_ids, mode, pad_id)
+            batch_orders, _ = rank_batch(model, [prompt_ids(r) for r in chunk], identifier_ids, mode, pad_id,
+                                         scorer=scorer)
         except NonFiniteError as e:
             raise with_users(e, chunk) from None
         orders.extend(batch_orders)

@@ -6,6 +6,7 @@ outputs are candidate orders as prompt positions, best first.
 
   one-pass     rank by the first slot's distribution over the identifier tokens (no decoding)
   generate     greedy decoding where each slot may only pick a candidate not picked yet
+  score        the score head's per-candidate scores, in one forward pass (model/score_head.py)
   free         unconstrained greedy generation, parsed and repaired (what the paper did)
   bootstrap@p  p candidate orders ranked by generate, mapped back and averaged (Borda)
 """
@@ -19,20 +20,7 @@ import torch
 from alro_ray.errors import NonFiniteError
 from alro_ray.model.padding import left_pad, positions
 from alro_ray.rank.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
-
-MODES = ("one-pass", "generate")  # the modes rank_batch runs on ready prompts
-
-
-def parse_mode(mode: str) -> tuple[str, int]:
-    """("bootstrap", p) for "bootstrap@p", else (mode, 1); a clear error for unknown modes."""
-    if mode.startswith("bootstrap@"):
-        p = mode.split("@", 1)[1]
-        if not p.isdigit() or int(p) < 1:
-            raise ValueError(f"bad mode {mode!r}: bootstrap@p needs an integer p >= 1")
-        return "bootstrap", int(p)
-    if mode not in (*MODES, "free"):
-        raise ValueError(f"unknown ranking mode {mode!r}; choose from one-pass, generate, free, bootstrap@p")
-    return mode, 1
+from alro_ray.rank.modes import MODES
 
 
 def refuse_nonfinite(scores: torch.Tensor, mode: str, rows: torch.Tensor | None = None) -> None:
@@ -55,22 +43,31 @@ def refuse_nonfinite(scores: torch.Tensor, mode: str, rows: torch.Tensor | None 
 
 @torch.no_grad()
 def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence[int], mode: str,
-               pad_id: int) -> tuple[list[list[int]], list[list[float]]]:
+               pad_id: int, scorer=None) -> tuple[list[list[int]], list[list[float]]]:
     """Orders (prompt positions best first) and per-candidate scores for a batch of prompts.
 
     Scores: one-pass gives the first slot's log-probabilities over the identifiers; generate
     gives minus the slot at which each candidate was picked (higher = better), for callers that
-    want one number per candidate.
+    want one number per candidate; score gives the score head's scores (`scorer`, a
+    model/score_head.CandidateScorer, needed by that mode only).
     """
     if mode not in MODES:
         raise ValueError(f"unknown ranking mode {mode!r}; choose from {MODES}")
+    if mode == "score" and scorer is None:
+        raise ValueError("ranking mode 'score' needs a ranker trained with a score head "
+                         "(model.head.kind linear or mlp, loss.objective score); this one has none")
     device = next(model.parameters()).device
     c = len(identifier_ids)
     ident = torch.tensor(list(identifier_ids), dtype=torch.long, device=device)
     ids, mask = left_pad(prompts, pad_id, device)
     position_ids = positions(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                use_cache=(mode == "generate"), logits_to_keep=1)
+                use_cache=(mode == "generate"), logits_to_keep=1, output_hidden_states=(mode == "score"))
+    if mode == "score":
+        scores = scorer.scores(out.hidden_states, prompts, c)
+        refuse_nonfinite(scores, mode)
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+        return order.tolist(), scores.tolist()
     first = out.logits[:, -1, :].float()[:, ident]
     refuse_nonfinite(first, mode)
     if mode == "one-pass":

@@ -20,7 +20,7 @@ from alro_ray.config import Config, ModelConfig, from_dict, read_yaml
 from alro_ray.data.prompts import Item
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.errors import AlroError, NonFiniteError
-from alro_ray.model.checkpoint import Ranker
+from alro_ray.model.checkpoint import Ranker, load_hints
 from alro_ray.serve.http import make_fastapi_app, nonfinite_scores
 from alro_ray.serve.registry import AdapterEntry
 from alro_ray.serve.schemas import safe_text
@@ -65,7 +65,7 @@ class RankerDeployment:
         torch.set_num_threads(max(1, threads))
         use_cuda = bool(settings.num_gpus) and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
-        dtype = getattr(torch, settings.dtype)
+        dtype = self.dtype = getattr(torch, settings.dtype)
         first = next(iter(registry.values()))
         model_cfg = from_dict(ModelConfig, first.model)
         self.base = load_base_model(model_cfg, dtype).to(self.device)
@@ -121,6 +121,8 @@ class RankerDeployment:
         from peft import PeftModel  # heavy: the ranker's process only
         from transformers import AutoTokenizer
 
+        from alro_ray.model.score_head import load_scorer  # imports torch
+
         entry = self.registry[name]
         self._evicted.discard(name)
         adapter_dir = str(Path(entry.path) / "adapter")
@@ -152,7 +154,9 @@ class RankerDeployment:
             if rank_tok.identifier_ids != entry.info["identifier_ids"]:
                 raise AlroError(f"adapter {name!r}: the saved tokenizer's identifier ids differ from ranker.json")
             cfg = from_dict(Config, read_yaml(Path(entry.path) / "config.yaml"))
-            self.rankers[name] = Ranker(self.peft, tok, rank_tok, entry.info, cfg)
+            scorer = load_scorer(entry.path, entry.info, rank_tok, self.device, self.dtype)  # its own head, if any
+            self.rankers[name] = Ranker(self.peft, tok, rank_tok, entry.info, cfg, scorer,
+                                        load_hints(entry.path, entry.info))  # data.hints, if trained with them
         self.loaded = sorted(self.peft.peft_config)  # a new list: stats() reads it without the lock
         log.info("adapter %r ready (loaded: %s)", name, self.loaded)
 
@@ -211,8 +215,17 @@ class RankerDeployment:
                     results[i] = {"error": f"adapter {p['adapter']!r} ranks 2 to {ranker.candidates} "
                                            f"candidates, got {c}", "status": 422}
                     continue
+                if p["mode"] == "score" and ranker.scorer is None:
+                    results[i] = {"error": f"adapter {p['adapter']!r} has no score head, so it cannot rank in mode "
+                                           f"'score': choose another mode or an adapter trained with "
+                                           f"model.head.kind linear or mlp", "status": 422}
+                    continue
                 history = [(Item(t, a), r) for t, a, r in p["history"]]
-                ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]])
+                # Hints (a ranker trained with data.hints): the request's own values, else the saved fit's
+                # by candidate id ("none" for unknown ids); MF's user part from history items with ids.
+                notes = ranker.hint_notes(p.get("candidate_ids") or [None] * c, p.get("candidate_hints"),
+                                          p.get("history_ids") or [], [r for _, _, r in p["history"]])
+                ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]], notes)
             except Exception as e:  # a bug or a broken checkpoint: fail this request only
                 log.exception("cannot prepare a request")
                 results[i] = {"error": f"internal error preparing the request: {type(e).__name__}", "status": 500}

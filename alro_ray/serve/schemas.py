@@ -4,7 +4,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, model_validator
 
-from alro_ray.serve.settings import ServeSettings
+from alro_ray.serve.settings import MODES, ServeSettings
 
 MAX_ATTRIBUTE_ITEMS = 20  # attributes given as a list: at most this many, each <= max_attribute_chars
 
@@ -60,11 +60,20 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
     def joined(attrs) -> str:
         return attrs if isinstance(attrs, str) else "|".join(attrs)
 
+    class Hints(BaseModel):  # data/hints.py VALUE_KEYS; a missing value shows "none"
+        model_config = ConfigDict(extra="forbid")
+        mean_rating: Optional[Rating] = None
+        ratings: Optional[Annotated[int, Field(ge=0)]] = None
+        popularity_rank: Optional[Annotated[int, Field(ge=1)]] = None
+        mf_score: Optional[Rating] = None
+
     class HistoryItem(BaseModel):
         model_config = ConfigDict(extra="forbid")
         title: Title
         attributes: Attributes = ""
         rating: Optional[Rating] = Field(None, description="the user's rating; left out of the prompt if null")
+        id: Optional[CandidateId] = Field(None, description="catalog id; for a ranker trained with data.hints, "
+                                                            "rated history items with ids give the mf_score hint")
 
         @model_validator(mode="after")
         def _attrs(self):
@@ -76,6 +85,8 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
         id: CandidateId = Field(description="returned in `ranking`; unique within the request")
         title: Title
         attributes: Attributes = ""
+        hints: Optional[Hints] = Field(None, description="prompt hints for a ranker trained with data.hints; "
+                                                         "default: computed from its saved fit by `id`")
 
         @model_validator(mode="after")
         def _attrs(self):
@@ -89,8 +100,8 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
         candidates: list[Candidate] = Field(
             min_length=2, max_length=max_candidates,
             description="items to rank; at most the adapter's trained candidate count C (GET /adapters)")
-        mode: Optional[Literal["generate", "one-pass"]] = Field(
-            None, description=f"ranking mode; default {s.default_mode!r}")
+        mode: Optional[Literal[MODES]] = Field(
+            None, description=f"ranking mode (score: adapters with a score head); default {s.default_mode!r}")
         adapter: Optional[StrictStr] = Field(None, max_length=64,
                                              description=f"adapter name (GET /adapters); default {s.default_name!r}")
 
@@ -111,7 +122,7 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
         ranking: list[Union[str, int]] = Field(description="candidate ids, best first")
         scores: dict[str, float] = Field(
             description="per candidate id: one-pass = log-probability of being ranked first; "
-                        "generate = minus the rank (higher is better)")
+                        "generate = minus the rank; score = the score head's score (higher is better)")
         adapter: str
         mode: str
         batch_size: int = Field(description="requests in the server-side batch this one ran in")

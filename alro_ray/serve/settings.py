@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from alro_ray.errors import ConfigError
+from alro_ray.rank.modes import MODES
 
 APP_NAME = "alro"
-MODES = ("generate", "one-pass")  # same names as alro_ray.rank.ranking.MODES
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -22,7 +22,7 @@ class ServeSettings:
 
     adapters: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
     default_adapter: str | None = None  # None: "default" if registered, else the first name
-    default_mode: Literal["generate", "one-pass"] = "generate"
+    default_mode: Literal[MODES] = "generate"  # score: every adapter needs a score head
     # request limits
     max_history: int = 50  # history items per request
     max_title_chars: int = 200

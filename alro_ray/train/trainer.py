@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -101,9 +100,10 @@ def check_writable(out: Path) -> None:
 
 
 def run_training(cfg: Config, output_dir: str | Path | None = None,
-                 callbacks: list | None = None) -> TrainOutcome:
+                 callbacks: list | None = None, tracking_parent: str | None = None) -> TrainOutcome:
     """`callbacks`: extra Ray Train `RunConfig` callbacks (tuning.py passes Tune's
-    `TuneReportCallback` so every epoch's metrics reach the Tune scheduler)."""
+    `TuneReportCallback` so every epoch's metrics reach the Tune scheduler). `tracking_parent`:
+    the MLflow run to nest this run's under (a study's, a comparison's; see tracking.py)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -112,6 +112,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     from alro_ray.data.prepare import read_stats
 
     from alro_ray.model.loading import prepare_model_cache
+    from alro_ray.train.train_tracking import TrainTracking
 
     out = Path(output_dir or Path(cfg.train.output_dir) / cfg.train.run_name).resolve()
     check_writable(out)
@@ -122,6 +123,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     stats = read_stats(data_dir)
     check_data_fits(cfg, stats)
     check_resume_world(out / "ray" / cfg.train.run_name, cfg.train.num_workers)
+    tracked = TrainTracking.start(cfg, out, tracking_parent)  # an MLflow run, if tracking.mlflow is set
 
     t = cfg.train
     quiet_ray_data(progress=False)
@@ -148,7 +150,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=list(callbacks or []),
+            # MLflow's epoch logger first: Tune may stop the trial as soon as its callback hears of the epoch.
+            callbacks=[*tracked.callbacks(), *(callbacks or [])],
         ),
     )
     try:
@@ -156,6 +159,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
         error = result.error
     except ray.train.TrainingFailedError as e:
         error = e
+    if error is not None:
+        tracked.failed()
     if error is not None and guard.read_failure(out):
         raise NonFiniteError(guard.read_failure(out) + set_aside_final(out)) from None
     if error is not None:
@@ -170,6 +175,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
         history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
     (out / "history.json").write_text(json.dumps(history, indent=2))
     log.info("final ranker in %s", final)
+    tracked.finished(out)
     return TrainOutcome(out, final, history, data_dir)
 
 
@@ -220,6 +226,7 @@ def train_loop(loop_config: dict) -> None:
     from alro_ray.cluster import quiet_ray_data
     from alro_ray.data.tokenize import RankTokenizer
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.model.score_head import attach_head
 
     quiet_ray_data(progress=False)
     stopped = guard.read_failure(loop_config["output_dir"])
@@ -241,6 +248,7 @@ def train_loop(loop_config: dict) -> None:
     rank_tok = RankTokenizer(tokenizer, stats["candidates"])
     identifier_ids = torch.tensor(rank_tok.identifier_ids)
     model = add_lora(load_base_model(cfg.model), cfg.model)
+    attach_head(model, cfg.model)  # the score head, if any: trained and checkpointed beside LoRA
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -294,6 +302,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     """One pass over this worker's shard; skips non-finite updates on every worker alike (guard.py)."""
     import ray.train
 
+    from alro_ray.model.score_head import scorer_of
     from alro_ray.train.objective import collate, compute_losses
 
     t = cfg.train
@@ -310,7 +319,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
         batch = collate(rows, perm_index=epoch if cfg.loss.beta > 0 else None)
         users = [str(u) for u in rows["user"]]
         terms = compute_losses(engine, batch, identifier_ids, cfg.loss, pad_id, len(rank_tok.header_ids),
-                               shared_prefix=t.shared_prefix)
+                               shared_prefix=t.shared_prefix, scorer=scorer_of(engine, rank_tok))
         where = (epoch + 1, f"{step // t.grad_accum + 1} (micro-batch {step % t.grad_accum + 1}/{t.grad_accum})")
         finite = guard.loss_is_finite(terms.total)
         if guard.any_rank(not finite):  # every worker drops this micro-batch: no backward, no step
@@ -332,8 +341,6 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
                 if rank == 0:
                     say(f"skipped: {checks.last}")
             window = []
-        if step + 1 == t.grad_accum:
-            maybe_inject_failure(loop_config, epoch, rank)
         for key, value in (("loss", terms.total), ("sft", terms.sft), ("rank", terms.rank), ("perm", terms.perm)):
             sums[key] += float(value.detach())
         n += 1
@@ -357,6 +364,7 @@ def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, 
     import torch
     import torch.distributed as dist
 
+    from alro_ray.model.score_head import scorer_of
     from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
 
     mine: list[list[float]] = []
@@ -367,7 +375,8 @@ def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, 
         rows = rows[rank::world]
         model.eval()
         with torch.no_grad():
-            orders = rank_rows(model, rows, rank_tok.identifier_ids, pad_id, cfg.train.eval_mode)
+            orders = rank_rows(model, rows, rank_tok.identifier_ids, pad_id, cfg.train.eval_mode,
+                               scorer=scorer_of(model, rank_tok))
         model.train()
         mine = ranked_relevance(rows, orders)
     gathered = [None] * world
@@ -377,15 +386,3 @@ def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, 
         gathered = [mine]
     summary = ndcg_summary([r for part in gathered for r in part])
     return {f"valid_{k}": v for k, v in summary.items() if k.startswith("ndcg") and v is not None}
-
-
-def maybe_inject_failure(loop_config: dict, epoch: int, rank: int) -> None:
-    """Fault injection for recovery tests: crash rank 1 (or 0) once, after the epoch's first step."""
-    at = loop_config["config"]["train"].get("inject_failure_epoch")
-    if at is None or epoch != at - 1 or rank != min(1, loop_config["config"]["train"]["num_workers"] - 1):
-        return
-    marker = Path(loop_config["output_dir"]) / "injected_failure"
-    if not marker.exists():
-        marker.write_text(f"epoch {epoch + 1}\n")
-        say(f"injected failure on rank {rank} at epoch {epoch + 1}")
-        os._exit(1)
