@@ -23,3 +23,24 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def random_ranker(root, *overrides):
+    """Prepare tiny synthetic data under root/data and save a ranker whose adapter is random (an
+    untrained adapter is all zeros, so it would not matter) under root/ranker."""
+    import torch
+
+    from alro_ray.config import load_config
+    from alro_ray.data.prepare import prepare, read_stats
+    from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+
+    cfg = load_config("configs/tiny.yaml", ["data.synthetic.users=40", "data.permutations=0", *overrides])
+    prepare(cfg, root / "data")
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    save_ranker(root / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(root / "data"), root / "data")
+    return root

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from conftest import random_ranker
 import torch
 
 from alro_ray.rank.batch_eval import parse_modes, run_evaluation
@@ -20,16 +21,7 @@ TINY = ["data.synthetic.users=40", "data.permutations=0"]
 
 @pytest.fixture(scope="module")
 def ranker_dir(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    cfg = load_config("configs/tiny.yaml", TINY)
-    prepare(cfg, root / "data")
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg.model), cfg.model)
-    for name, p in model.named_parameters():  # an untrained adapter is all zeros: make it matter
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
-    save_ranker(root / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(root / "data"), root / "data")
-    return root
+    return random_ranker(tmp_path_factory.mktemp("eval"))
 
 
 def test_left_padded_batch_ranks_like_single_prompts(ranker_dir):

@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import random_ranker
 
 from alro_ray.errors import AlroError
 from alro_ray.rank.fusion import choose_weight, fuse, fuse_predictions, fused_order, normalise
@@ -94,24 +95,7 @@ def test_fuse_predictions_chooses_on_valid_and_applies_to_test(tmp_path):
 
 @pytest.fixture(scope="module")
 def hinted_ranker(ray_local, tmp_path_factory):
-    import torch
-
-    from alro_ray.config import load_config
-    from alro_ray.data.prepare import prepare, read_stats
-    from alro_ray.model.checkpoint import save_ranker
-    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-
-    root = tmp_path_factory.mktemp("fuse")
-    cfg = load_config("configs/tiny.yaml", ["data.synthetic.users=40", "data.permutations=0",
-                                            "data.hints=[item_mean, popularity_rank]"])
-    prepare(cfg, root / "data")
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg.model), cfg.model)
-    for name, p in model.named_parameters():  # an untrained adapter is all zeros: make it matter
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
-    save_ranker(root / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(root / "data"), root / "data")
-    return root
+    return random_ranker(tmp_path_factory.mktemp("fuse"), "data.hints=[item_mean, popularity_rank]")
 
 
 @pytest.mark.slow  # ~90 s on 2 CPUs: a prepare and an evaluation of two splits
