@@ -16,7 +16,6 @@ import pytest
 from alro_ray.train import tune_report, tuning
 from alro_ray.cli import main as cli_main
 from alro_ray.config import load_config
-from alro_ray.data.prepare import prepare
 from alro_ray.train.trainer import run_training
 from alro_ray.train.tune_space import NDCG_KEYS, PAPER_POINT
 
@@ -178,11 +177,12 @@ def test_study_in_which_asha_stops_trials_finishes_and_releases_them(ray_local, 
 
 
 def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_path):
-    # The data first (preparing needs the CPUs too), then another job holds both CPUs of the 2-CPU
-    # Ray for the whole study.
-    cfg = _cfg("tune.num_samples=1", "tune.max_concurrent=1", "tune.resource_timeout_s=5")
-    prepare(cfg, tmp_path / "data")
-    hog = ray_local.util.placement_group([{"CPU": 2}])
+    # Another job holds one of the 2-CPU Ray's CPUs for the whole study, and the trial's Train run
+    # wants 2. (The other CPU stays free: Ray Data, which reads the trial's data, waits while no
+    # CPU at all is free, even for its zero-CPU read tasks.)
+    cfg = _cfg("tune.num_samples=1", "tune.max_concurrent=1", "tune.resource_timeout_s=5",
+               "train.num_workers=2")
+    hog = ray_local.util.placement_group([{"CPU": 1}])
     ray_local.get(hog.ready(), timeout=60)
     try:
         outcome = tuning.run_tune(cfg, tmp_path)
@@ -191,5 +191,5 @@ def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_
     (trial,) = outcome.trials
     assert trial["status"] == "failed", trial
     assert "ResourceTimeoutError" in trial["error"], trial["error"]
-    assert "waited 5 s for 1 CPU" in trial["error"] and "the cluster has 2 CPU, free now 0 CPU" in trial["error"]
+    assert "waited 5 s for 2 CPU" in trial["error"] and "the cluster has 2 CPU, free now 1 CPU" in trial["error"]
     assert _held_placement_groups(ray_local) == []
