@@ -15,7 +15,7 @@ from alro_ray.data.samples import user_samples
 from alro_ray.data.synthetic import generate
 from alro_ray.model.loading import add_lora, load_base_model
 from alro_ray.model.padding import attention_mask_for, left_pad, positions
-from alro_ray.rank.evaluation import prompt_ids, rank_rows, rows_of
+from alro_ray.rank.evaluation import prompt_ids, rank_rows
 from alro_ray.rank.ranking import bootstrap_orders, free_batch, rank_batch, refuse_nonfinite
 from alro_ray.train.losses import (
     literal_permutation_loss,
@@ -64,6 +64,11 @@ def uneven():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     return cfg, table, model, render.tok
+
+
+def _row_dicts(columns: dict) -> list[dict]:
+    """Column dict (as collate takes it) -> row dicts (as ranking takes them)."""
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _bf16_step(uneven, shared_prefix):
@@ -197,14 +202,14 @@ def test_refuse_nonfinite_names_mode_and_rows():
 
 def test_a_normal_model_still_ranks_in_every_mode(uneven):
     _, table, model, tok = uneven
-    for mode, orders in _rank_all_modes(model.eval(), rows_of(table), tok).items():
+    for mode, orders in _rank_all_modes(model.eval(), _row_dicts(table), tok).items():
         assert len(orders) == 3 and all(sorted(o) == list(range(5)) for o in orders), mode
 
 
 @pytest.mark.parametrize("where", ["lora", "base"])
 def test_every_ranking_mode_refuses_a_nan_model(uneven, where):
     cfg, table, _, tok = uneven
-    model, rows = _nan_model(cfg, where), rows_of(table)
+    model, rows = _nan_model(cfg, where), _row_dicts(table)
     prompts, ident, pad = [prompt_ids(r) for r in rows], tok.identifier_ids, tok.tokenizer.pad_token_id
     for mode in ("one-pass", "generate"):
         with pytest.raises(NonFiniteError, match=f"{mode} ranking: the model's scores are NaN or infinite for 3 of 3"):

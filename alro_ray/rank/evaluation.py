@@ -46,11 +46,3 @@ def ranked_relevance(rows: Sequence, orders: Iterable[Sequence[int]]) -> list[li
 
 def ndcg_summary(relevance_lists: list[list[float]], ks: Sequence[int] = KS) -> dict:
     return mean_ndcg(relevance_lists, ks=tuple(ks))
-
-
-def rows_of(frame) -> list[dict]:
-    """DataFrame or column dict -> list of row dicts (the form the functions above take)."""
-    if hasattr(frame, "to_dict"):
-        return frame.to_dict("records")
-    n = len(next(iter(frame.values())))
-    return [{k: v[i] for k, v in frame.items()} for i in range(n)]
