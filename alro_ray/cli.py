@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from alro_ray.config import Config, load_config
-from alro_ray.errors import AlroError
+from alro_ray.errors import AlroError, ConfigError
 
 log = logging.getLogger("alro_ray")
 
@@ -158,11 +159,28 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.rank.compare import run_compare
 
+    variants = {}
+    for spec in args.variant or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path:
+            raise ConfigError(f"--variant {spec!r}: expected NAME=CONFIG.yaml")
+        variants[name.strip()] = load_config(path)
+    bootstrap = [p.strip() for p in args.bootstrap.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) >= 2 for p in bootstrap):
+        raise ConfigError(f"--bootstrap {args.bootstrap!r}: expected comma-separated integers >= 2, or ''")
     run_compare(cfg, args.output_dir, ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
                 baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
-                limit=args.limit, actors=args.actors, fuse=[b for b in args.fuse.split(",") if b],
-                fusion=args.fusion)
+                bootstrap=[int(p) for p in bootstrap], limit=args.limit,
+                actors=args.actors, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
+                variants=variants)
     print((Path(args.output_dir) / "compare.md").read_text())
+    if args.results:  # the files docs/results/<dataset>/ keeps (not the runs and evaluations)
+        dest = Path(args.results)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted(Path(args.output_dir).glob("config*.yaml")) + [
+                Path(args.output_dir) / n for n in ("compare.json", "compare.md", "details.json", "predictions.parquet")]:
+            shutil.copy2(f, dest / f.name)
+        print(f"copied the results to {dest}")
     return 0
 
 
@@ -228,8 +246,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="random,popularity,item-mean,mf,gru4rec,sasrec")
     p.add_argument("--mode", default="generate", help="ranking mode for every LLM row")
     p.add_argument("--few-shot", type=int, default=2, help="demonstrations for the few-shot row")
+    p.add_argument("--bootstrap", default="3,5", help="comma-separated p of the SFT bootstrap@p rows ('' for none)")
     p.add_argument("--limit", type=int, help="score only the first N test users")
     p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--variant", action="append", metavar="NAME=CONFIG",
+                   help="also train CONFIG as it is and rank in its train.eval_mode, as row llm-NAME (repeatable)")
+    p.add_argument("--results", metavar="DIR", help="copy the configs, compare.json/md, details.json and "
+                                                   "predictions.parquet to DIR (e.g. docs/results/ml100k)")
     _add_fusion_args(p)
     p.set_defaults(func=cmd_compare)
 

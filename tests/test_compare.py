@@ -5,6 +5,7 @@ import json
 import pytest
 
 from alro_ray.cli import main
+from alro_ray.rank.results import ndcg_from_predictions, read_predictions
 
 
 @pytest.mark.slow
@@ -14,6 +15,40 @@ def test_compare_writes_one_table_with_ladder_and_baselines(ray_local, tmp_path)
                "--limit", "6", "train.epochs=1", "train.max_steps_per_epoch=2", "data.synthetic.users=60"])
     assert rc == 0
     rows = json.loads((tmp_path / "compare.json").read_text())
-    assert {"random", "popularity", "zero-shot", "few-shot (1)", "SFT", "SFT bootstrap@3", "SFT bootstrap@5"} <= set(rows)
-    assert all(0 < r["ndcg@3"] <= 1 for r in rows.values())
-    assert "| SFT bootstrap@5 |" in (tmp_path / "compare.md").read_text()
+    assert {"random", "popularity", "llm-zero-shot-generate", "llm-few-shot-generate", "llm-sft-generate",
+            "llm-sft-bootstrap@3", "llm-sft-bootstrap@5"} == set(rows)
+    assert all(set(r) == {"ndcg@3", "ndcg@10", "ndcg@25"} and 0 < r["ndcg@3"] <= 1 for r in rows.values())
+    assert "| llm-sft-bootstrap@5 |" in (tmp_path / "compare.md").read_text()
+    predictions = read_predictions(tmp_path / "predictions.parquet")
+    assert len(predictions) == 7 * 6 and predictions.groupby("method")["user"].nunique().eq(6).all()
+    recomputed = ndcg_from_predictions(predictions)
+    assert all(abs(recomputed[m] - rows[m]["ndcg@10"]) < 1e-9 for m in rows)
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert details["methods"]["llm-sft-generate"]["train_samples"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "score"], "--variant 'score': expected NAME=CONFIG.yaml"),
+    (["--variant", "score=configs/missing.yaml"], "config file not found: configs/missing.yaml"),
+    (["--bootstrap", "3,x"], "--bootstrap '3,x': expected comma-separated integers >= 2"),
+])
+def test_bad_compare_arguments_stop_before_any_work(tmp_path, capsys, args, message):
+    assert main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_variant_must_rank_the_same_lists(tmp_path):
+    """A variant may change how prompts look (data.hints), not which lists they hold."""
+    from alro_ray.config import load_config
+    from alro_ray.data.prepare import prepare
+    from alro_ray.errors import AlroError
+    from alro_ray.rank.compare import same_lists
+
+    base = ["data.synthetic.users=30", "data.permutations=0"]
+    prepare(load_config("configs/tiny.yaml", base), tmp_path / "a")
+    prepare(load_config("configs/tiny.yaml", [*base, "data.hints=[item_mean]"]), tmp_path / "hints")
+    prepare(load_config("configs/tiny.yaml", [*base, "data.seed=1"]), tmp_path / "other")
+    same_lists(tmp_path / "a", tmp_path / "hints")
+    with pytest.raises(AlroError, match="its test lists differ"):
+        same_lists(tmp_path / "a", tmp_path / "other")

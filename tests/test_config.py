@@ -40,6 +40,7 @@ def test_paper_gpu_config_is_the_papers_setting():
     (["tune.search_space={delta: {low: 0.1, high: 1}}"], "tune.search_space.delta: not a tunable"),
     (["tune.num_samples=0"], "tune.num_samples and tune.max_concurrent must be >= 1"),
     (["nokey"], "must look like section.key=value"),
+    (["model.lora.layers=0"], "model.lora.layers must be >= 1"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

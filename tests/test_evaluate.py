@@ -78,6 +78,21 @@ def test_evaluation_job_writes_predictions_metrics_and_report(ranker_dir, tmp_pa
     assert (tmp_path / "ndcg.png").stat().st_size > 1000 and (tmp_path / "position_bias.png").exists()
 
 
+def test_an_actor_pool_holding_every_cpu_still_gets_its_rows(ranker_dir, tmp_path):
+    """--actors 2 on a 2-CPU cluster, with --fuse (test and valid read): the rows are read before
+    the actors start. Reading them lazily left Ray Data no budget for the read tasks (even
+    zero-CPU ones) and the job waited forever, so this runs in a thread with a deadline."""
+    import threading
+
+    done = {}
+    job = threading.Thread(daemon=True, target=lambda: done.setdefault("m", run_evaluation(
+        ranker_dir / "ranker", tmp_path, modes=["one-pass"], baselines=[], actors=2, fuse=["item-mean"])))
+    job.start()
+    job.join(timeout=300)
+    assert "m" in done, "the evaluation with 2 actors on 2 CPUs did not finish in 5 minutes"
+    assert done["m"]["modes"]["one-pass"]["lists"] == len(read_split(ranker_dir / "data", "test"))
+
+
 def test_bad_inputs_fail_before_any_actor(ranker_dir, tmp_path):
     with pytest.raises(AlroError, match="bootstrap@p needs an integer"):
         parse_modes("generate,bootstrap@x")

@@ -131,3 +131,50 @@ def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_p
     # one-pass scores are log-probabilities; generate's are minus the rank.
     gen = preds[preds["mode"] == "generate"].iloc[0]
     assert sorted(gen["scores"]) == [-c for c in range(len(gen["scores"]), 0, -1)]
+
+
+def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path):
+    """The ranker deployment's batch path in-process (no Serve started): a request's `fusion`
+    mixes the ranker's scores with MF's or item-mean's, from the request's hints, else the
+    checkpoint's fit by id (an unknown id gets the known ones' mean); nothing to fuse with is a 422."""
+    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.serve.deployments import RankerDeployment
+    from alro_ray.serve.registry import load_registry
+    from alro_ray.serve.schemas import make_schemas
+    from alro_ray.serve.settings import ServeSettings
+
+    root = random_ranker(tmp_path, "data.hints=[item_mean,mf_score]")
+    settings = ServeSettings.from_dict({"adapters": {"default": str(root / "ranker")}, "torch_threads": 1})
+    deployment = RankerDeployment.func_or_class(settings, load_registry(settings.adapters))
+    fit = load_ranker(root / "ranker").hints
+    known = list(fit.items[:2])
+
+    def request(fusion=None, hints=None, ids=("p", "q", "r")):
+        return {"adapter": "default", "mode": "one-pass", "history": [["Old", "Noir", 4.0]],
+                "candidates": [[f"T{j}", "Noir"] for j in range(3)], "candidate_ids": list(ids),
+                "candidate_hints": hints, "history_ids": [None], "fusion": fusion}
+
+    given = [{"mf_score": 1.0}, {"mf_score": 5.0}, {"mf_score": 3.0}]
+    # The hints are rendered into the prompt too (the ranker was trained with them): same hints, same prompt.
+    plain, only_mf, only_llm, borda, by_id, plain_by_id, nothing = deployment._run_batch([
+        request(hints=given), request({"classical": "mf", "weight": 0.0, "method": "score"}, given),
+        request({"classical": "mf", "weight": 1.0, "method": "score"}, given),
+        request({"classical": "mf", "weight": 0.5, "method": "borda"}, given),
+        request({"classical": "item-mean", "weight": 0.0, "method": "score"}, ids=[known[0], "unknown", known[1]]),
+        request(ids=[known[0], "unknown", known[1]]), request({"classical": "mf", "weight": 0.5, "method": "score"})])
+    assert "fusion" not in plain
+    assert only_mf["order"] == [1, 2, 0] and only_mf["fusion"]["classical"] == "mf"
+    assert only_llm["order"] == plain["order"]
+    assert borda["order"] == fused_order(plain["scores"], [1.0, 5.0, 3.0], 0.5, "borda")
+    assert borda["scores"] == pytest.approx(fuse(plain["scores"], [1.0, 5.0, 3.0], 0.5, "borda").tolist())
+    means = [v["mean_rating"] for v in fit.values(known)]
+    cls = [means[0], sum(means) / 2, means[1]]
+    assert by_id["order"] == fused_order(plain_by_id["scores"], cls, 0.0, "score")
+    assert nothing["status"] == 422 and "pass candidates[].hints.mf_score" in nothing["error"]
+
+    schema = make_schemas(settings, 5)["RankRequest"]
+    body = {"history": [{"title": "Old"}], "candidates": [{"id": "a", "title": "T"}, {"id": "b", "title": "U"}]}
+    assert schema(**body, fusion={"classical": "mf", "weight": 0.3}).fusion.method == "score"
+    for bad in ({"classical": "mf", "weight": 1.5}, {"classical": "svd", "weight": 0.5}, {"weight": 0.5}):
+        with pytest.raises(ValueError):
+            schema(**body, fusion=bad)

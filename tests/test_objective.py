@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from alro_ray.config import load_config
+from alro_ray.config import ConfigError, load_config
 from alro_ray.model.loading import add_lora, load_base_model
 from alro_ray.train.objective import collate, compute_losses
 from alro_ray.data.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table
@@ -84,3 +84,44 @@ def test_beta_without_permutation_is_a_clear_error(setup):
     with pytest.raises(ValueError, match="needs a batch collated with a permutation"):
         compute_losses(model, collate(rows, None), torch.tensor(tok.identifier_ids), cfg.loss,
                        tok.tokenizer.pad_token_id, len(tok.header_ids))
+
+
+def test_lora_on_the_top_layers_only_trains_those_and_stops_backward_below_them(setup):
+    """model.lora.layers=k: adapters in the top k decoder layers only, and autograd never reaches
+    the layers below (their inputs need no gradient), which is where the time goes."""
+    cfg, rows, _, tok = setup
+    n = cfg.model.tiny.num_layers
+    top = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, layers=1))
+    model = add_lora(load_base_model(top), top)
+    trainable = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {str(n - 1)}
+    reached = []
+    lower = model.base_model.model.model.layers[0]
+    lower.register_forward_hook(lambda m, i, out: reached.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+    batch = collate(rows, perm_index=None)
+    sft = dataclasses.replace(cfg.loss, alpha=0.0, beta=0.0)
+    terms = compute_losses(model, batch, torch.tensor(tok.identifier_ids), sft, tok.tokenizer.pad_token_id,
+                           len(tok.header_ids))
+    terms.total.backward()
+    assert reached and not any(reached)  # layer 0's output is outside the autograd graph
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_layers_beyond_the_model_are_refused(setup):
+    cfg = setup[0]
+    too_many = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, layers=99))
+    with pytest.raises(ConfigError, match="model.lora.layers=99, but tiny-random has 2 decoder layers"):
+        add_lora(load_base_model(too_many), too_many)
+
+
+def test_permutation_rate_keeps_the_expected_beta_and_is_seeded():
+    from alro_ray.train.objective import step_loss
+
+    cfg = load_config(None, ["loss.beta=0.01", "loss.permutation_rate=0.25"]).loss
+    betas = [step_loss(cfg, 0, epoch=1, step=s).beta for s in range(4000)]
+    assert set(betas) == {0.0, 0.04}  # beta / rate where the permuted pass runs, 0 elsewhere
+    assert abs(sum(betas) / len(betas) - 0.01) < 0.001  # the same gradient in expectation
+    assert betas == [step_loss(cfg, 0, epoch=1, step=s).beta for s in range(4000)]
+    assert betas != [step_loss(cfg, 1, epoch=1, step=s).beta for s in range(4000)]
+    every = load_config(None, ["loss.beta=0.01"]).loss
+    assert step_loss(every, 0, 0, 0) is every  # the paper's setting: every micro-step

@@ -26,6 +26,13 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # LoRA on the top k decoder layers only (null: every layer). Backward then stops below them:
+    # the frozen lower layers need no gradient, so a step costs the forward plus k layers' backward.
+    layers: int | None = None
+
+    def validate(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"model.lora.layers must be >= 1 (the top k decoder layers) or null, got {self.layers}")
 
 
 @dataclass
@@ -69,11 +76,17 @@ class LossConfig:
     objective: Literal["generative", "score"] = "generative"
     score_loss: Literal["lambda", "listnet", "plackett_luce"] = "lambda"
     sft_weight: float = 0.0  # the generative SFT as an auxiliary of the score objective
+    # Share of micro-batches that run the permuted pass (weighted beta / rate there, so the expected
+    # gradient is unchanged); 1.0 (the paper) runs it on every one. Below 1 it trades variance of
+    # the beta term for time: the permuted pass costs ~0.4-0.5x an SFT step (docs/benchmarks.md).
+    permutation_rate: float = 1.0
 
     def validate(self) -> None:
         for name in ("alpha", "beta", "gamma", "sigma", "sft_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.permutation_rate <= 1:
+            raise ConfigError(f"loss.permutation_rate must be in (0, 1], got {self.permutation_rate}")
         if self.gamma == 0:
             raise ConfigError("loss.gamma must be > 0")
         if self.objective == "generative" and self.sft_weight:
@@ -94,6 +107,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     micro_batch: int = 1
     grad_accum: int = 4
+    bucket: int = 8  # micro-batches per length-sorting window (train/batching.py); 1: no bucketing
     warmup_ratio: float = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_steps_per_epoch: int | None = None  # optimizer steps; None: the whole epoch
@@ -111,8 +125,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # skipped NaN/inf updates tolerated per run; one more stops it
 
     def validate(self) -> None:
-        if self.num_workers < 1 or self.epochs < 1 or self.micro_batch < 1 or self.grad_accum < 1:
-            raise ConfigError("train.num_workers, epochs, micro_batch and grad_accum must be >= 1")
+        if min(self.num_workers, self.epochs, self.micro_batch, self.grad_accum, self.bucket) < 1:
+            raise ConfigError("train.num_workers, epochs, micro_batch, grad_accum and bucket must be >= 1")
         if self.max_nonfinite_steps < 0:
             raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.lr <= 0:
@@ -192,7 +206,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "Config":
-        for part in (self.data, self.model.head, self.loss, self.train, self.tune, self.tracking):
+        for part in (self.data, self.model.lora, self.model.head, self.loss, self.train, self.tune, self.tracking):
             part.validate()
         check_head(self)
         return self

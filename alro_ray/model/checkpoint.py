@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from alro_ray.config import Config, from_dict, read_yaml, save_config
+from alro_ray.compat import check_ranker_tokenizer
 from alro_ray.errors import AlroError
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import Item, render_prefix, render_suffix
@@ -78,6 +79,11 @@ def check_ranker_dir(path: str | Path) -> dict:
     return info
 
 
+# Serve's fusion: the classical model -> its hint value key, and the data.hints entry that fits it.
+FUSION_HINTS = {"mf": "mf_score", "item-mean": "mean_rating"}
+FUSION_FITS = {"mf": "mf_score", "item-mean": "item_mean"}
+
+
 @dataclass
 class Ranker:
     """A loaded ranker: renders prompts exactly as in training and ranks them."""
@@ -112,6 +118,18 @@ class Ranker:
         given = given or [None] * len(fitted)
         return [prompt_hints.render_hint(g if g is not None else f, self.hints.names) for g, f in zip(given, fitted)]
 
+    def classical_scores(self, classical: str, candidate_ids: Sequence, given: Sequence[dict | None] | None = None,
+                         history_ids: Sequence = (), history_ratings: Sequence = ()) -> list[float | None]:
+        """Per candidate, the classical score Serve fuses with (rank/fusion.py): `mf` = MF's predicted
+        rating (hint mf_score), `item-mean` = the item's shrunk mean rating (hint mean_rating); the
+        request's own hint value first, else the saved fit's by id, else None (unknown)."""
+        key = FUSION_HINTS[classical]
+        given = given or [None] * len(candidate_ids)
+        fitted = (self.hints.values(candidate_ids, history_ids, history_ratings)
+                  if self.hints is not None and FUSION_FITS[classical] in self.hints.names else [None] * len(given))
+        return [(g or {}).get(key) if (g or {}).get(key) is not None else (f or {}).get(key)
+                for g, f in zip(given, fitted)]
+
     def rank(self, prompts: Sequence[Sequence[int]], mode: str, c: int | None = None
              ) -> tuple[list[list[int]], list[list[float]]]:
         """Rank prompts that each show `c` candidates (default: the trained C)."""
@@ -139,8 +157,7 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
     base = load_base_model(cfg.model, dtype or torch.float32)
     model = PeftModel.from_pretrained(base, path / "adapter").to(device).eval()
     rank_tok = RankTokenizer(tokenizer, info["candidates"])
-    if rank_tok.identifier_ids != info["identifier_ids"]:
-        raise AlroError(f"{path}: the saved tokenizer's identifier ids differ from ranker.json")
+    check_ranker_tokenizer(path, rank_tok.identifier_ids, info)
     scorer = load_scorer(path, info, rank_tok, device, dtype)
     return Ranker(model, tokenizer, rank_tok, info, cfg, scorer, load_hints(path, info))
 

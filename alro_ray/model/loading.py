@@ -222,11 +222,18 @@ def load_base_model(cfg: ModelConfig, dtype=None):
 def add_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model
 
+    top = None
+    if cfg.lora.layers is not None:
+        n = model.config.num_hidden_layers
+        if cfg.lora.layers > n:
+            raise ConfigError(f"model.lora.layers={cfg.lora.layers}, but {cfg.name} has {n} decoder layers")
+        top = list(range(n - cfg.lora.layers, n))
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
+        layers_to_transform=top,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)

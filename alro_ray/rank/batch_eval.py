@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alro_ray.compat import check_ranker_on_data
 from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.rank.evaluation import ndcg_summary, with_users
 from alro_ray.rank.metrics import position_bias
@@ -54,12 +55,7 @@ def check_inputs(checkpoint: str | Path, data_dir: str | Path | None) -> tuple[d
     if not data_dir and not info.get("data_dir"):
         raise AlroError(f"{checkpoint}: ranker.json names no data directory; pass --data")
     stats = read_stats(data)
-    if stats["candidates"] != info["candidates"]:
-        raise AlroError(f"{data} has C={stats['candidates']} candidates per list, the ranker was trained "
-                        f"with C={info['candidates']}")
-    if stats["identifier_ids"] != info["identifier_ids"]:
-        raise AlroError(f"{data} was prepared with tokenizer {stats['tokenizer']!r}, whose identifier tokens "
-                        f"differ from the ranker's ({info['tokenizer']!r})")
+    check_ranker_on_data(info, stats, data)
     return info, data, stats
 
 
@@ -202,6 +198,10 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                             f"the split scored is valid itself")
         valid_ds = ray.data.read_parquet(str(data / "valid"))
         ds = ds.union(valid_ds.limit(limit) if limit else valid_ds)
+    # Read before the actors start: an actor pool that holds every CPU (--actors = the cluster's
+    # CPUs) leaves Ray Data no budget for read tasks, even zero-CPU ones, and the job would wait
+    # forever. The lists are small (rows of token ids), so they are held in the object store.
+    ds = ds.materialize()
     t0 = time.time()
     ranked = ds.map_batches(
         RankActor,

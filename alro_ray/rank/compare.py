@@ -6,23 +6,26 @@ Classical baselines, then the LLM ladder on exactly the same test candidate list
   w/o SLL, w/o PSL       α = 0;  β = 0
   ALRO                   the config's α, β, γ
   SFT bootstrap@p        the SFT ranker, p candidate orders averaged (Table 4)
-Every trained variant is a full `run_training` into OUTPUT/runs/<name>; every ranker is scored by
-the batch evaluation job into OUTPUT/eval/<name>. Output: OUTPUT/compare.md and compare.json.
+then any named variants (`--variant score=configs/ml100k_score.yaml`: a config trained as it is,
+e.g. a score head with prompt hints, checked to rank the same lists). Every trained variant is a
+full `run_training` into OUTPUT/runs/<name>; every ranker is scored by the batch evaluation job
+into OUTPUT/eval/<name>. Rows are named as rank/results.py says (`mf`, `llm-alro-generate`,
+`fused-score-mf`); the table, per-user rankings and paired intervals go to OUTPUT (results.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
-from alro_ray import tracking
-from alro_ray.config import Config
-from alro_ray.rank.report import LISTS, TPQ, ndcg_table
+import pandas as pd
 
-log = logging.getLogger("alro_ray")
+from alro_ray import tracking
+from alro_ray.config import Config, save_config
+from alro_ray.errors import AlroError
+from alro_ray.rank.results import MethodResult, baseline_results, ranker_results, write_results
 
 LADDER = ("zero-shot", "few-shot", "SFT", "w/o SLL", "w/o PSL", "ALRO")
 CLASSICAL = ("random", "popularity", "item-mean", "mf", "gru4rec", "sasrec")
@@ -53,14 +56,29 @@ def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
     return save_ranker(out, model, tok, cfg, read_stats(data_dir), data_dir)
 
 
+def same_lists(a: Path, b: Path, split: str = "test") -> None:
+    """Refuse prepared data whose `split` lists (users and candidate sets) differ from `a`'s: a
+    variant may render prompts differently (e.g. data.hints), never rank other lists."""
+    from alro_ray.data.prepare import read_split
+
+    def lists(d):
+        return {r["user"]: sorted(r["candidate_ids"]) for r in read_split(d, split).to_dict("records")}
+    if lists(a) != lists(b):
+        raise AlroError(f"{b}: its {split} lists differ from {a}'s; a compare variant may change how prompts are "
+                        f"rendered, not the data's users, windows or split (data.seed, history, candidates)")
+
+
 def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LADDER,
                 baselines: Sequence[str] = CLASSICAL, bootstrap: Sequence[int] = (3, 5), mode: str = "generate",
                 few_shot: int = 2, limit: int | None = None, actors: int = 1,
-                fuse: Sequence[str] = (), fusion: str = "score") -> dict:
-    """fuse: baselines to fuse every LLM row with (rows `<name> fused-<mode>-<baseline>`,
-    the weight chosen on the valid split; rank/fusion.py)."""
+                fuse: Sequence[str] = (), fusion: str = "score", variants: dict[str, Config] | None = None
+                ) -> dict[str, dict]:
+    """The untrained rows, each of `variants` (name -> a config trained as it is and ranked in its
+    train.eval_mode, e.g. a score head with data.hints), then the trained ladder, on the same test
+    lists as the classical baselines. fuse: baselines to fuse every ranker row with (weight chosen on the valid split).
+    Writes OUTPUT/compare.json, predictions.parquet, details.json, compare.md (rank/results.py)
+    after every row; returns the table."""
     from alro_ray.rank.batch_eval import run_evaluation
-    from alro_ray.errors import AlroError
     from alro_ray.train.trainer import resolve_data, run_training
 
     unknown = [n for n in ladder if n not in LADDER]
@@ -69,44 +87,57 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = resolve_data(cfg, out)
+    save_config(cfg, out / "config.yaml")
     # MLflow (if tracking.mlflow is set): the table's rows in one run, the trained variants nested under it.
     run = tracking.start_run(cfg.tracking, f"compare {out.name}", run_dir=out, params=tracking.config_params(cfg),
                              tags={"alro.command": "compare"})
-    rows: dict[str, dict] = {}
+    results: dict[str, MethodResult] = {}
+    table: dict[str, dict] = {}
 
-    def evaluate(name: str, checkpoint: Path, modes: list[str], with_baselines: bool = False, shots: int = 0):
-        m = run_evaluation(checkpoint, out / "eval" / slug(name), data_dir=data, modes=modes,
-                           baselines=list(baselines) if with_baselines else [], limit=limit, actors=actors,
-                           few_shot=shots, fuse=fuse, fusion=fusion)
-        if with_baselines:
-            rows.update(m["baselines"])
-        for mode_name, metrics in m["modes"].items():
-            rows[name if mode_name == mode else f"{name} {mode_name}"] = \
-                {**metrics, "fusion": m["fusion"][mode_name]} if mode_name in m.get("fusion", {}) else metrics
-        _write(rows, out, cfg, mode)
+    def evaluate(name: str, checkpoint: Path, modes: list[str], data_dir: Path = data, shots: int = 0,
+                 train: dict | None = None) -> None:
+        nonlocal table
+        where = out / "eval" / slug(name)
+        m = run_evaluation(checkpoint, where, data_dir=data_dir, modes=modes, baselines=[], limit=limit,
+                           actors=actors, few_shot=shots, fuse=fuse, fusion=fusion)
+        predictions = pd.read_parquet(where / "predictions.parquet")
+        results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
+        if baselines and baselines[0] not in results:  # on the lists the first ranker was scored on
+            results.update(baseline_results(data, baselines, users=set(predictions["user"])))
+        ordered = {**{b: results[b] for b in baselines}, **{k: v for k, v in results.items() if k not in baselines}}
+        table = write_results(out, ordered, _header(cfg, mode, limit))
+
+    def train(name: str, variant_cfg: Config) -> tuple[Path, dict]:
+        t0 = time.time()
+        outcome = run_training(variant_cfg, out / "runs" / slug(name), tracking_parent=run.run_id if run else None)
+        samples = sum(int(h.get("train_samples", 0)) for h in outcome.history)
+        return outcome.final_dir, {"train_samples": samples, "train_seconds": time.time() - t0}
 
     if "zero-shot" in ladder or "few-shot" in ladder:
         base = untrained_ranker(cfg, data, out / "runs" / "base")
         if "zero-shot" in ladder:
-            evaluate("zero-shot", base, [mode], with_baselines=True)
+            evaluate("zero-shot", base, [mode], train={"train_samples": 0})
         if "few-shot" in ladder:
-            evaluate(f"few-shot ({few_shot})", base, [mode], shots=few_shot)
+            evaluate("few-shot", base, [mode], shots=few_shot, train={"train_samples": 0})
+    for name, vcfg in (variants or {}).items():
+        save_config(vcfg, out / f"config-{slug(name)}.yaml")
+        vdata = resolve_data(vcfg, out / "runs" / slug(name))
+        same_lists(data, vdata)
+        vcfg = dataclasses.replace(vcfg, data=dataclasses.replace(vcfg.data, prepared=str(vdata)),
+                                   train=dataclasses.replace(vcfg.train, run_name=slug(name)))
+        final, cost = train(name, vcfg)
+        evaluate(name, final, [vcfg.train.eval_mode], data_dir=vdata, train=cost)
     for name in (n for n in ladder if n in WEIGHTS):
-        outcome = run_training(variant(cfg, name, data), out / "runs" / slug(name),
-                               tracking_parent=run.run_id if run else None)
-        extra = [f"bootstrap@{p}" for p in bootstrap] if name == "SFT" else []
-        evaluate(name, outcome.final_dir, [mode, *extra], with_baselines=not rows)
-    tracking.log_compare(run, rows, out)
-    return rows
+        final, cost = train(name, variant(cfg, name, data))
+        evaluate(name, final, [mode, *([f"bootstrap@{p}" for p in bootstrap] if name == "SFT" else [])], train=cost)
+    tracking.log_compare(run, table, out)
+    return table
 
 
-def _write(rows: dict[str, dict], out: Path, cfg: Config, mode: str) -> None:
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+def _header(cfg: Config, mode: str, limit: int | None) -> str:
     t = cfg.train
     cap = f", at most {t.max_steps_per_epoch} steps of {t.num_workers}x{t.micro_batch}x{t.grad_accum} samples" \
         if t.max_steps_per_epoch else ""
-    lines = [f"Ranking mode: {mode}. Data: H={cfg.data.history}, C={cfg.data.candidates}, model {cfg.model.name}, "
-             f"{t.epochs} epoch(s){cap}, lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.", "",
-             ndcg_table(rows, [TPQ, LISTS])]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    log.info("compare table so far:\n%s", "\n".join(lines))
+    return (f"Ladder ranking mode: {mode}. Data: {cfg.data.dataset}, H={cfg.data.history}, C={cfg.data.candidates}"
+            f"{f', first {limit} test users' if limit else ''}; model {cfg.model.name}, {t.epochs} epoch(s){cap}, "
+            f"lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.")

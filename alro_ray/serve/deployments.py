@@ -17,10 +17,12 @@ import ray
 from ray import serve
 
 from alro_ray.config import Config, ModelConfig, from_dict, read_yaml
+from alro_ray.compat import check_ranker_tokenizer
 from alro_ray.data.prompts import Item
 from alro_ray.data.tokenize import RankTokenizer
-from alro_ray.errors import AlroError, NonFiniteError
-from alro_ray.model.checkpoint import Ranker, load_hints
+from alro_ray.errors import NonFiniteError
+from alro_ray.model.checkpoint import FUSION_FITS, FUSION_HINTS, Ranker, load_hints
+from alro_ray.rank.fusion import fuse, fused_order
 from alro_ray.serve.http import make_fastapi_app, nonfinite_scores
 from alro_ray.serve.registry import AdapterEntry
 from alro_ray.serve.schemas import safe_text
@@ -151,8 +153,7 @@ class RankerDeployment:
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
             rank_tok = RankTokenizer(tok, entry.candidates)
-            if rank_tok.identifier_ids != entry.info["identifier_ids"]:
-                raise AlroError(f"adapter {name!r}: the saved tokenizer's identifier ids differ from ranker.json")
+            check_ranker_tokenizer(f"adapter {name!r}", rank_tok.identifier_ids, entry.info)
             cfg = from_dict(Config, read_yaml(Path(entry.path) / "config.yaml"))
             scorer = load_scorer(entry.path, entry.info, rank_tok, self.device, self.dtype)  # its own head, if any
             self.rankers[name] = Ranker(self.peft, tok, rank_tok, entry.info, cfg, scorer,
@@ -202,6 +203,7 @@ class RankerDeployment:
             self.batch_sizes[n] += 1
             self.requests += n
         results: list[dict | None] = [None] * n
+        classical: dict[int, list[float]] = {}  # request -> the classical scores it fuses with
         groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
         for i, p in enumerate(payloads):
             try:
@@ -226,6 +228,14 @@ class RankerDeployment:
                 notes = ranker.hint_notes(p.get("candidate_ids") or [None] * c, p.get("candidate_hints"),
                                           p.get("history_ids") or [], [r for _, _, r in p["history"]])
                 ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]], notes)
+                if p.get("fusion"):
+                    values = ranker.classical_scores(p["fusion"]["classical"], p.get("candidate_ids") or [None] * c,
+                                                     p.get("candidate_hints"), p.get("history_ids") or [],
+                                                     [r for _, _, r in p["history"]])
+                    if (missing := fusion_gap(values, p["fusion"]["classical"])) is not None:
+                        results[i] = {"error": missing, "status": 422}
+                        continue
+                    classical[i] = values
             except Exception as e:  # a bug or a broken checkpoint: fail this request only
                 log.exception("cannot prepare a request")
                 results[i] = {"error": f"internal error preparing the request: {type(e).__name__}", "status": 500}
@@ -262,6 +272,10 @@ class RankerDeployment:
                 self.group_sizes[len(members)] += 1
             for (i, _), order, score in zip(members, orders, scores):
                 results[i] = {"order": order, "scores": score, "batch_size": n}
+                if i in classical:
+                    f = payloads[i]["fusion"]
+                    results[i].update(order=fused_order(score, classical[i], f["weight"], f["method"]),
+                                      scores=fuse(score, classical[i], f["weight"], f["method"]).tolist(), fusion=f)
         return results
 
     def stats(self) -> dict:
@@ -289,6 +303,19 @@ class RankerDeployment:
 
     def ping(self) -> str:
         return "ok"
+
+
+def fusion_gap(values: list[float | None], classical: str) -> str | None:
+    """Why a request cannot be fused (no candidate has a value), or None; unknown candidates get
+    the mean of the known values (neutral under z-scores) in place."""
+    known = [v for v in values if v is not None]
+    if not known:
+        key = FUSION_HINTS[classical]
+        return (f"fusion with {classical!r} needs its score for the candidates: pass candidates[].hints.{key}, or use "
+                f"an adapter trained with data.hints including {FUSION_FITS[classical]} and send catalog ids it knows")
+    mean = sum(known) / len(known)
+    values[:] = [mean if v is None else float(v) for v in values]
+    return None
 
 
 @serve.deployment(name="ingress")

@@ -161,6 +161,7 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
             "candidate_ids": [c.id for c in req.candidates],
             "candidate_hints": [c.hints.model_dump(exclude_none=True) if c.hints else None for c in req.candidates],
             "history_ids": [h.id for h in req.history],
+            "fusion": req.fusion.model_dump() if req.fusion else None,
         }
         try:
             out = await call_with_retry(lambda: ranker.options(multiplexed_model_id=name).rank.remote(payload),
@@ -178,7 +179,7 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
         ids = [c.id for c in req.candidates]
         return {"ranking": [ids[j] for j in out["order"]],
                 "scores": {str(i): float(s) for i, s in zip(ids, out["scores"])},
-                "adapter": name, "mode": mode, "batch_size": out["batch_size"]}
+                "adapter": name, "mode": mode, "fusion": out.get("fusion"), "batch_size": out["batch_size"]}
 
     @app.get("/healthz", summary="Liveness: the ingress and a ranker replica answer")
     async def healthz():

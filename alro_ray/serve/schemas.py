@@ -93,6 +93,16 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
             self.attributes = joined(self.attributes)
             return self
 
+    class Fusion(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        classical: Literal["mf", "item-mean"] = Field(
+            description="the classical score: MF's predicted rating (hint mf_score) or the item's mean rating "
+                        "(hint mean_rating), from each candidate's hints, else the ranker's saved fit by id")
+        weight: float = Field(ge=0, le=1, description="the ranker's weight w in w * ranker + (1 - w) * classical "
+                                                      "(`alro evaluate --fuse` chooses it on the valid split)")
+        method: Literal["score", "borda", "rrf"] = Field("score", description="z-scored scores, Borda points or "
+                                                                            "reciprocal rank (rank/fusion.py)")
+
     class RankRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
         history: list[HistoryItem] = Field(min_length=1, max_length=s.max_history,
@@ -104,6 +114,8 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
             None, description=f"ranking mode (score: adapters with a score head); default {s.default_mode!r}")
         adapter: Optional[StrictStr] = Field(None, max_length=64,
                                              description=f"adapter name (GET /adapters); default {s.default_name!r}")
+        fusion: Optional[Fusion] = Field(None, description="fuse the ranker's scores with a classical model's "
+                                                           "(RecRanker's hybrid ranking)")
 
         @model_validator(mode="after")
         def _unique_ids(self):
@@ -125,6 +137,7 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
                         "generate = minus the rank; score = the score head's score (higher is better)")
         adapter: str
         mode: str
+        fusion: Optional[dict[str, Any]] = Field(None, description="the fusion applied (then `scores` are fused)")
         batch_size: int = Field(description="requests in the server-side batch this one ran in")
 
     class ErrorBody(BaseModel):

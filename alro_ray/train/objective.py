@@ -18,10 +18,14 @@ which the score head (model/score_head.py) maps to one score per candidate.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass
+
 import torch
 
 from alro_ray.config import LossConfig
+from alro_ray.compat import NEEDS_PERMUTATIONS
 from alro_ray.train.losses import (
     LossTerms,
     alro_loss,
@@ -73,7 +77,7 @@ def collate(rows: dict, perm_index: int | None) -> TrainBatch:
     )
     if perm_index is not None:
         if any(len(rows["perm_orders"][b]) == 0 for b in range(n)):
-            raise ValueError("beta > 0 needs permuted prompts: prepare the data with data.permutations >= 1")
+            raise ValueError(NEEDS_PERMUTATIONS)
         k = [perm_index % len(rows["perm_orders"][b]) for b in range(n)]
         batch.perm_input_ids = [ints(rows["perm_input_ids"][b][k[b]]) for b in range(n)]
         batch.perm_slot_positions = torch.tensor([ints(rows["perm_slot_positions"][b][k[b]]) for b in range(n)])
@@ -168,6 +172,16 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
         h = gather_hidden(out.hidden_states[layer], cand + shift[:, None])
         hidden = [h[0::2], h[1::2]]
     return [out.logits[0::2], out.logits[1::2]], hidden
+
+
+def step_loss(cfg: LossConfig, seed: int, epoch: int, step: int) -> LossConfig:
+    """The loss settings of one micro-step. With loss.permutation_rate p < 1 a seeded draw per
+    (seed, epoch, step) runs the permuted pass on a share p of the micro-steps with weight beta / p
+    (the same gradient in expectation) and skips it (beta 0) on the rest."""
+    if cfg.beta == 0 or cfg.permutation_rate >= 1:
+        return cfg
+    draw = random.Random(f"{seed}/{epoch}/{step}").random()
+    return dataclasses.replace(cfg, beta=cfg.beta / cfg.permutation_rate if draw < cfg.permutation_rate else 0.0)
 
 
 def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: LossConfig,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alro_ray.config import Config, from_dict, to_dict
+from alro_ray.compat import check_training
 from alro_ray.errors import AlroError, DataError, NonFiniteError
 from alro_ray.train import guard
 from alro_ray.train.checkpoints import DS_TAG, check_resume_world, resume_dir, save_and_report, set_aside_final
@@ -69,24 +70,6 @@ def resolve_data(cfg: Config, out: Path) -> Path:
     return data_dir
 
 
-def check_data_fits(cfg: Config, stats: dict) -> None:
-    """Refuse data that this model or loss cannot train on, before any worker starts."""
-    from alro_ray.model.loading import load_tokenizer
-    from alro_ray.data.tokenize import identifier_token_ids
-
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
-    ids = identifier_token_ids(tok, stats["candidates"])
-    if ids != stats["identifier_ids"]:
-        raise AlroError(
-            f"the data was prepared with tokenizer {stats['tokenizer']!r}, whose identifier ids differ "
-            f"from model {cfg.model.name!r}'s tokenizer; prepare it again with --tokenizer {cfg.model.name}"
-        )
-    if cfg.loss.beta > 0 and stats["config"]["data"]["permutations"] < 1:
-        raise AlroError("loss.beta > 0 needs permuted prompts: prepare the data with data.permutations >= 1")
-    if stats["rows"]["train"] < cfg.train.num_workers:
-        raise AlroError(f"{stats['rows']['train']} training rows for {cfg.train.num_workers} workers")
-
-
 def check_writable(out: Path) -> None:
     """Write a small file into the output directory now, rather than fail after training."""
     try:
@@ -121,7 +104,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     ensure_ray()
     data_dir = resolve_data(cfg, out)
     stats = read_stats(data_dir)
-    check_data_fits(cfg, stats)
+    check_training(cfg, stats)
     check_resume_world(out / "ray" / cfg.train.run_name, cfg.train.num_workers)
     tracked = TrainTracking.start(cfg, out, tracking_parent)  # an MLflow run, if tracking.mlflow is set
 
@@ -129,7 +112,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     quiet_ray_data(progress=False)
     # Read before the workers start, in tasks that reserve no CPU: Train workers (and, under Tune,
     # other trials' workers) may hold every CPU, and a 1-CPU read task would then wait forever.
-    datasets = {split: ray.data.read_parquet(str(data_dir / split), ray_remote_args={"num_cpus": 0}).materialize()
+    datasets = {split: ray.data.read_parquet(str(data_dir / split), num_cpus=0).materialize()
                 for split in ("train", "valid") if stats["rows"][split]}
     trainer = TorchTrainer(
         train_loop,
@@ -303,22 +286,24 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     import ray.train
 
     from alro_ray.model.score_head import scorer_of
-    from alro_ray.train.objective import collate, compute_losses
+    from alro_ray.train.batching import bucketed
+    from alro_ray.train.objective import collate, compute_losses, step_loss
 
     t = cfg.train
     engine.train()
     checks.start_epoch()
     sums = {"loss": 0.0, "sft": 0.0, "rank": 0.0, "perm": 0.0}
-    n, tokens, t0, window = 0, 0, time.time(), []
-    batches = ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=t.micro_batch, batch_format="numpy", local_shuffle_buffer_size=256,
+    n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
+    blocks = ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=t.micro_batch * t.bucket, batch_format="numpy", local_shuffle_buffer_size=256,
         local_shuffle_seed=t.seed + epoch)
-    for step, rows in enumerate(batches):
+    for step, rows in enumerate(bucketed(blocks, t.micro_batch, t.bucket, seed=t.seed + epoch)):
         if step >= micro_steps:
             break
-        batch = collate(rows, perm_index=epoch if cfg.loss.beta > 0 else None)
+        loss_cfg = step_loss(cfg.loss, t.seed + rank, epoch, step)
+        batch = collate(rows, perm_index=epoch if loss_cfg.beta > 0 else None)
         users = [str(u) for u in rows["user"]]
-        terms = compute_losses(engine, batch, identifier_ids, cfg.loss, pad_id, len(rank_tok.header_ids),
+        terms = compute_losses(engine, batch, identifier_ids, loss_cfg, pad_id, len(rank_tok.header_ids),
                                shared_prefix=t.shared_prefix, scorer=scorer_of(engine, rank_tok))
         where = (epoch + 1, f"{step // t.grad_accum + 1} (micro-batch {step % t.grad_accum + 1}/{t.grad_accum})")
         finite = guard.loss_is_finite(terms.total)
@@ -344,6 +329,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
         for key, value in (("loss", terms.total), ("sft", terms.sft), ("rank", terms.rank), ("perm", terms.perm)):
             sums[key] += float(value.detach())
         n += 1
+        samples += batch.size
         tokens += sum(len(s) for s in batch.input_ids) + sum(len(s) for s in (batch.perm_input_ids or []))
         if rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
             skipped = f", {checks.epoch_count} non-finite skipped (last: {checks.last})" if checks.epoch_count else ""
@@ -353,8 +339,9 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
                 f"{tokens * world / (time.time() - t0):.0f} tok/s{skipped}")
     seconds = time.time() - t0
     metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
-    metrics.update(epoch=epoch + 1, train_seconds=seconds, tokens_per_s=tokens * world / max(seconds, 1e-9),
-                   nonfinite_steps=checks.epoch_count)
+    # samples: this worker's times the world size (every worker runs the same number of micro-steps)
+    metrics.update(epoch=epoch + 1, train_seconds=seconds, train_samples=samples * world,
+                   tokens_per_s=tokens * world / max(seconds, 1e-9), nonfinite_steps=checks.epoch_count)
     return metrics
 
 

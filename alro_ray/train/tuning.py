@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from alro_ray import tracking
+from alro_ray.compat import check_training
 from alro_ray.config import Config, ConfigError, from_dict, save_config, to_dict
 from alro_ray.errors import AlroError
 from alro_ray.train.tune_report import TuneOutcome, fmt, report_study
@@ -143,7 +144,7 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
 
     from alro_ray.cluster import ensure_ray
     from alro_ray.data.prepare import read_stats
-    from alro_ray.train.trainer import check_data_fits, resolve_data
+    from alro_ray.train.trainer import resolve_data
     from alro_ray.train.tune_interrupt import ACTIVE, InterruptAfter
     from alro_ray.train.tune_resources import ReleaseTrainResources, concurrent_trials, release_all
 
@@ -164,9 +165,7 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     if not stats["rows"]["valid"]:
         raise AlroError(f"{data_dir} has no validation rows: the study has nothing to select on")
     space_cfg = cfg.tune.search_space
-    if stats["config"]["data"]["permutations"] < 1 and ("beta" in space_cfg or cfg.loss.beta > 0):
-        raise AlroError("β > 0 needs permuted prompts: prepare the data with data.permutations >= 1")
-    check_data_fits(cfg, stats)
+    check_training(cfg, stats, beta_searched="beta" in space_cfg)
     if saved is None:
         save_config(cfg, out / "study.yaml")
     base = copy.deepcopy(cfg)

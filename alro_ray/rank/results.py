@@ -1,0 +1,157 @@
+"""A comparison's results on one test set: every method's ranking of the same lists.
+
+What `alro compare` writes (and docs/results/<dataset>/ keeps):
+
+  compare.json         {method: {"ndcg@3": .., "ndcg@10": .., "ndcg@25": ..}}
+  predictions.parquet  one row per method and test user: method, user, ranking (candidate item
+                       ids, best first), ratings (their ratings in that order)
+  details.json         per method: lists, seconds per query, training samples and wall time,
+                       fusion weight; and the paired bootstrap intervals
+  compare.md           the same as a table, with the intervals
+
+Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `sasrec`; a ranker
+`llm-<variant>`; a ranker fused with a classical model `fused-<variant>-<baseline>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from alro_ray.errors import AlroError
+from alro_ray.rank.metrics import KS, mean_ndcg, ndcg_at_k, paired_bootstrap
+from alro_ray.rank.report import LISTS, TPQ, column, ndcg_table
+
+LLM, FUSED = "llm-", "fused-"
+# The targets of issue 11: the best ranker against item-mean, the best fused row against MF.
+REFERENCES = ((LLM, "item-mean"), (FUSED, "mf"))
+
+
+@dataclass
+class MethodResult:
+    """One method's rankings of the test lists, and what it cost."""
+
+    rankings: dict[str, list[str]]  # user -> candidate item ids, best first
+    ratings: dict[str, list[float]]  # user -> the candidates' ratings in that order
+    info: dict = field(default_factory=dict)  # tpq_seconds, train_samples, train_seconds, fusion, ...
+
+    def ndcg(self, users: Sequence[str], k: int = 10) -> list[float | None]:
+        return [ndcg_at_k(self.ratings[u], k) for u in users]
+
+
+def baseline_results(data_dir: str | Path, names: Sequence[str], split: str = "test", seed: int = 0,
+                     users: set | None = None) -> dict[str, MethodResult]:
+    """Each classical baseline fitted on DIR/fit_interactions.parquet, ranking DIR/<split> (only
+    `users`' lists when given)."""
+    import time
+
+    from alro_ray.data.prepare import read_split
+    from alro_ray.rank.baselines import baseline_orders, make_baseline
+
+    fit = pd.read_parquet(Path(data_dir) / "fit_interactions.parquet")
+    rows = [r for r in read_split(data_dir, split).to_dict("records") if users is None or r["user"] in users]
+    out = {}
+    for name in names:
+        t0 = time.perf_counter()
+        model = make_baseline(name, seed=seed).fit(fit)
+        t1 = time.perf_counter()
+        orders = baseline_orders(model, rows)
+        tpq = (time.perf_counter() - t1) / max(len(rows), 1)
+        out[name] = MethodResult({r["user"]: [r["candidate_ids"][j] for j in o] for r, o in zip(rows, orders)},
+                                 {r["user"]: [float(r["candidate_ratings"][j]) for j in o] for r, o in zip(rows, orders)},
+                                 {"fit_seconds": t1 - t0, "tpq_seconds": tpq})
+    return out
+
+
+def ranker_results(predictions: pd.DataFrame, variant: str, modes: dict[str, dict], fusion: dict[str, dict],
+                   train: dict | None = None) -> dict[str, MethodResult]:
+    """The rows of one ranker's evaluation (batch_eval's predictions.parquet and metrics): mode m
+    becomes `llm-<variant>-<m>` (just `llm-<variant>` when the variant names its mode), a fused
+    mode `fused-<m>-<baseline>` becomes `fused-<variant>-<m>-<baseline>`."""
+    out = {}
+    for mode, part in predictions.groupby("mode", sort=False):
+        fused = mode.startswith(FUSED)
+        llm_mode = fusion[mode]["mode"] if fused else mode
+        name = variant if variant.endswith(llm_mode) else f"{variant}-{llm_mode}"
+        name = f"{FUSED}{name}-{fusion[mode]['baseline']}" if fused else f"{LLM}{name}"
+        info = {"tpq_seconds": modes[llm_mode]["tpq_seconds"], **(train or {})}
+        if fused:
+            info["fusion"] = {k: fusion[mode][k] for k in ("method", "weight", "valid_ndcg@10", "valid_lists")}
+        out[name] = MethodResult(dict(zip(part["user"], map(list, part["predicted_ids"]))),
+                                 dict(zip(part["user"], (list(map(float, r)) for r in part["predicted_ratings"]))),
+                                 info)
+    return out
+
+
+def common_users(results: dict[str, MethodResult]) -> list[str]:
+    """The users every method ranked; refuses methods that ranked different lists."""
+    sets = {name: set(r.rankings) for name, r in results.items()}
+    first = next(iter(sets.values()))
+    odd = [n for n, s in sets.items() if s != first]
+    if odd:
+        raise AlroError(f"methods {odd} ranked other users than {next(iter(sets))}: every row must be on the same lists")
+    return sorted(first)
+
+
+def metrics(results: dict[str, MethodResult], users: Sequence[str]) -> dict[str, dict]:
+    return {name: {**mean_ndcg([r.ratings[u] for u in users], ks=KS), **r.info} for name, r in results.items()}
+
+
+def intervals(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict]) -> list[dict]:
+    """For each (prefix, reference): the best row with that prefix by test NDCG@10 minus the
+    reference, mean over users with a 95% paired bootstrap interval. The best is picked on the test
+    lists themselves, so its interval is a little optimistic; every other row is listed too."""
+    out = []
+    for prefix, ref in REFERENCES:
+        if ref not in results:
+            continue
+        b = results[ref].ndcg(users)
+        for name in sorted((n for n in results if n.startswith(prefix)), key=lambda n: -table[n]["ndcg@10"]):
+            a = results[name].ndcg(users)
+            keep = [i for i, (x, y) in enumerate(zip(a, b)) if x is not None and y is not None]
+            diff, lo, hi = paired_bootstrap([a[i] for i in keep], [b[i] for i in keep])
+            out.append({"method": name, "reference": ref, "ndcg@10_diff": diff, "ci95": [lo, hi],
+                        "lists": len(keep), "best": not any(o["reference"] == ref for o in out)})
+    return out
+
+
+def write_results(out: Path, results: dict[str, MethodResult], header: str) -> dict[str, dict]:
+    """compare.json, predictions.parquet, details.json and compare.md in `out`; returns the table."""
+    users = common_users(results)
+    table = metrics(results, users)
+    gaps = intervals(results, users, table)
+    (out / "compare.json").write_text(json.dumps(
+        {n: {f"ndcg@{k}": m[f"ndcg@{k}"] for k in KS} for n, m in table.items()}, indent=2))
+    (out / "details.json").write_text(json.dumps({"users": len(users), "methods": table, "intervals": gaps},
+                                                 indent=2, default=float))
+    frame = pd.DataFrame([{"method": n, "user": u, "ranking": r.rankings[u], "ratings": r.ratings[u]}
+                          for n, r in results.items() for u in users])
+    frame.to_parquet(out / "predictions.parquet", index=False)
+    cols = [LISTS, TPQ, column("training samples", "train_samples", "d"),
+            column("training wall (s)", "train_seconds", ".0f"), column("fusion weight", "fusion_weight", ".1f")]
+    shown = {n: {**m, "fusion_weight": m.get("fusion", {}).get("weight")} for n, m in table.items()}
+    lines = [header, "", ndcg_table(shown, cols), "",
+             "Paired bootstrap over users (10000 resamples), NDCG@10 difference and 95% interval:", ""]
+    lines += [f"- {'**best** ' if g['best'] else ''}{g['method']} - {g['reference']}: {g['ndcg@10_diff']:+.4f} "
+              f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] ({g['lists']} lists)" for g in gaps]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """A results predictions.parquet, checked: one row per (method, user)."""
+    frame = pd.read_parquet(path)
+    if frame.duplicated(["method", "user"]).any():
+        raise AlroError(f"{path}: a (method, user) pair appears twice")
+    return frame
+
+
+def ndcg_from_predictions(frame: pd.DataFrame, k: int = 10) -> dict[str, float]:
+    """Mean NDCG@k per method, recomputed from the ratings column (a reader's check)."""
+    return {m: float(np.mean([v for v in (ndcg_at_k(list(r), k) for r in part["ratings"]) if v is not None]))
+            for m, part in frame.groupby("method", sort=False)}

@@ -1,0 +1,61 @@
+"""rank/results.py: the comparison's files, names, same-lists check and intervals on a worked example."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from alro_ray.errors import AlroError
+from alro_ray.rank.results import (MethodResult, ndcg_from_predictions, ranker_results, read_predictions,
+                                   write_results)
+
+RATINGS = {"u1": {"a": 5.0, "b": 3.0, "c": 1.0}, "u2": {"a": 1.0, "b": 4.0, "c": 2.0}}
+
+
+def _method(orders: dict[str, list[str]], **info) -> MethodResult:
+    return MethodResult(orders, {u: [RATINGS[u][i] for i in o] for u, o in orders.items()}, info)
+
+
+def test_files_hold_every_method_on_the_same_users(tmp_path):
+    perfect = {"u1": ["a", "b", "c"], "u2": ["b", "c", "a"]}
+    worst = {"u1": ["c", "b", "a"], "u2": ["a", "c", "b"]}
+    results = {"item-mean": _method(worst), "mf": _method(worst), "llm-score": _method(perfect, train_samples=8),
+               "fused-score-mf": _method(perfect, fusion={"weight": 0.7})}
+    table = write_results(tmp_path, results, "header")
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert rows["llm-score"] == {"ndcg@3": 1.0, "ndcg@10": 1.0, "ndcg@25": 1.0}
+    # u1 reversed: gains 1, 7, 31 -> (1 + 7/log2 3 + 31/2) / (31 + 7/log2 3 + 1/2) = 0.58236;
+    # u2 reversed: gains 1, 3, 15 -> (1 + 3/log2 3 + 15/2) / (15 + 3/log2 3 + 1/2) = 0.59754
+    assert rows["mf"]["ndcg@3"] == pytest.approx((0.58236 + 0.59754) / 2, abs=1e-5)
+    assert table["mf"]["lists"] == 2
+    frame = read_predictions(tmp_path / "predictions.parquet")
+    assert sorted(frame.columns) == ["method", "ranking", "ratings", "user"] and len(frame) == 8
+    assert list(frame[(frame.method == "llm-score") & (frame.user == "u2")]["ranking"].iloc[0]) == ["b", "c", "a"]
+    assert ndcg_from_predictions(frame)["mf"] == pytest.approx(rows["mf"]["ndcg@10"])
+    gaps = json.loads((tmp_path / "details.json").read_text())["intervals"]
+    best = {g["reference"]: g for g in gaps if g["best"]}
+    assert best["item-mean"]["method"] == "llm-score" and best["mf"]["method"] == "fused-score-mf"
+    assert best["mf"]["ndcg@10_diff"] == pytest.approx(1 - table["mf"]["ndcg@10"])
+    md = (tmp_path / "compare.md").read_text()
+    assert "| llm-score |" in md and "**best** fused-score-mf - mf" in md and "| 0.7 |" in md
+
+
+def test_methods_on_other_users_are_refused(tmp_path):
+    results = {"mf": _method({"u1": ["a", "b", "c"]}), "llm-x": _method({"u2": ["a", "b", "c"]})}
+    with pytest.raises(AlroError, match="ranked other users"):
+        write_results(tmp_path, results, "")
+
+
+def test_ranker_rows_are_named_by_variant_mode_and_baseline():
+    preds = pd.DataFrame([
+        {"user": "u1", "mode": "generate", "predicted_ids": ["a", "b", "c"], "predicted_ratings": [5.0, 3.0, 1.0]},
+        {"user": "u1", "mode": "fused-generate-mf", "predicted_ids": ["a", "c", "b"], "predicted_ratings": [5.0, 1.0, 3.0]},
+    ])
+    fusion = {"fused-generate-mf": {"mode": "generate", "baseline": "mf", "method": "score", "weight": 0.3,
+                                    "valid_ndcg@10": 0.9, "valid_lists": 5}}
+    out = ranker_results(preds, "alro", {"generate": {"tpq_seconds": 1.5}}, fusion, {"train_samples": 4})
+    assert set(out) == {"llm-alro-generate", "fused-alro-generate-mf"}
+    assert out["fused-alro-generate-mf"].info["fusion"]["weight"] == 0.3
+    assert out["llm-alro-generate"].info == {"tpq_seconds": 1.5, "train_samples": 4}
+    score = ranker_results(preds.assign(mode="score"), "score", {"score": {"tpq_seconds": 0.1}}, {})
+    assert set(score) == {"llm-score"}
