@@ -16,6 +16,7 @@ Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `s
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,9 +49,7 @@ def baseline_results(data_dir: str | Path, names: Sequence[str], split: str = "t
                      users: set | None = None) -> dict[str, MethodResult]:
     """Each classical baseline fitted on DIR/fit_interactions.parquet, ranking DIR/<split> (only
     `users`' lists when given)."""
-    import time
-
-    from alro_ray.data.prepare import read_split
+    from alro_ray.data.prepare import read_split  # heavy (ray, torch): only where baselines are fitted
     from alro_ray.rank.baselines import baseline_orders, make_baseline
 
     fit = pd.read_parquet(Path(data_dir) / "fit_interactions.parquet")
