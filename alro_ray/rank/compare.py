@@ -75,9 +75,9 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
                 ) -> dict[str, dict]:
     """The untrained rows, each of `variants` (name -> a config trained as it is and ranked in its
     train.eval_mode, e.g. a score head with data.hints), then the trained ladder, on the same test
-    lists as the classical baselines. fuse: baselines to fuse every ranker row with (weight chosen on the valid split).
-    Writes OUTPUT/compare.json, predictions.parquet, details.json, compare.md (rank/results.py)
-    after every row; returns the table."""
+    lists as the classical baselines. fuse: baselines to fuse every ranker row with (the weight
+    chosen on the valid split). Writes OUTPUT/compare.json, predictions.parquet, details.json and
+    compare.md (rank/results.py) after every row; returns the table."""
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.train.trainer import resolve_data, run_training
 

@@ -232,10 +232,10 @@ class RankerDeployment:
                     values = ranker.classical_scores(p["fusion"]["classical"], p.get("candidate_ids") or [None] * c,
                                                      p.get("candidate_hints"), p.get("history_ids") or [],
                                                      [r for _, _, r in p["history"]])
-                    if (missing := fusion_gap(values, p["fusion"]["classical"])) is not None:
-                        results[i] = {"error": missing, "status": 422}
+                    if all(v is None for v in values):
+                        results[i] = {"error": no_classical_scores(p["fusion"]["classical"]), "status": 422}
                         continue
-                    classical[i] = values
+                    classical[i] = unknown_as_mean(values)
             except Exception as e:  # a bug or a broken checkpoint: fail this request only
                 log.exception("cannot prepare a request")
                 results[i] = {"error": f"internal error preparing the request: {type(e).__name__}", "status": 500}
@@ -305,17 +305,17 @@ class RankerDeployment:
         return "ok"
 
 
-def fusion_gap(values: list[float | None], classical: str) -> str | None:
-    """Why a request cannot be fused (no candidate has a value), or None; unknown candidates get
-    the mean of the known values (neutral under z-scores) in place."""
-    known = [v for v in values if v is not None]
-    if not known:
-        key = FUSION_HINTS[classical]
-        return (f"fusion with {classical!r} needs its score for the candidates: pass candidates[].hints.{key}, or use "
-                f"an adapter trained with data.hints including {FUSION_FITS[classical]} and send catalog ids it knows")
-    mean = sum(known) / len(known)
-    values[:] = [mean if v is None else float(v) for v in values]
-    return None
+def no_classical_scores(classical: str) -> str:
+    """The 422 for a fusion request where no candidate has the classical model's score."""
+    return (f"fusion with {classical!r} needs its score for the candidates: pass candidates[].hints."
+            f"{FUSION_HINTS[classical]}, or use an adapter trained with data.hints including "
+            f"{FUSION_FITS[classical]} and send catalog ids it knows")
+
+
+def unknown_as_mean(values: list[float | None]) -> list[float]:
+    """Candidates without a classical score get the mean of the others' (neutral under z-scores)."""
+    known = [float(v) for v in values if v is not None]
+    return [sum(known) / len(known) if v is None else float(v) for v in values]
 
 
 @serve.deployment(name="ingress")
