@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from alro_ray.errors import AlroError
@@ -152,5 +151,5 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
 
 def ndcg_from_predictions(frame: pd.DataFrame, k: int = 10) -> dict[str, float]:
     """Mean NDCG@k per method, recomputed from the ratings column (a reader's check)."""
-    return {m: float(np.mean([v for v in (ndcg_at_k(list(r), k) for r in part["ratings"]) if v is not None]))
+    return {m: mean_ndcg([list(r) for r in part["ratings"]], ks=(k,))[f"ndcg@{k}"]
             for m, part in frame.groupby("method", sort=False)}
