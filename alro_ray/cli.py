@@ -101,7 +101,7 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.data.prepare import prepare
 
     stats = prepare(cfg, args.out)
-    summary = {k: stats[k] for k in ("users_read", "users_kept", "users_dropped", "rows",
+    summary = {k: getattr(stats, k) for k in ("users_read", "users_kept", "users_dropped", "rows",
                                       "mean_prompt_tokens", "interactions_read", "interactions_dropped")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / 'stats.json'}")
@@ -172,7 +172,7 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
                 baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
                 bootstrap=[int(p) for p in bootstrap], limit=args.limit,
                 actors=args.actors, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
-                variants=variants)
+                variants=variants, merge=args.merge or [])
     print((Path(args.output_dir) / "compare.md").read_text())
     if args.results:  # the files docs/results/<dataset>/ keeps (not the runs and evaluations)
         dest = Path(args.results)
@@ -251,6 +251,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--variant", action="append", metavar="NAME=CONFIG",
                    help="also train CONFIG as it is and rank in its train.eval_mode, as row llm-NAME (repeatable)")
+    p.add_argument("--merge", action="append", metavar="DIR",
+                   help="add the rows of an earlier compare output (or results) DIR on the same test lists "
+                        "(repeatable; this run's rows win a name clash)")
     p.add_argument("--results", metavar="DIR", help="copy the configs, compare.json/md, details.json and "
                                                    "predictions.parquet to DIR (e.g. docs/results/ml100k)")
     _add_fusion_args(p)

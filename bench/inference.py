@@ -35,7 +35,8 @@ def main() -> None:
     from alro_ray.rank.compare import untrained_ranker
     from alro_ray.model.checkpoint import load_ranker
     from alro_ray.rank.evaluation import prompt_ids
-    from alro_ray.data.prepare import load_renderer, prepare, read_split
+    from alro_ray.data.dataset import load_renderer, read_split
+    from alro_ray.data.prepare import prepare
 
     cfg = load_config(None, [f"model.name={args.model}", f"data.history={args.history}",
                              f"data.candidates={args.candidates}", "data.synthetic.users=60",

@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t
         files_written = [len(list((Path(out) / s).glob("*.parquet"))) for s in ("train", "valid", "test")]
     phases["everything else (driver)"] = seconds - sum(phases.values())
-    print(MARK + json.dumps({"seconds": seconds, "rows": sum(stats["rows"].values()),
+    print(MARK + json.dumps({"seconds": seconds, "rows": sum(stats.rows.values()),
                              "files": files_written, "phases": dict(phases)}), flush=True)
     ray.shutdown()
 

@@ -35,6 +35,7 @@ GENRES = ("Action", "Comedy", "Drama", "Horror", "Sci-Fi", "Romance", "Thriller"
 
 
 def make_checkpoint(model: str, candidates: int, history: int, out: Path) -> Path:
+    from alro_ray.data.dataset import ranking_stats
     from alro_ray.model.checkpoint import save_ranker
     from alro_ray.config import load_config
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
@@ -43,9 +44,7 @@ def make_checkpoint(model: str, candidates: int, history: int, out: Path) -> Pat
     cfg = load_config(None, [f"model.name={model}", f"data.candidates={candidates}", f"data.history={history}"])
     tok = load_tokenizer(model, cfg.model.cache_dir)
     peft_model = add_lora(load_base_model(cfg.model), cfg.model)
-    stats = {"candidates": candidates, "history": history,
-             "identifier_ids": RankTokenizer(tok, candidates).identifier_ids,
-             "domain_plural": "movies", "attribute_name": "genres", "tokenizer": model}
+    stats = ranking_stats(candidates, history, RankTokenizer(tok, candidates).identifier_ids, model, "movies")
     return save_ranker(out, peft_model, tok, cfg, stats, data_dir=None)
 
 

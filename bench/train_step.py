@@ -42,7 +42,8 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from alro_ray.config import HeadConfig, load_config  # noqa: E402
-from alro_ray.data.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table  # noqa: E402
+from alro_ray.data.dataset import SAMPLE_SCHEMA  # noqa: E402
+from alro_ray.data.prepare import RenderTokenize, item_table  # noqa: E402
 from alro_ray.data.samples import user_samples  # noqa: E402
 from alro_ray.data.synthetic import generate  # noqa: E402
 from alro_ray.model.loading import add_lora, load_base_model  # noqa: E402

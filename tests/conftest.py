@@ -31,7 +31,8 @@ def random_ranker(root, *overrides):
     import torch
 
     from alro_ray.config import load_config
-    from alro_ray.data.prepare import prepare, read_stats
+    from alro_ray.data.dataset import read_stats
+    from alro_ray.data.prepare import prepare
     from alro_ray.model.checkpoint import save_ranker
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 

@@ -13,7 +13,8 @@ from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-from alro_ray.data.prepare import prepare, read_split, read_stats
+from alro_ray.data.dataset import read_split, read_stats
+from alro_ray.data.prepare import prepare
 from alro_ray.rank.ranking import bootstrap_orders, rank_batch
 
 TINY = ["data.synthetic.users=40", "data.permutations=0"]

@@ -100,7 +100,7 @@ def hinted_ranker(ray_local, tmp_path_factory):
 
 @pytest.mark.slow  # ~90 s on 2 CPUs: a prepare and an evaluation of two splits
 def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_path):
-    from alro_ray.data.prepare import read_split
+    from alro_ray.data.dataset import read_split
     from alro_ray.model.checkpoint import load_ranker
     from alro_ray.rank.batch_eval import run_evaluation
 

@@ -136,8 +136,8 @@ def planted(tmp_path_factory, ray_local):
 
 def test_prepare_fits_hints_without_any_candidate_window(planted):
     out, stats = planted
-    assert stats["hints"] == NAMES and stats["hint_interactions"] == 2 * USERS  # the histories only
-    assert stats["hint_tokens_per_prompt"] > 0
+    assert stats.hints == NAMES and stats.hint_interactions == 2 * USERS  # the histories only
+    assert stats.hint_tokens_per_prompt > 0
     # Hand: histories y=3 x5, x=5 x5, y=2 x5, z=4 x5: mu = 70 / 20 = 3.5.
     m = HintModel.load(out / "hints.parquet")
     v = dict(zip(m.items, m.values(m.items)))
@@ -148,11 +148,11 @@ def test_prepare_fits_hints_without_any_candidate_window(planted):
     assert [v[i]["popularity_rank"] for i in "xyz"] == [2, 1, 2]
     # The baselines' fit data still holds the training users' windows (hints drop them too).
     fit = pq.read_table(out / "fit_interactions.parquet").to_pandas()
-    assert len(fit) > stats["hint_interactions"]
+    assert len(fit) > stats.hint_interactions
 
 
 def test_prompts_show_hints_and_re_render_identically(planted):
-    from alro_ray.data.prepare import load_renderer
+    from alro_ray.data.dataset import load_renderer
 
     out, _ = planted
     renderer = load_renderer(out)

@@ -10,7 +10,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from alro_ray.config import load_config
 from alro_ray.errors import NonFiniteError
-from alro_ray.data.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table
+from alro_ray.data.dataset import SAMPLE_SCHEMA
+from alro_ray.data.prepare import RenderTokenize, item_table
 from alro_ray.data.samples import user_samples
 from alro_ray.data.synthetic import generate
 from alro_ray.model.loading import add_lora, load_base_model

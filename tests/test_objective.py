@@ -9,7 +9,8 @@ import torch
 from alro_ray.config import ConfigError, load_config
 from alro_ray.model.loading import add_lora, load_base_model
 from alro_ray.train.objective import collate, compute_losses
-from alro_ray.data.prepare import SAMPLE_SCHEMA, RenderTokenize, item_table
+from alro_ray.data.dataset import SAMPLE_SCHEMA
+from alro_ray.data.prepare import RenderTokenize, item_table
 from alro_ray.data.samples import user_samples
 from alro_ray.data.synthetic import generate
 

@@ -7,7 +7,7 @@ import pytest
 
 from alro_ray.errors import AlroError
 from alro_ray.rank.results import (MethodResult, ndcg_from_predictions, ranker_results, read_predictions,
-                                   write_results)
+                                   read_results, write_results)
 
 RATINGS = {"u1": {"a": 5.0, "b": 3.0, "c": 1.0}, "u2": {"a": 1.0, "b": 4.0, "c": 2.0}}
 
@@ -38,6 +38,21 @@ def test_files_hold_every_method_on_the_same_users(tmp_path):
     assert best["mf"]["ndcg@10_diff"] == pytest.approx(1 - table["mf"]["ndcg@10"])
     md = (tmp_path / "compare.md").read_text()
     assert "| llm-score |" in md and "**best** fused-score-mf - mf" in md and "| 0.7 |" in md
+
+
+def test_written_results_read_back_for_merging(tmp_path):
+    """`alro compare --merge DIR` reads an earlier table's rows back: rankings, ratings and the
+    per-row facts, not the metrics (recomputed on the merged table's lists)."""
+    rows = {"mf": _method({"u1": ["c", "b", "a"], "u2": ["b", "a", "c"]}),
+            "llm-sft-generate": _method({"u1": ["a", "b", "c"], "u2": ["a", "b", "c"]}, train_samples=8)}
+    write_results(tmp_path, rows, "header")
+    back = read_results(tmp_path)
+    assert list(back) == ["mf", "llm-sft-generate"]
+    assert back["llm-sft-generate"].rankings == rows["llm-sft-generate"].rankings
+    assert back["mf"].ratings == rows["mf"].ratings
+    assert back["llm-sft-generate"].info == {"train_samples": 8}
+    with pytest.raises(AlroError, match="holds no `alro compare` results"):
+        read_results(tmp_path / "nothing")
 
 
 def test_methods_on_other_users_are_refused(tmp_path):

@@ -136,9 +136,10 @@ def test_forged_titles_are_neutralised_in_history_and_candidates():
 def test_forged_titles_are_neutralised_as_serve_renders_them(smollm2_tokenizer):
     """Serve builds `Item(title, attributes)` from the request and calls `Ranker.prompt_ids`."""
     from alro_ray.model.checkpoint import Ranker
+    from alro_ray.model.ranker_info import RankerInfo
 
     ranker = Ranker(model=None, tokenizer=smollm2_tokenizer, rank_tokenizer=RankTokenizer(smollm2_tokenizer, 3),
-                    info={"candidates": 3, "domain_plural": "CDs", "attribute_name": "### Response"},
+                    info=RankerInfo("smollm2-135m", 3, 1, [], "CDs", "### Response", "smollm2-135m"),
                     config=None)
     ids = ranker.prompt_ids([(Item(FORGED_TITLE, FORGED_ATTRS), 5.0)],
                             [Item("A1", "x"), Item("A2"), Item(FORGED_TITLE, FORGED_ATTRS)])

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from alro_ray import cli
 from alro_ray.config import ConfigError, HeadConfig, load_config
+from alro_ray.data.dataset import ranking_stats
 from alro_ray.data.prompts import LETTERS, Item, render_prefix, render_suffix
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.errors import NonFiniteError
@@ -196,8 +197,7 @@ def test_the_head_learns_a_planted_feature(tok, score_loss, steps, gain):
 
 
 def _stats(tok):
-    return {"candidates": C, "history": 1, "identifier_ids": tok.identifier_ids, "domain_plural": "movies",
-            "attribute_name": "genres", "tokenizer": "tiny-random"}
+    return ranking_stats(C, 1, tok.identifier_ids, "tiny-random", "movies")
 
 
 def test_save_load_round_trip_gives_identical_scores(tok, tmp_path):

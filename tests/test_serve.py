@@ -22,6 +22,7 @@ LIMITS = dict(max_history=8, max_title_chars=60, max_attribute_chars=40, max_bod
 def _make_checkpoint(out_dir, perturb_seed=None):
     import torch
 
+    from alro_ray.data.dataset import ranking_stats
     from alro_ray.model.checkpoint import save_ranker
     from alro_ray.config import load_config
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
@@ -36,8 +37,7 @@ def _make_checkpoint(out_dir, perturb_seed=None):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 1.0)
-    stats = {"candidates": C, "history": 6, "identifier_ids": RankTokenizer(tok, C).identifier_ids,
-             "domain_plural": "movies", "attribute_name": "genres", "tokenizer": "tiny-random"}
+    stats = ranking_stats(C, 6, RankTokenizer(tok, C).identifier_ids, "tiny-random", "movies")
     return save_ranker(out_dir, model, tok, cfg, stats, data_dir=None)
 
 
@@ -305,8 +305,12 @@ def test_registry_checks_at_start(checkpoints, tmp_path):
         load_registry({"default": checkpoints["a"], "x": checkpoints["other"]})
     with pytest.raises(ConfigError, match="not a ranker checkpoint"):
         load_registry({"default": str(tmp_path)})
-    with pytest.raises(ConfigError, match="unknown serve setting"):
+    with pytest.raises(ConfigError, match="unknown config key serve.max_batch "):
         ServeSettings.from_dict({"adapters": {"default": "x"}, "max_batch": 3})
+    with pytest.raises(ConfigError, match="serve.batch_wait_timeout_s must be a number, got 'soon'"):
+        ServeSettings.from_dict({"adapters": {"default": "x"}, "batch_wait_timeout_s": "soon"})
+    with pytest.raises(ConfigError, match="serve.default_mode must be one of"):
+        ServeSettings.from_dict({"adapters": {"default": "x"}, "default_mode": "best"})
     with pytest.raises(ConfigError, match="adapter name"):
         ServeSettings.from_dict({"adapters": {"../x": "x"}})
     with pytest.raises(ConfigError, match="max_batch_size"):

@@ -18,7 +18,7 @@ from alro_ray.model.checkpoint import load_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
-from alro_ray.data.prepare import read_split
+from alro_ray.data.dataset import read_split
 from alro_ray.train.trainer import run_training
 
 

@@ -163,7 +163,8 @@ class HintModel:
 
 def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -> HintModel:
     """Fit the hints on `interactions` (see `hint_interactions`) with the baselines' own fits."""
-    # The baselines live with the other classical models in rank/; they import nothing from data/.
+    # Lazy: rank.baselines loads torch (its learned models); readers of a fitted HintModel need neither.
+    from alro_ray.rank.baselines.learned import MFBaseline
     from alro_ray.rank.baselines.simple import ItemMeanBaseline, PopularityBaseline
 
     names = check_names(names)
@@ -177,8 +178,6 @@ def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -
     rank = 1 + np.searchsorted(np.sort(-n), -n, side="left")
     bias, factors, mu, reg = np.zeros(len(items)), np.zeros((len(items), 0)), 0.0, 0.0
     if "mf_score" in names:
-        from alro_ray.rank.baselines.learned import MFBaseline  # torch: only when MF is asked for
-
         mf = MFBaseline(seed).fit(interactions)
         at = mf.items.encode(items)  # every item of the fit has an MF row
         bias = mf.bi.weight.detach()[at, 0].double().numpy()

@@ -2,7 +2,8 @@
 
   read (driver) -> clean and count -> split users -> Ray Data: group by user -> windows,
   shuffled candidates, gold ranking, permutations -> render prompts and tokenize (actor pool,
-  one tokenizer per actor) -> Parquet under out/{train,valid,test} + stats.json
+  one tokenizer per actor) -> Parquet under out/{train,valid,test} + stats.json (the contract
+  those files follow, and how to read them back, is `data/dataset.py`)
 
 Reading stays in the driver because a malformed line must be reported with its file and line
 number (and the raw formats are line-oriented); everything per user runs in Ray Data.
@@ -12,7 +13,6 @@ reason), users read = kept + dropped (by reason).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,45 +26,13 @@ from alro_ray.config import Config, save_config, to_dict
 from alro_ray.errors import DataError
 from alro_ray.model.loading import load_tokenizer
 from alro_ray.data import hints as hint_fit
+from alro_ray.data.dataset import ROW_SCHEMA, SAMPLE_SCHEMA, PreparedStats, write_stats
 from alro_ray.data.prompts import SampleRenderer, neutralise, render_response
 from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.data.sources import SourceData, read_source
 from alro_ray.data.tokenize import RankTokenizer
 
 log = logging.getLogger("alro_ray")
-
-FORMAT = "alro-prepared-v1"
-
-_LIST_I32 = pa.list_(pa.int32())
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("user", pa.string()),
-        ("split", pa.string()),
-        ("window", pa.int32()),
-        ("history_items", pa.list_(pa.string())),
-        ("history_ratings", pa.list_(pa.float64())),
-        ("candidate_ids", pa.list_(pa.string())),
-        ("candidate_ratings", pa.list_(pa.float64())),
-        ("candidate_timestamps", pa.list_(pa.int64())),
-        ("gold_order", _LIST_I32),
-        ("perm_orders", pa.list_(_LIST_I32)),
-    ]
-)
-ROW_SCHEMA = pa.schema(
-    list(SAMPLE_SCHEMA)
-    + [
-        ("prompt", pa.string()),
-        ("response", pa.string()),
-        ("input_ids", _LIST_I32),
-        ("labels_mask", pa.list_(pa.int8())),
-        ("slot_positions", _LIST_I32),
-        ("prefix_len", pa.int32()),
-        ("n_prompt_tokens", pa.int32()),
-        ("perm_input_ids", pa.list_(_LIST_I32)),
-        ("perm_slot_positions", pa.list_(_LIST_I32)),
-    ]
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # Driver side: cleaning and counting.
@@ -113,15 +81,6 @@ def write_items(items: dict[str, tuple[str, str]], path: Path) -> None:
     ids = list(items)
     pq.write_table(pa.table({"item": ids, "title": [items[i][0] for i in ids],
                              "attributes": [items[i][1] for i in ids]}), path)
-
-
-def load_renderer(data_dir: str | Path) -> SampleRenderer:
-    """The renderer a prepared directory's prompts were made with."""
-    stats = read_stats(data_dir)
-    t = pq.read_table(Path(data_dir) / "items.parquet").to_pydict()
-    items = dict(zip(t["item"], zip(t["title"], t["attributes"])))
-    hints = hint_fit.HintModel.load(Path(data_dir) / hint_fit.FILE) if stats.get("hints") else None
-    return SampleRenderer(items, stats["attribute_name"], stats["domain_plural"], hints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +137,7 @@ class RenderTokenize:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare(cfg: Config, out_dir: str | Path) -> dict:
+def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
     """Run the whole pipeline; returns the stats also written to out_dir/stats.json."""
     import ray
 
@@ -251,8 +210,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
     if hints is not None:
         hint_stats["hint_tokens_per_prompt"] = hint_tokens(ds, tok, items, source.attribute_name, hints)
 
-    stats = {
-        "format": FORMAT,
+    stats = PreparedStats(**{
         "dataset": d.dataset,
         "files": source.files,
         "interactions_read": source.rows_read,
@@ -279,10 +237,10 @@ def prepare(cfg: Config, out_dir: str | Path) -> dict:
         "attribute_name": source.attribute_name,
         "seconds": round(time.time() - t0, 2),
         "config": to_dict(cfg),
-    }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    })
+    write_stats(stats, out)
     save_config(cfg, out / "config.yaml")
-    log.info("wrote %s: rows %s, mean prompt tokens %s, %.1f s", out, rows, prompt_tokens, stats["seconds"])
+    log.info("wrote %s: rows %s, mean prompt tokens %s, %.1f s", out, rows, prompt_tokens, stats.seconds)
     return stats
 
 
@@ -320,24 +278,3 @@ def hint_tokens(samples, tok: RankTokenizer, items: dict, attribute_name: str, h
          - len(tok.tokenizer.encode(plain.suffix(r), add_special_tokens=False))
          for r in rows.to_dict("records")]
     return float(np.mean(n)) if n else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading prepared data back.
-
-
-def read_stats(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "stats.json"
-    if not path.is_file():
-        raise DataError(f"{data_dir} is not a directory written by `alro prepare` (no stats.json)")
-    stats = json.loads(path.read_text())
-    if stats.get("format") != FORMAT:
-        raise DataError(f"{path}: format {stats.get('format')!r}, expected {FORMAT!r}")
-    return stats
-
-
-def read_split(data_dir: str | Path, split: str) -> pd.DataFrame:
-    files = sorted((Path(data_dir) / split).glob("*.parquet"))
-    if not files:
-        return ROW_SCHEMA.empty_table().to_pandas()
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)

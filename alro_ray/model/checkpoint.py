@@ -3,8 +3,8 @@
   DIR/adapter/      PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
   DIR/tokenizer/    the tokenizer the data was prepared with
   DIR/config.yaml   the full training config (model, loss, data settings)
-  DIR/ranker.json   what ranking needs: base model, C, H, identifier ids, domain wording, data dir,
-                    and the score head's settings ("head"; absent without one)
+  DIR/ranker.json   `RankerInfo` (model/ranker_info.py): base model, C, H, identifier ids,
+                    domain wording, data dir, the score head's settings and the hint names
   DIR/head.safetensors  the score head's weights (only with a head; model/score_head.py)
   DIR/hints.parquet the prompt hints fitted at prepare time (only with data.hints; data/hints.py)
   DIR/history.json  per-epoch training metrics (optional; for plots)
@@ -25,13 +25,12 @@ from alro_ray.compat import check_ranker_tokenizer
 from alro_ray.errors import AlroError
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import Item, render_prefix, render_suffix
+from alro_ray.data.dataset import PreparedStats
 from alro_ray.data.tokenize import RankTokenizer
-
-FORMAT = "alro-ranker-v1"
-REQUIRED = ("adapter/adapter_config.json", "tokenizer", "config.yaml", "ranker.json")
+from alro_ray.model.ranker_info import RankerInfo, read_ranker_info, write_ranker_info
 
 
-def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: dict, data_dir: str | None,
+def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: PreparedStats, data_dir: str | None,
                 history: list[dict] | None = None) -> Path:
     """Write a ranker checkpoint. `model` is the PEFT model (only the adapter is saved, and the
     score head registered on it, if any)."""
@@ -42,41 +41,21 @@ def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: dict,
     model.save_pretrained(out / "adapter", safe_serialization=True)
     tokenizer.save_pretrained(out / "tokenizer")
     save_config(cfg, out / "config.yaml")
-    info = {
-        "format": FORMAT,
-        "base_model": cfg.model.name,
-        "candidates": stats["candidates"],
-        "history": stats["history"],
-        "identifier_ids": stats["identifier_ids"],
-        "domain_plural": stats["domain_plural"],
-        "attribute_name": stats["attribute_name"],
-        "tokenizer": stats["tokenizer"],
-        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-    }
+    info = RankerInfo(cfg.model.name, stats.candidates, stats.history, stats.identifier_ids,
+                      stats.domain_plural, stats.attribute_name, stats.tokenizer,
+                      str(Path(data_dir).resolve()) if data_dir else None)
     head = head_of(model)
     if head is not None:
-        info["head"] = save_head(head, out)
-    if stats.get("hints"):  # the fitted hints travel with the ranker: Serve shows them for known items
+        info.head = save_head(head, out)
+    if stats.hints:  # the fitted hints travel with the ranker: Serve shows them for known items
         if not data_dir:
             raise AlroError("the data has prompt hints (data.hints): save_ranker needs its data_dir")
         shutil.copyfile(Path(data_dir) / prompt_hints.FILE, out / prompt_hints.FILE)
-        info["hints"] = stats["hints"]
-    (out / "ranker.json").write_text(json.dumps(info, indent=2))
+        info.hints = list(stats.hints)
+    write_ranker_info(info, out)
     if history is not None:
         (out / "history.json").write_text(json.dumps(history, indent=2))
     return out
-
-
-def check_ranker_dir(path: str | Path) -> dict:
-    """ranker.json of a checkpoint, or an error naming what is missing."""
-    path = Path(path)
-    missing = [r for r in REQUIRED if not (path / r).exists()]
-    if missing:
-        raise AlroError(f"{path} is not a ranker checkpoint: missing {', '.join(missing)}")
-    info = json.loads((path / "ranker.json").read_text())
-    if info.get("format") != FORMAT:
-        raise AlroError(f"{path}/ranker.json: format {info.get('format')!r}, expected {FORMAT!r}")
-    return info
 
 
 # Serve's fusion: the classical model -> its hint value key, and the data.hints entry that fits it.
@@ -91,20 +70,20 @@ class Ranker:
     model: object
     tokenizer: object
     rank_tokenizer: RankTokenizer
-    info: dict
+    info: RankerInfo
     config: Config
     scorer: object = None  # model/score_head.CandidateScorer when the ranker has a score head
     hints: object = None  # data/hints.HintModel when the ranker was trained with prompt hints
 
     @property
     def candidates(self) -> int:
-        return self.info["candidates"]
+        return self.info.candidates
 
     def prompt_ids(self, history: Sequence[tuple[Item, float | None]], candidates: Sequence[Item],
                    notes: Sequence[str] | None = None) -> list[int]:
         """notes: each candidate's hint text (`hint_notes`), for a ranker trained with data.hints."""
-        prefix = render_prefix(history, self.info["domain_plural"], self.info["attribute_name"])
-        ids, _ = self.rank_tokenizer.prompt_ids(prefix, render_suffix(candidates, self.info["attribute_name"], notes))
+        prefix = render_prefix(history, self.info.domain_plural, self.info.attribute_name)
+        ids, _ = self.rank_tokenizer.prompt_ids(prefix, render_suffix(candidates, self.info.attribute_name, notes))
         return ids
 
     def hint_notes(self, candidate_ids: Sequence, given: Sequence[dict | None] | None = None,
@@ -148,7 +127,7 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
     from alro_ray.model.loading import load_base_model
     from alro_ray.model.score_head import load_scorer
 
-    info = check_ranker_dir(path)
+    info = read_ranker_info(path)
     path = Path(path)
     cfg = from_dict(Config, read_yaml(path / "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -156,12 +135,12 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
         tokenizer.pad_token = tokenizer.eos_token
     base = load_base_model(cfg.model, dtype or torch.float32)
     model = PeftModel.from_pretrained(base, path / "adapter").to(device).eval()
-    rank_tok = RankTokenizer(tokenizer, info["candidates"])
+    rank_tok = RankTokenizer(tokenizer, info.candidates)
     check_ranker_tokenizer(path, rank_tok.identifier_ids, info)
     scorer = load_scorer(path, info, rank_tok, device, dtype)
     return Ranker(model, tokenizer, rank_tok, info, cfg, scorer, load_hints(path, info))
 
 
-def load_hints(path: str | Path, info: dict):
+def load_hints(path: str | Path, info: RankerInfo):
     """The checkpoint's fitted prompt hints (data/hints.HintModel), or None without data.hints."""
-    return prompt_hints.HintModel.load(Path(path) / prompt_hints.FILE) if info.get("hints") else None
+    return prompt_hints.HintModel.load(Path(path) / prompt_hints.FILE) if info.hints else None

@@ -23,6 +23,7 @@ from torch import nn
 
 from alro_ray.config import HeadConfig, ModelConfig, from_dict
 from alro_ray.errors import AlroError, ConfigError
+from alro_ray.model.ranker_info import RankerInfo
 
 ATTRIBUTE = "score_head"  # the head's name as a submodule of the model being trained
 WEIGHTS = "head.safetensors"
@@ -125,11 +126,11 @@ class CandidateScorer:
         return self.head(gather_hidden(hidden, pos))
 
 
-def load_scorer(path: str | Path, info: dict, rank_tokenizer, device="cpu", dtype=None) -> CandidateScorer | None:
+def load_scorer(path: str | Path, info: RankerInfo, rank_tokenizer, device="cpu", dtype=None) -> CandidateScorer | None:
     """The head of a ranker checkpoint, or None for one without (older checkpoints, kind none)."""
     from safetensors.torch import load_file
 
-    entry = info.get("head")
+    entry = info.head
     if not entry:
         return None
     cfg = from_dict(HeadConfig, {k: entry[k] for k in ("kind", "position", "layer", "hidden")})

@@ -23,7 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alro_ray.compat import check_ranker_on_data
+from alro_ray.data.dataset import load_renderer, read_split, read_stats
 from alro_ray.errors import AlroError, NonFiniteError
+from alro_ray.model.ranker_info import read_ranker_info
 from alro_ray.rank.evaluation import ndcg_summary, with_users
 from alro_ray.rank.metrics import position_bias
 from alro_ray.rank.modes import parse_mode
@@ -47,12 +49,10 @@ def parse_modes(text: str | Sequence[str]) -> list[str]:
 
 def check_inputs(checkpoint: str | Path, data_dir: str | Path | None) -> tuple[dict, Path, dict]:
     """The checkpoint's info, the data directory and its stats; errors before any actor starts."""
-    from alro_ray.model.checkpoint import check_ranker_dir
-    from alro_ray.data.prepare import read_stats
 
-    info = check_ranker_dir(checkpoint)
-    data = Path(data_dir or info.get("data_dir") or "")
-    if not data_dir and not info.get("data_dir"):
+    info = read_ranker_info(checkpoint)
+    data = Path(data_dir or info.data_dir or "")
+    if not data_dir and not info.data_dir:
         raise AlroError(f"{checkpoint}: ranker.json names no data directory; pass --data")
     stats = read_stats(data)
     check_ranker_on_data(info, stats, data)
@@ -67,7 +67,6 @@ class RankActor:
         import torch
 
         from alro_ray.model.checkpoint import load_ranker
-        from alro_ray.data.prepare import load_renderer
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.ranker = load_ranker(checkpoint, device=device,
@@ -141,7 +140,6 @@ def few_shot_prefix(ranker, data_dir: str, k: int, seed: int) -> list[int]:
     to put before every query for few-shot ranking; [] for k = 0."""
     if k <= 0:
         return []
-    from alro_ray.data.prepare import read_split
 
     train = read_split(data_dir, "train")
     if len(train) < k:
@@ -180,10 +178,10 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
 
     modes = parse_modes(modes)
     info, data, stats = check_inputs(checkpoint, data_dir)
-    if "score" in modes and not info.get("head"):
+    if "score" in modes and not info.head:
         raise AlroError(f"{checkpoint} has no score head, so it cannot rank in mode 'score': train one with "
                         f"model.head.kind linear or mlp and loss.objective score, or drop that mode")
-    if not stats["rows"].get(split):
+    if not stats.rows.get(split):
         raise AlroError(f"{data} has no {split} rows")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +191,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     if limit:
         ds = ds.limit(limit)
     if fuse:  # the fusion weight is chosen on the valid split, ranked in the same modes
-        if split == "valid" or not stats["rows"].get("valid"):
+        if split == "valid" or not stats.rows.get("valid"):
             raise AlroError(f"--fuse chooses its weight on the valid split: {data} has no valid rows, or "
                             f"the split scored is valid itself")
         valid_ds = ray.data.read_parquet(str(data / "valid"))

@@ -16,6 +16,7 @@ into OUTPUT/eval/<name>. Rows are named as rank/results.py says (`mf`, `llm-alro
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,8 +25,9 @@ import pandas as pd
 
 from alro_ray import tracking
 from alro_ray.config import Config, save_config
+from alro_ray.data.dataset import read_split, read_stats
 from alro_ray.errors import AlroError
-from alro_ray.rank.results import MethodResult, baseline_results, ranker_results, write_results
+from alro_ray.rank.results import MethodResult, baseline_results, ranker_results, read_results, write_results
 
 LADDER = ("zero-shot", "few-shot", "SFT", "w/o SLL", "w/o PSL", "ALRO")
 CLASSICAL = ("random", "popularity", "item-mean", "mf", "gru4rec", "sasrec")
@@ -49,7 +51,6 @@ def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
     """The base model as a ranker: PEFT initialises LoRA B to zero, so the adapter is a no-op."""
     from alro_ray.model.checkpoint import save_ranker
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-    from alro_ray.data.prepare import read_stats
 
     model = add_lora(load_base_model(cfg.model), cfg.model)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
@@ -59,7 +60,6 @@ def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
 def same_lists(a: Path, b: Path, split: str = "test") -> None:
     """Refuse prepared data whose `split` lists (users and candidate sets) differ from `a`'s: a
     variant may render prompts differently (e.g. data.hints), never rank other lists."""
-    from alro_ray.data.prepare import read_split
 
     def lists(d):
         return {r["user"]: sorted(r["candidate_ids"]) for r in read_split(d, split).to_dict("records")}
@@ -71,13 +71,15 @@ def same_lists(a: Path, b: Path, split: str = "test") -> None:
 def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LADDER,
                 baselines: Sequence[str] = CLASSICAL, bootstrap: Sequence[int] = (3, 5), mode: str = "generate",
                 few_shot: int = 2, limit: int | None = None, actors: int = 1,
-                fuse: Sequence[str] = (), fusion: str = "score", variants: dict[str, Config] | None = None
-                ) -> dict[str, dict]:
+                fuse: Sequence[str] = (), fusion: str = "score", variants: dict[str, Config] | None = None,
+                merge: Sequence[str | Path] = ()) -> dict[str, dict]:
     """The untrained rows, each of `variants` (name -> a config trained as it is and ranked in its
     train.eval_mode, e.g. a score head with data.hints), then the trained ladder, on the same test
     lists as the classical baselines. fuse: baselines to fuse every ranker row with (the weight
     chosen on the valid split). Writes OUTPUT/compare.json, predictions.parquet, details.json and
-    compare.md (rank/results.py) after every row; returns the table."""
+    compare.md (rank/results.py) after every row; returns the table. merge: earlier compare output
+    directories on the same test lists whose rows join the table (this run's rows win a name
+    clash; the lists are checked to be the same)."""
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.train.trainer import resolve_data, run_training
 
@@ -93,6 +95,12 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
                              tags={"alro.command": "compare"})
     results: dict[str, MethodResult] = {}
     table: dict[str, dict] = {}
+    merged: dict[str, MethodResult] = {}
+    for d in merge:  # read before any training: a wrong directory fails now, not after an hour
+        merged.update({k: v for k, v in read_results(d).items() if k not in merged})
+        for f in Path(d).glob("config-*.yaml"):
+            if not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
 
     def evaluate(name: str, checkpoint: Path, modes: list[str], data_dir: Path = data, shots: int = 0,
                  train: dict | None = None) -> None:
@@ -104,8 +112,11 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
         results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
         if baselines and baselines[0] not in results:  # on the lists the first ranker was scored on
             results.update(baseline_results(data, baselines, users=set(predictions["user"])))
-        ordered = {**{b: results[b] for b in baselines}, **{k: v for k, v in results.items() if k not in baselines}}
-        table = write_results(out, ordered, _header(cfg, mode, limit))
+        ordered = {**{b: results[b] for b in baselines}, **{k: v for k, v in results.items() if k not in baselines},
+                   **{k: v for k, v in merged.items() if k not in results}}
+        header = _header(cfg, mode, limit) + (f" Rows merged from {', '.join(map(str, merge))} (their settings: "
+                                              f"details.json, config-*.yaml)." if merge else "")
+        table = write_results(out, ordered, header)
 
     def train(name: str, variant_cfg: Config) -> tuple[Path, dict]:
         t0 = time.time()

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from alro_ray.data.dataset import read_split
 from alro_ray.errors import AlroError
 from alro_ray.rank.metrics import mean_ndcg
 
@@ -94,7 +95,6 @@ def fuse_predictions(data_dir: str | Path, valid: pd.DataFrame, test: pd.DataFra
     """Rows `fused-<mode>-<baseline>` for every LLM mode in `test` and baseline: the weight chosen
     on `valid` (the same modes ranked on the valid split), applied to `test`. Predictions need
     columns user, mode, scores (per prompt position), seconds. Returns (predictions, fusion info)."""
-    from alro_ray.data.prepare import read_split
     from alro_ray.rank.baselines import make_baseline
 
     if method not in METHODS:

@@ -16,7 +16,6 @@ Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `s
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -46,23 +45,15 @@ class MethodResult:
 
 def baseline_results(data_dir: str | Path, names: Sequence[str], split: str = "test", seed: int = 0,
                      users: set | None = None) -> dict[str, MethodResult]:
-    """Each classical baseline fitted on DIR/fit_interactions.parquet, ranking DIR/<split> (only
-    `users`' lists when given)."""
-    from alro_ray.data.prepare import read_split  # heavy (ray, torch): only where baselines are fitted
-    from alro_ray.rank.baselines import baseline_orders, make_baseline
+    """Each classical baseline's rankings of DIR/<split> (`baselines.run_baselines`)."""
+    from alro_ray.rank.baselines import run_baselines  # loads torch: only where baselines are fitted
 
-    fit = pd.read_parquet(Path(data_dir) / "fit_interactions.parquet")
-    rows = [r for r in read_split(data_dir, split).to_dict("records") if users is None or r["user"] in users]
     out = {}
-    for name in names:
-        t0 = time.perf_counter()
-        model = make_baseline(name, seed=seed).fit(fit)
-        t1 = time.perf_counter()
-        orders = baseline_orders(model, rows)
-        tpq = (time.perf_counter() - t1) / max(len(rows), 1)
-        out[name] = MethodResult({r["user"]: [r["candidate_ids"][j] for j in o] for r, o in zip(rows, orders)},
-                                 {r["user"]: [float(r["candidate_ratings"][j]) for j in o] for r, o in zip(rows, orders)},
-                                 {"fit_seconds": t1 - t0, "tpq_seconds": tpq})
+    for name, run in run_baselines(data_dir, names, split, seed, users=users).items():
+        pairs = list(zip(run.rows, run.orders))
+        out[name] = MethodResult({r["user"]: [r["candidate_ids"][j] for j in o] for r, o in pairs},
+                                 {r["user"]: [float(r["candidate_ratings"][j]) for j in o] for r, o in pairs},
+                                 {"fit_seconds": run.fit_seconds, "tpq_seconds": run.tpq_seconds})
     return out
 
 
@@ -139,6 +130,24 @@ def write_results(out: Path, results: dict[str, MethodResult], header: str) -> d
               f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] ({g['lists']} lists)" for g in gaps]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     return table
+
+
+def read_results(directory: str | Path) -> dict[str, MethodResult]:
+    """The rows of an earlier `write_results` directory (predictions.parquet + details.json), to
+    merge into another table on the same lists."""
+    directory = Path(directory)
+    try:
+        frame = read_predictions(directory / "predictions.parquet")
+        methods = json.loads((directory / "details.json").read_text())["methods"]
+    except (OSError, ValueError, KeyError) as e:
+        raise AlroError(f"{directory} holds no `alro compare` results (predictions.parquet, details.json): {e}") from None
+    out = {}
+    for name, part in frame.groupby("method", sort=False):
+        # details.json's metrics (ndcg@k, lists, lists_undefined) are recomputed where merged
+        info = {k: v for k, v in methods.get(name, {}).items() if not k.startswith(("ndcg@", "lists"))}
+        out[name] = MethodResult(dict(zip(part["user"], map(list, part["ranking"]))),
+                                 dict(zip(part["user"], (list(map(float, r)) for r in part["ratings"]))), info)
+    return out
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:

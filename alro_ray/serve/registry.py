@@ -5,7 +5,7 @@ from pathlib import Path
 
 from alro_ray.config import read_yaml
 from alro_ray.errors import AlroError, ConfigError
-from alro_ray.model.checkpoint import check_ranker_dir
+from alro_ray.model.ranker_info import RankerInfo, read_ranker_info
 
 
 @dataclass(frozen=True)
@@ -14,24 +14,24 @@ class AdapterEntry:
 
     name: str
     path: str  # absolute checkpoint directory (never shown to clients)
-    info: dict  # ranker.json
+    info: RankerInfo  # ranker.json
     model: dict  # the `model:` section of its training config
 
     @property
     def candidates(self) -> int:
-        return int(self.info["candidates"])
+        return self.info.candidates
 
     def public(self) -> dict:
-        return {"name": self.name, "base_model": self.info["base_model"], "candidates": self.candidates,
-                "history": self.info.get("history"), "domain_plural": self.info.get("domain_plural"),
-                "attribute_name": self.info.get("attribute_name")}
+        i = self.info
+        return {"name": self.name, "base_model": i.base_model, "candidates": i.candidates, "history": i.history,
+                "domain_plural": i.domain_plural, "attribute_name": i.attribute_name}
 
 
 def _base_key(entry: AdapterEntry) -> dict:
     """What must be equal for two adapters to sit on one base model."""
     model = entry.model
-    key = {"base_model": entry.info.get("base_model"), "model.name": model.get("name"),
-           "model.tokenizer": model.get("tokenizer"), "tokenizer": entry.info.get("tokenizer")}
+    key = {"base_model": entry.info.base_model, "model.name": model.get("name"),
+           "model.tokenizer": model.get("tokenizer"), "tokenizer": entry.info.tokenizer}
     if model.get("name") == "tiny-random":  # its weights come from the shape and seed
         key["model.tiny"] = model.get("tiny")
     return key
@@ -45,7 +45,7 @@ def load_registry(adapters: dict[str, str], base_dir: str | None = None) -> dict
         path = Path(raw).expanduser()
         path = (path if path.is_absolute() else root / path).resolve()
         try:
-            info = check_ranker_dir(path)
+            info = read_ranker_info(path)
         except AlroError as e:
             raise ConfigError(f"serve: adapter {name!r}: {e}") from e
         model = read_yaml(path / "config.yaml").get("model") or {}

@@ -1,11 +1,17 @@
-"""Serve settings: what `build_app` (YAML `args:`) and `run_serve` (keyword arguments) accept."""
+"""Serve settings: what `build_app` (YAML `args:`) and `run_serve` (keyword arguments) accept.
 
-import dataclasses
+Read like every config section: a dataclass, typed by config/loading.py's checker, then its own
+`validate` for ranges (HTTP requests are pydantic models, made from these limits: serve/schemas.py).
+"""
+
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alro_ray.config import from_dict
 from alro_ray.errors import ConfigError
 from alro_ray.rank.modes import MODES
 
@@ -52,51 +58,42 @@ class ServeSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServeSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown serve setting(s) {unknown}; known: {sorted(known)}")
-        settings = cls(**data)
-        settings.validate()
-        return settings
+        """The one config path (config/loading.py): types by the typed checker, then `validate`."""
+        data = dict(data)
+        if isinstance(data.get("adapters"), dict):  # checkpoint paths may come as Path objects
+            data["adapters"] = {k: str(v) if isinstance(v, Path) else v for k, v in data["adapters"].items()}
+        return from_dict(cls, data, prefix="serve.").validate()
 
-    def validate(self) -> None:
-        if not isinstance(self.adapters, dict) or not self.adapters:
+    def validate(self) -> "ServeSettings":
+        """What types cannot say: names, ranges and cross-field rules."""
+        if not self.adapters:
             raise ConfigError("serve: `adapters` must map at least one adapter name to a checkpoint directory")
         for name, path in self.adapters.items():
-            if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            if not ADAPTER_NAME.match(name):
                 raise ConfigError(f"serve: adapter name {name!r} must match {ADAPTER_NAME.pattern}")
-            if not isinstance(path, (str, Path)) or not str(path):
+            if not path:
                 raise ConfigError(f"serve: adapter {name!r} needs a checkpoint directory, got {path!r}")
         if self.default_adapter is not None and self.default_adapter not in self.adapters:
-            raise ConfigError(f"serve: default_adapter {self.default_adapter!r} is not in adapters "
+            raise ConfigError(f"serve.default_adapter {self.default_adapter!r} is not in adapters "
                               f"{sorted(self.adapters)}")
-        if self.default_mode not in MODES:
-            raise ConfigError(f"serve: default_mode must be one of {MODES}, got {self.default_mode!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"serve: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        positive = ("max_history", "max_title_chars", "max_attribute_chars", "max_id_chars",
-                    "max_body_bytes", "max_prompt_tokens", "max_batch_size", "max_adapters_per_replica")
-        for name in positive:
+        for name in ("max_history", "max_title_chars", "max_attribute_chars", "max_id_chars", "max_body_bytes",
+                     "max_prompt_tokens", "max_batch_size", "max_adapters_per_replica", "num_replicas",
+                     "max_ongoing_requests", "ingress_max_ongoing_requests", "torch_threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"serve: {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.retry_attempts, int) or isinstance(self.retry_attempts, bool) \
-                or not 0 <= self.retry_attempts <= 20:
-            raise ConfigError(f"serve: retry_attempts must be an integer in [0, 20], got {self.retry_attempts!r}")
-        if not isinstance(self.retry_budget_s, (int, float)) or not 0 < self.retry_budget_s <= 3600:
-            raise ConfigError(f"serve: retry_budget_s must be in (0, 3600] seconds, got {self.retry_budget_s!r}")
-        if not isinstance(self.batch_wait_timeout_s, (int, float)) or not 0 <= self.batch_wait_timeout_s <= 10:
-            raise ConfigError(f"serve: batch_wait_timeout_s must be in [0, 10] seconds, "
+            if value is not None and value < 1:
+                raise ConfigError(f"serve.{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.retry_attempts <= 20:
+            raise ConfigError(f"serve.retry_attempts must be an integer in [0, 20], got {self.retry_attempts!r}")
+        if not 0 < self.retry_budget_s <= 3600:
+            raise ConfigError(f"serve.retry_budget_s must be in (0, 3600] seconds, got {self.retry_budget_s!r}")
+        if not 0 <= self.batch_wait_timeout_s <= 10:
+            raise ConfigError(f"serve.batch_wait_timeout_s must be in [0, 10] seconds, "
                               f"got {self.batch_wait_timeout_s!r}")
-        for name in ("num_replicas", "max_ongoing_requests", "ingress_max_ongoing_requests", "torch_threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"serve: {name} must be an integer >= 1, got {value!r}")
         for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ConfigError(f"serve: {name} must be >= 0, got {value!r}")
+            if value is not None and value < 0:
+                raise ConfigError(f"serve.{name} must be >= 0, got {value!r}")
+        return self
 
     @property
     def default_name(self) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from alro_ray.config import Config, from_dict, to_dict
 from alro_ray.compat import check_training
+from alro_ray.data.dataset import read_stats
 from alro_ray.errors import AlroError, DataError, NonFiniteError
 from alro_ray.train import guard
 from alro_ray.train.checkpoints import DS_TAG, check_resume_world, resume_dir, save_and_report, set_aside_final
@@ -52,7 +53,7 @@ class TrainOutcome:
 
 def resolve_data(cfg: Config, out: Path) -> Path:
     """The prepared data directory: the configured one, or DIR/data prepared now (once)."""
-    from alro_ray.data.prepare import prepare, read_stats
+    from alro_ray.data.prepare import prepare
 
     if cfg.data.prepared:
         data_dir = Path(cfg.data.prepared).resolve()
@@ -61,7 +62,7 @@ def resolve_data(cfg: Config, out: Path) -> Path:
     data_dir = out / "data"
     try:
         stats = read_stats(data_dir)
-        if stats["config"]["data"] == to_dict(cfg.data):
+        if stats.config["data"] == to_dict(cfg.data):
             log.info("using the data prepared earlier in %s", data_dir)
             return data_dir
     except DataError:
@@ -92,7 +93,6 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     from ray.train.torch import TorchTrainer
 
     from alro_ray.cluster import ensure_ray, quiet_ray_data
-    from alro_ray.data.prepare import read_stats
 
     from alro_ray.model.loading import prepare_model_cache
     from alro_ray.train.train_tracking import TrainTracking
@@ -113,7 +113,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     # Read before the workers start, in tasks that reserve no CPU: Train workers (and, under Tune,
     # other trials' workers) may hold every CPU, and a 1-CPU read task would then wait forever.
     datasets = {split: ray.data.read_parquet(str(data_dir / split), num_cpus=0).materialize()
-                for split in ("train", "valid") if stats["rows"][split]}
+                for split in ("train", "valid") if stats.rows[split]}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": to_dict(cfg), "stats": stats, "data_dir": str(data_dir),
@@ -228,7 +228,7 @@ def train_loop(loop_config: dict) -> None:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and use_gpu)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
-    rank_tok = RankTokenizer(tokenizer, stats["candidates"])
+    rank_tok = RankTokenizer(tokenizer, stats.candidates)
     identifier_ids = torch.tensor(rank_tok.identifier_ids)
     model = add_lora(load_base_model(cfg.model), cfg.model)
     attach_head(model, cfg.model)  # the score head, if any: trained and checkpointed beside LoRA
@@ -236,7 +236,7 @@ def train_loop(loop_config: dict) -> None:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
 
-    rows_per_worker = stats["rows"]["train"] // world
+    rows_per_worker = stats.rows["train"] // world
     micro_steps = math.ceil(rows_per_worker / t.micro_batch)
     if t.max_steps_per_epoch:
         micro_steps = min(micro_steps, t.max_steps_per_epoch * t.grad_accum)
@@ -355,7 +355,7 @@ def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, 
     from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
 
     mine: list[list[float]] = []
-    if stats["rows"]["valid"]:
+    if stats.rows["valid"]:
         rows = [r for b in ray.train.get_dataset_shard("valid").iter_batches(batch_size=64, batch_format="pandas")
                 for r in b.to_dict("records")]
         rows = rows[: cfg.train.eval_users] if cfg.train.eval_users else rows

@@ -42,6 +42,7 @@ import yaml
 from alro_ray import tracking
 from alro_ray.compat import check_training
 from alro_ray.config import Config, ConfigError, from_dict, save_config, to_dict
+from alro_ray.data.dataset import read_stats
 from alro_ray.errors import AlroError
 from alro_ray.train.tune_report import TuneOutcome, fmt, report_study
 from alro_ray.train.tune_space import absolute_paths, check_tune_config, first_point, search_space, trial_config
@@ -143,7 +144,6 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     from ray.tune.search.optuna import OptunaSearch
 
     from alro_ray.cluster import ensure_ray
-    from alro_ray.data.prepare import read_stats
     from alro_ray.train.trainer import resolve_data
     from alro_ray.train.tune_interrupt import ACTIVE, InterruptAfter
     from alro_ray.train.tune_resources import ReleaseTrainResources, concurrent_trials, release_all
@@ -162,7 +162,7 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     # Prepared once, before any trial; every trial reads it (data.prepared).
     data_dir = resolve_data(cfg, out)
     stats = read_stats(data_dir)
-    if not stats["rows"]["valid"]:
+    if not stats.rows["valid"]:
         raise AlroError(f"{data_dir} has no validation rows: the study has nothing to select on")
     space_cfg = cfg.tune.search_space
     check_training(cfg, stats, beta_searched="beta" in space_cfg)

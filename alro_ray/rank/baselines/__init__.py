@@ -19,12 +19,14 @@ the item-mean order.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from alro_ray.data.dataset import read_split
 from alro_ray.rank.baselines.common import Baseline
 from alro_ray.rank.baselines.learned import GRU4RecBaseline, MFBaseline, SASRecBaseline
 from alro_ray.rank.baselines.simple import ItemMeanBaseline, PopularityBaseline, RandomBaseline
@@ -67,18 +69,22 @@ def baseline_orders(baseline: Baseline, rows) -> list[list[int]]:
 ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_ids", "candidate_ratings"]
 
 
-def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
-                       seed: int = 0, ks: Sequence[int] = KS,
-                       options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, dict]:
-    """Fit each baseline on DIR/fit_interactions.parquet and score DIR/<split> (only `users`' rows
-    when given: the lists a ranker was scored on).
+@dataclass
+class BaselineRun:
+    """One baseline fitted and run on a split's rows."""
 
-    Returns {name: {"ndcg@k": ..., "fit_seconds", "tpq_seconds" (scoring + sorting per row),
-    "lists" (rows with a defined NDCG)}}. options: {name: {constructor options}}. On split "train" the
-    fitted baselines have seen the candidates' ratings: only valid/test numbers are fair.
-    """
-    from alro_ray.data.prepare import read_split
+    rows: list[dict]  # the rows ranked (ROW_COLUMNS)
+    orders: list[list[int]]  # per row, candidate prompt positions best first
+    fit_seconds: float
+    tpq_seconds: float  # scoring + sorting per row
 
+
+def run_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test", seed: int = 0,
+                  options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, BaselineRun]:
+    """Fit each baseline on DIR/fit_interactions.parquet and order DIR/<split>'s lists (only
+    `users`' rows when given: the lists a ranker was scored on). options: {name: {constructor
+    options}}. On split "train" the fitted baselines have seen the candidates' ratings: only
+    valid/test numbers are fair."""
     for name in names:  # fail before any fitting
         if name not in BASELINES:
             raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
@@ -90,16 +96,25 @@ def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split:
     rows = frame[[c for c in ROW_COLUMNS if c in frame.columns]].to_dict("records")
     if users is not None:
         rows = [r for r in rows if r["user"] in users]
-    out: dict[str, dict] = {}
+    out: dict[str, BaselineRun] = {}
     for name in names:
         t0 = time.perf_counter()
         model = make_baseline(name, seed=seed, **(options or {}).get(name, {})).fit(fit)
         t1 = time.perf_counter()
         orders = baseline_orders(model, rows)
-        t2 = time.perf_counter()
-        rel = [[float(r["candidate_ratings"][j]) for j in o] for r, o in zip(rows, orders)]
+        out[name] = BaselineRun(rows, orders, t1 - t0, (time.perf_counter() - t1) / max(len(rows), 1))
+    return out
+
+
+def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
+                       seed: int = 0, ks: Sequence[int] = KS,
+                       options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, dict]:
+    """`run_baselines`, scored: {name: {"ndcg@k": ..., "fit_seconds", "tpq_seconds", "lists" (rows
+    with a defined NDCG)}}."""
+    out: dict[str, dict] = {}
+    for name, run in run_baselines(data_dir, names, split, seed, options, users).items():
+        rel = [[float(r["candidate_ratings"][j]) for j in o] for r, o in zip(run.rows, run.orders)]
         m = mean_ndcg(rel, ks=tuple(ks))
         out[name] = {**{f"ndcg@{k}": m[f"ndcg@{k}"] for k in ks},
-                     "fit_seconds": t1 - t0, "tpq_seconds": (t2 - t1) / max(len(rows), 1),
-                     "lists": m["lists"]}
+                     "fit_seconds": run.fit_seconds, "tpq_seconds": run.tpq_seconds, "lists": m["lists"]}
     return out
