@@ -97,6 +97,10 @@ def build_config(args: argparse.Namespace, extra: list[str]) -> Config:
     return load_config(getattr(args, "config", None), overrides)
 
 
+# Each command imports its stage inside its function: `alro --help` and config errors answer
+# without loading Ray or torch.
+
+
 def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.data.prepare import prepare
 

@@ -120,6 +120,7 @@ class Ranker:
 
 
 def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
+    # torch, peft, transformers: only where a ranker is loaded (the CLI and Serve's ingress import this module)
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer

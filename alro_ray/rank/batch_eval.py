@@ -64,6 +64,7 @@ class RankActor:
 
     def __init__(self, checkpoint: str, data_dir: str, modes: list[str], seed: int, use_gpu: bool,
                  few_shot: int = 0):
+        # Actor-only: the model stack loads in the Ray Data actor, not in the driver.
         import torch
 
         from alro_ray.model.checkpoint import load_ranker
@@ -170,6 +171,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                    fuse: Sequence[str] = (), fusion: str = "score") -> dict:
     """Rank `split` in every mode; with `fuse` (baseline names) also the valid split, and add rows
     fused-<mode>-<baseline> (rank/fusion.py: weight chosen on valid, method `fusion`)."""
+    # Ray and the baselines (torch): only when an evaluation runs, not when the CLI imports this.
     import ray
 
     from alro_ray.rank.baselines import evaluate_baselines

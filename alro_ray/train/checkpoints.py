@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from alro_ray.config import Config
+from alro_ray.data.dataset import PreparedStats
 from alro_ray.errors import AlroError
 from alro_ray.train.guard import check_weights
 
@@ -63,8 +64,9 @@ def resume_dir(checkpoint, run_dir: Path, world: int):
         yield on_disk if _epoch_of(on_disk) > _epoch_of(registered) else registered
 
 
-def save_and_report(engine, tokenizer, cfg: Config, stats: dict, data_dir: str, history: list[dict],
+def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_dir: str, history: list[dict],
                     epoch: int, rank: int, metrics: dict) -> None:
+    # Worker-only: runs inside a Ray Train worker (the driver imports this module for resume checks).
     import ray.train
     from ray.train import Checkpoint
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from alro_ray.config import Config, from_dict, to_dict
 from alro_ray.compat import check_training
-from alro_ray.data.dataset import read_stats
+from alro_ray.data.dataset import PreparedStats, read_stats
 from alro_ray.errors import AlroError, DataError, NonFiniteError
 from alro_ray.train import guard
 from alro_ray.train.checkpoints import DS_TAG, check_resume_world, resume_dir, save_and_report, set_aside_final
@@ -345,7 +345,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     return metrics
 
 
-def validate(model, cfg: Config, stats: dict, rank_tok, pad_id: int, rank: int, world: int) -> dict:
+def validate(model, cfg: Config, stats: PreparedStats, rank_tok, pad_id: int, rank: int, world: int) -> dict:
     """NDCG on this worker's share of the valid split, gathered over all workers."""
     import ray.train
     import torch
