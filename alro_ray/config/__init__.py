@@ -20,6 +20,7 @@ from alro_ray.config.data import (
 from alro_ray.config.loading import (
     apply_overrides,
     from_dict,
+    from_record,
     load_config,
     parse_override,
     parse_yaml,
@@ -52,6 +53,7 @@ __all__ = [
     "SyntheticConfig",
     "apply_overrides",
     "from_dict",
+    "from_record",
     "load_config",
     "parse_override",
     "parse_yaml",

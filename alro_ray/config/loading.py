@@ -89,6 +89,21 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def from_record(cls: type, data: dict, fmt: str, where: str, error: type = ConfigError, fix: str = "") -> Any:
+    """A versioned on-disk record (stats.json, ranker.json) as dataclass `cls`: its `format` must
+    be `fmt` and every field without a default present (else `error` naming `where`, then `fix`);
+    keys a newer version added are dropped, so older readers still read newer files."""
+    fix = f"; {fix}" if fix else ""
+    if data.get("format") != fmt:
+        raise error(f"{where}: format {data.get('format')!r}, expected {fmt!r}{fix}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [n for n, f in fields.items() if n not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise error(f"{where}: missing {missing}{fix}")
+    return cls(**{k: v for k, v in data.items() if k in fields})
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alro_ray.config import from_record
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import SampleRenderer
 from alro_ray.errors import DataError
@@ -106,16 +107,7 @@ class PreparedStats:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "stats.json") -> "PreparedStats":
-        if data.get("format") != FORMAT:
-            raise DataError(f"{where}: format {data.get('format')!r}, expected {FORMAT!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        required = [n for n, f in fields.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [n for n in required if n not in data]
-        if missing:
-            raise DataError(f"{where}: missing {missing}; re-run `alro prepare`")
-        # Keys a newer version added are kept out rather than refused: old readers still work.
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        return from_record(cls, data, FORMAT, where, DataError, fix="re-run `alro prepare`")
 
 
 def read_stats(data_dir: str | Path) -> PreparedStats:

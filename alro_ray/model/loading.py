@@ -7,6 +7,9 @@ Aliases work with no network:
 Anything else is a local directory or a hub name passed to `from_pretrained`.
 The cache ($ALRO_CACHE or ~/.cache/alro-ray) is checked by content (config, weights, tokenizer)
 and rebuilt when incomplete; `run_training` builds it in the driver before workers start.
+
+torch, transformers, safetensors and peft are imported inside the functions that use them: the
+CLI, compat checks and Serve's ingress import this module for names and tokenizers only.
 """
 
 from __future__ import annotations

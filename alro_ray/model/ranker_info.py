@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alro_ray.config import from_record
 from alro_ray.errors import AlroError
 
 FORMAT = "alro-ranker-v1"
@@ -46,14 +47,7 @@ class RankerInfo:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = FILE) -> "RankerInfo":
-        if data.get("format") != FORMAT:
-            raise AlroError(f"{where}: format {data.get('format')!r}, expected {FORMAT!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [n for n, f in fields.items()
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in data]
-        if missing:
-            raise AlroError(f"{where}: missing {missing}")
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        return from_record(cls, data, FORMAT, where, AlroError)
 
 
 def write_ranker_info(info: RankerInfo, out_dir: str | Path) -> None:
