@@ -5,6 +5,7 @@ import json
 import pytest
 
 from alro_ray.cli import main
+from alro_ray.rank.compare import table_order
 from alro_ray.rank.results import ndcg_from_predictions, read_predictions
 
 
@@ -52,3 +53,11 @@ def test_a_variant_must_rank_the_same_lists(tmp_path):
     same_lists(tmp_path / "a", tmp_path / "hints")
     with pytest.raises(AlroError, match="its test lists differ"):
         same_lists(tmp_path / "a", tmp_path / "other")
+
+
+def test_table_rows_follow_the_ladder_whatever_order_they_came_in():
+    came = ["llm-wo-sll-generate", "fused-wo-sll-generate-mf", "mf", "llm-alro-generate", "llm-zero-shot-generate",
+            "llm-score", "fused-score-mf", "llm-sft-generate", "llm-sft-bootstrap@3", "random"]
+    assert table_order(came, ("random", "mf")) == [
+        "random", "mf", "llm-zero-shot-generate", "llm-score", "fused-score-mf", "llm-sft-generate",
+        "llm-sft-bootstrap@3", "llm-wo-sll-generate", "fused-wo-sll-generate-mf", "llm-alro-generate"]

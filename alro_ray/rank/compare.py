@@ -38,6 +38,21 @@ def slug(name: str) -> str:
     return name.lower().replace("/", "").replace(" ", "-")
 
 
+def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> list[str]:
+    """Rows as the paper's tables read: the classical baselines, then the ranker rows by ladder
+    step (zero-shot, few-shot, the variants, SFT, w/o SLL, w/o PSL, ALRO), each step's fused rows
+    after its own; merged and new rows alike."""
+    def step(name: str) -> float:
+        body = name.split("-", 1)[1]  # llm-<row> or fused-<row>-<baseline>
+        for i, s in enumerate(LADDER):
+            if body == slug(s) or body.startswith(slug(s) + "-"):
+                return i
+        return LADDER.index("SFT") - 0.5  # a --variant: trained rows come after the untrained ones
+
+    rankers = sorted((n for n in names if n not in baselines), key=step)  # stable: llm row, then fused
+    return [b for b in baselines if b in names] + rankers
+
+
 def variant(cfg: Config, name: str, data_dir: Path) -> Config:
     alpha, beta = WEIGHTS[name]
     loss = dataclasses.replace(cfg.loss, alpha=cfg.loss.alpha if alpha is None else alpha,
@@ -112,8 +127,8 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
         results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
         if baselines and baselines[0] not in results:  # on the lists the first ranker was scored on
             results.update(baseline_results(data, baselines, users=set(predictions["user"])))
-        ordered = {**{b: results[b] for b in baselines}, **{k: v for k, v in results.items() if k not in baselines},
-                   **{k: v for k, v in merged.items() if k not in results}}
+        rows = {**results, **{k: v for k, v in merged.items() if k not in results}}
+        ordered = {name: rows[name] for name in table_order(list(rows), baselines)}
         header = _header(cfg, mode, limit) + (f" Rows merged from {', '.join(map(str, merge))} (their settings: "
                                               f"details.json, config-*.yaml)." if merge else "")
         table = write_results(out, ordered, header)
