@@ -1,6 +1,6 @@
 """Training-step cost of the objective's variants on the same batch, as ratios to plain SFT.
 
-    python bench/train_step.py [--quick] [--json FILE] [--device cpu|cuda] [--micro-batch N]
+    python bench/train_step.py [--quick] [--compile] [--json FILE] [--device cpu|cuda] [--micro-batch N]
                                [--model smollm2-135m] [--history 10 --candidates 10] [KEY=VALUE ...]
 
 One process, no Ray: forward + backward of each variant on the same samples. Every variant is
@@ -15,8 +15,13 @@ best round counts. Variants (keys of the JSON):
                    derived, not timed: the mean of alro and sft_lambda (a step without it)
   sft_top4         SFT with LoRA on the top 4 decoder layers only (model.lora.layers: 4)
   score            the score head (loss.objective: score, lambda loss on a linear head, beta = 0)
+  sft_compiled     with --compile: SFT on a copy of the model compiled in place (train.compile);
+                   its compile time (the warm-up step) is reported apart
 
---quick times sft, sft_lambda, alro, sft_top4 and score only, fewer rounds (under 5 minutes on 2 cores).
+Collation (`train.objective.collate`, run in Ray Data's prefetch thread by the trainer) is timed
+apart from the steps and reported per micro-batch.
+
+--quick times sft, sft_lambda, alro, sft_top4 and score only, 3 rounds (under 5 minutes on 2 cores).
 The device's matrix-multiply rate (fp32 on CPU, bf16 on CUDA, where the model runs in bf16 as
 under DeepSpeed) is measured too, and each step's share of it reported. FLOPs are estimated as
 4 x N x tokens with N the parameters that multiply (embeddings are lookups): forward 2 N T,
@@ -92,7 +97,7 @@ def sample_rows(cfg, n: int) -> tuple[dict, object]:
     return render(pa.Table.from_pylist(rows[:n], schema=SAMPLE_SCHEMA)).to_pydict(), render.tok
 
 
-def build_variants(cfg, device: str, dtype) -> dict:
+def build_variants(cfg, device: str, dtype, compiled: bool = False) -> dict:
     """name -> (model, loss config, shared_prefix, scorer or None)."""
     def lora_model(model_cfg):
         torch.manual_seed(0)
@@ -104,6 +109,11 @@ def build_variants(cfg, device: str, dtype) -> dict:
     scored = lora_model(score_cfg)
     attach_head(scored, score_cfg)
     sft = dataclasses.replace(cfg.loss, alpha=0.0, beta=0.0)
+    extra = {}
+    if compiled:
+        model = lora_model(cfg.model)
+        model.compile(dynamic=True)
+        extra["sft_compiled"] = (model, sft, True)
     return {
         "sft": (full, sft, True),
         "sft_lambda": (full, dataclasses.replace(cfg.loss, beta=0.0), True),
@@ -111,6 +121,7 @@ def build_variants(cfg, device: str, dtype) -> dict:
         "alro": (full, cfg.loss, True),
         "sft_top4": (top4, sft, True),
         "score": (scored, dataclasses.replace(cfg.loss, objective="score", alpha=1.0, beta=0.0), True),
+        **extra,
     }
 
 
@@ -123,12 +134,13 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1, help="samples per step")
     ap.add_argument("--steps", type=int, default=2, help="steps timed per variant and round")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best counts")
-    ap.add_argument("--quick", action="store_true", help=f"variants {', '.join(QUICK)} only, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help=f"variants {', '.join(QUICK)} only, 3 rounds")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--compile", action="store_true", help="add sft_compiled (minutes of compiling on a CPU)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.lora.rank=8")
     args = ap.parse_args()
     if args.quick:
-        args.repeats = min(args.repeats, 2)
+        args.repeats = min(args.repeats, 3)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.set_num_threads(torch.get_num_threads())  # the default: every core
 
@@ -137,27 +149,34 @@ def main() -> None:
                              "model.lora.dropout=0.0", *args.overrides])
     n = args.steps * args.micro_batch
     rows, tok = sample_rows(cfg, n)
-    variants = build_variants(cfg, args.device, dtype)
+    variants = build_variants(cfg, args.device, dtype, args.compile)
     if args.quick:
-        variants = {k: v for k, v in variants.items() if k in QUICK}
+        variants = {k: v for k, v in variants.items() if k in QUICK or k == "sft_compiled"}
     full = variants["sft"][0]
     n_params = sum(p.numel() for p in full.parameters())
     n_matmul = n_params - full.get_input_embeddings().weight.numel()
     ident = torch.tensor(tok.identifier_ids)
     pad = tok.tokenizer.pad_token_id
 
+    collate_s = []
+
     def step(name: str, i: int) -> None:
         model, loss_cfg, shared = variants[name]
         part = {k: v[i * args.micro_batch:(i + 1) * args.micro_batch] for k, v in rows.items()}
+        t0 = time.perf_counter()
         batch = collate(part, 0 if loss_cfg.beta > 0 else None)
+        collate_s.append(time.perf_counter() - t0)
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             terms = compute_losses(model, batch, ident, loss_cfg, pad, len(tok.header_ids), shared_prefix=shared,
                                    scorer=scorer_of(model, tok))
         terms.total.backward()
         model.zero_grad(set_to_none=True)
 
-    for name in variants:  # warm-up: first backward, allocator, lazy imports
+    warmup = {}
+    for name in variants:  # warm-up: first backward, allocator, lazy imports (and compiling)
+        t0 = time.perf_counter()
         step(name, 0)
+        warmup[name] = time.perf_counter() - t0
     peak = matmul_gflops(args.device, dtype)
     best = {name: float("inf") for name in variants}
     for _ in range(args.repeats):
@@ -182,11 +201,17 @@ def main() -> None:
         figures["alro_rate50"] = {"s_per_sample": rate50, "tokens_per_s": tokens / n / rate50,
                                   "share_of_peak": 4 * n_matmul * tokens / n / rate50 / 1e9 / peak,
                                   "ratio_to_sft": rate50 / sft_s, "derived": "mean of alro and sft_lambda"}
+    if "sft_compiled" in figures:
+        figures["sft_compiled"]["compile_s"] = warmup["sft_compiled"]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     prompt_tokens = tokens / n
     head = (f"model {args.model} ({n_params / 1e6:.0f}M params), H={args.history} C={args.candidates}, "
             f"{prompt_tokens:.0f} tokens per sample, micro-batch {args.micro_batch}, {args.device} ({device_name}, "
             f"{torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')} matmul peak {peak:.0f} GFLOP/s")
+    collate_ms = 1000 * sorted(collate_s)[len(collate_s) // 2]
+    head += f"; collate {collate_ms:.2f} ms per micro-batch (median)"
+    if "sft_compiled" in figures:
+        head += f"; compiling took {warmup['sft_compiled']:.0f} s"
     print(head)
     print("| variant | s / sample | prompt tokens/s | ratio to sft | share of matmul peak |")
     print("| --- | --- | --- | --- | --- |")
@@ -196,7 +221,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "setting": head, "device": args.device, "micro_batch": args.micro_batch,
-            "prompt_tokens": prompt_tokens, "matmul_peak_gflops": peak, "variants": figures}, indent=2))
+            "prompt_tokens": prompt_tokens, "matmul_peak_gflops": peak, "collate_ms": collate_ms,
+            "variants": figures}, indent=2))
 
 
 if __name__ == "__main__":

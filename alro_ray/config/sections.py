@@ -116,6 +116,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     shared_prefix: bool = True  # run the original and permuted prompts over one shared history prefix
     gradient_checkpointing: bool = False  # trade compute for memory on long prompts
+    compile: bool = False  # torch.compile the model (dynamic shapes): minutes to compile; docs/benchmarks.md
     eval_mode: Literal["one-pass", "generate", "score"] = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None: all
     max_failures: int = 1

@@ -55,10 +55,15 @@ class TrainBatch:
     perm_input_ids: list[list[int]] | None = None
     perm_slot_positions: torch.Tensor | None = None
     perm_order: torch.Tensor | None = None  # [B, C]: original index shown at permuted position j
+    users: list[str] = dataclasses.field(default_factory=list)  # named when a step is skipped
 
     @property
     def size(self) -> int:
         return len(self.input_ids)
+
+    def without_permutation(self) -> "TrainBatch":
+        """This batch for a step without the permuted pass (`loss.permutation_rate`)."""
+        return dataclasses.replace(self, perm_input_ids=None, perm_slot_positions=None, perm_order=None)
 
 
 def collate(rows: dict, perm_index: int | None) -> TrainBatch:
@@ -74,6 +79,7 @@ def collate(rows: dict, perm_index: int | None) -> TrainBatch:
         ratings=torch.tensor([[float(x) for x in v] for v in rows["candidate_ratings"]]),
         gold=torch.tensor([ints(v) for v in rows["gold_order"]]),
         prefix_len=[int(x) for x in rows["prefix_len"]],
+        users=[str(u) for u in rows.get("user", ())],
     )
     if perm_index is not None:
         if any(len(rows["perm_orders"][b]) == 0 for b in range(n)):

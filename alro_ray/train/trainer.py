@@ -235,6 +235,8 @@ def train_loop(loop_config: dict) -> None:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    if t.compile:  # in place (Module.compile): parameter names, hence checkpoints, stay as they are
+        model.compile(dynamic=True)
 
     rows_per_worker = stats.rows["train"] // world
     micro_steps = math.ceil(rows_per_worker / t.micro_batch)
@@ -286,23 +288,28 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     import ray.train
 
     from alro_ray.model.score_head import scorer_of
-    from alro_ray.train.batching import bucketed
-    from alro_ray.train.objective import collate, compute_losses, step_loss
+    from alro_ray.train.batching import MicroBatchCollate
+    from alro_ray.train.objective import compute_losses, step_loss
 
     t = cfg.train
     engine.train()
     checks.start_epoch()
     sums = {"loss": 0.0, "sft": 0.0, "rank": 0.0, "perm": 0.0}
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
-    blocks = ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=t.micro_batch * t.bucket, batch_format="numpy", local_shuffle_buffer_size=256,
-        local_shuffle_seed=t.seed + epoch)
-    for step, rows in enumerate(bucketed(blocks, t.micro_batch, t.bucket, seed=t.seed + epoch)):
+    # Each block of micro_batch * bucket rows is cut into length-bucketed micro-batches and collated
+    # to tensors by Ray Data's prefetch thread (train/batching.py) while the previous step runs.
+    collate = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,
+                                perm_index=epoch if cfg.loss.beta > 0 else None)
+    blocks = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=t.micro_batch * t.bucket, collate_fn=collate, prefetch_batches=2,
+        local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + epoch)
+    for step, batch in enumerate(b for block in blocks for b in block):
         if step >= micro_steps:
             break
         loss_cfg = step_loss(cfg.loss, t.seed + rank, epoch, step)
-        batch = collate(rows, perm_index=epoch if loss_cfg.beta > 0 else None)
-        users = [str(u) for u in rows["user"]]
+        if loss_cfg.beta == 0:
+            batch = batch.without_permutation()
+        users = batch.users
         terms = compute_losses(engine, batch, identifier_ids, loss_cfg, pad_id, len(rank_tok.header_ids),
                                shared_prefix=t.shared_prefix, scorer=scorer_of(engine, rank_tok))
         where = (epoch + 1, f"{step // t.grad_accum + 1} (micro-batch {step % t.grad_accum + 1}/{t.grad_accum})")
