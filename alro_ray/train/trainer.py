@@ -298,10 +298,10 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
     # Each block of micro_batch * bucket rows is cut into length-bucketed micro-batches and collated
     # to tensors by Ray Data's prefetch thread (train/batching.py) while the previous step runs.
-    collate = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,
-                                perm_index=epoch if cfg.loss.beta > 0 else None)
+    collate_fn = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,
+                                   perm_index=epoch if cfg.loss.beta > 0 else None)
     blocks = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=t.micro_batch * t.bucket, collate_fn=collate, prefetch_batches=2,
+        batch_size=t.micro_batch * t.bucket, collate_fn=collate_fn, prefetch_batches=2,
         local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + epoch)
     for step, batch in enumerate(b for block in blocks for b in block):
         if step >= micro_steps:
