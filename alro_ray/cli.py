@@ -153,7 +153,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
                                  baselines=[b for b in args.baselines.split(",") if b], split=args.split,
                                  actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
                                  use_gpu=args.gpu, few_shot=args.few_shot,
-                                 fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion)
+                                 fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
+                                 save_fusion=args.save_fusion)
         log_evaluation(run, metrics, args.out)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
@@ -238,6 +239,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--few-shot", type=int, default=0, help="prepend k training samples to every prompt")
     _add_fusion_args(p)
+    p.add_argument("--save-fusion", action="store_true",
+                   help="with --fuse: save the chosen weights in the checkpoint (fusion.json), Serve's "
+                        "default when a request's fusion names no weight")
     p.add_argument("--mlflow", dest="short_tracking.mlflow", metavar="URI", help="log an MLflow run (sets tracking.mlflow)")
     p.add_argument("overrides", nargs="*", metavar="tracking.key=value", help="tracking settings (docs/tracking.md)")
     p.set_defaults(func=cmd_evaluate, config_sections=("tracking",))

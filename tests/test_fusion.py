@@ -9,7 +9,8 @@ import pytest
 from conftest import random_ranker
 
 from alro_ray.errors import AlroError
-from alro_ray.rank.fusion import choose_weight, fuse, fuse_predictions, fused_order, normalise
+from alro_ray.rank.fusion import (choose_weight, fuse, fuse_predictions, fused_order, normalise,
+                                  read_fusion_defaults, save_fusion_defaults)
 from alro_ray.rank.metrics import paired_bootstrap
 
 
@@ -115,7 +116,10 @@ def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_p
     assert f" {notes[0]}\n" in row["prompt"]
 
     metrics = run_evaluation(root / "ranker", tmp_path, modes="one-pass,generate", baselines=["item-mean"],
-                             fuse=["item-mean"], fusion="score", batch_size=4)
+                             fuse=["item-mean"], fusion="score", batch_size=4, save_fusion=True)
+    saved = read_fusion_defaults(root / "ranker")  # Serve's defaults, the weights chosen here
+    assert {k: v["weight"] for k, v in saved.items()} == {
+        f"{m}/item-mean": metrics["fusion"][f"fused-{m}-item-mean"]["weight"] for m in ("one-pass", "generate")}
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
     fused_modes = {"fused-one-pass-item-mean", "fused-generate-item-mean"}
     assert set(preds["mode"]) == {"one-pass", "generate"} | fused_modes
@@ -174,7 +178,45 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
 
     schema = make_schemas(settings, 5)["RankRequest"]
     body = {"history": [{"title": "Old"}], "candidates": [{"id": "a", "title": "T"}, {"id": "b", "title": "U"}]}
-    assert schema(**body, fusion={"classical": "mf", "weight": 0.3}).fusion.method == "score"
+    assert schema(**body, fusion={"classical": "mf", "weight": 0.3}).fusion.method is None  # filled: score
+    assert schema(**body, fusion={"classical": "mf"}).fusion.weight is None  # filled: the adapter's saved one
     for bad in ({"classical": "mf", "weight": 1.5}, {"classical": "svd", "weight": 0.5}, {"weight": 0.5}):
         with pytest.raises(ValueError):
             schema(**body, fusion=bad)
+
+
+def test_saved_fusion_weights_round_trip_and_fill_requests(tmp_path):
+    """fusion.json: only the classical models Serve fuses with, merged with earlier entries, refused
+    when malformed; a request without a weight takes the saved one for its mode and model."""
+    from alro_ray.serve.registry import AdapterEntry
+
+    def info(mode, baseline, weight, method="score"):
+        return {f"fused-{mode}-{baseline}": {"mode": mode, "baseline": baseline, "method": method, "weight": weight,
+                                             "valid_ndcg@10": 0.9, "valid_lists": 40}}
+
+    assert read_fusion_defaults(tmp_path) == {}
+    save_fusion_defaults(tmp_path, {**info("one-pass", "mf", 0.3), **info("one-pass", "popularity", 0.5)}, "ev1")
+    save_fusion_defaults(tmp_path, info("score", "item-mean", 0.7, "rrf"), "ev2")  # a later run adds
+    saved = read_fusion_defaults(tmp_path)
+    assert {k: (v["weight"], v["method"], v["evaluation"]) for k, v in saved.items()} == {
+        "one-pass/mf": (0.3, "score", "ev1"), "score/item-mean": (0.7, "rrf", "ev2")}
+    with pytest.raises(AlroError, match="Serve fuses with mf, item-mean only"):
+        save_fusion_defaults(tmp_path, info("one-pass", "popularity", 0.5), "ev3")
+
+    entry = AdapterEntry("b", str(tmp_path), None, {}, saved)
+    ask = {"classical": "mf", "weight": None, "method": None}
+    assert entry.fusion_settings("one-pass", ask) == {"classical": "mf", "weight": 0.3, "method": "score",
+                                                      "weight_from": "adapter"}
+    assert entry.fusion_settings("one-pass", {**ask, "weight": 0.9}) == {"classical": "mf", "weight": 0.9,
+                                                                        "method": "score"}
+    with pytest.raises(ValueError, match="none saved for mode 'generate' with 'mf'.*--save-fusion"):
+        entry.fusion_settings("generate", ask)
+    with pytest.raises(ValueError, match="chosen for fusion method 'rrf', not 'borda'"):
+        entry.fusion_settings("score", {"classical": "item-mean", "weight": None, "method": "borda"})
+
+    for bad in ("{", '{"format": "other", "weights": {}}', '{"format": "alro-fusion-v1", "weights": '
+                '{"one-pass/svd": {"weight": 0.1, "method": "score"}}}', '{"format": "alro-fusion-v1", "weights": '
+                '{"one-pass/mf": {"weight": 2, "method": "score"}}}'):
+        (tmp_path / "fusion.json").write_text(bad)
+        with pytest.raises(AlroError, match="fusion.json.*--save-fusion"):
+            read_fusion_defaults(tmp_path)

@@ -43,6 +43,8 @@ def _make_checkpoint(out_dir, perturb_seed=None):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    from alro_ray.rank.fusion import save_fusion_defaults
+
     root = tmp_path_factory.mktemp("serve_ckpt")
     a = _make_checkpoint(root / "a")
     b = _make_checkpoint(root / "b", perturb_seed=1)
@@ -51,6 +53,9 @@ def checkpoints(tmp_path_factory):
     info = json.loads((other / "ranker.json").read_text())
     info["base_model"] = "smollm2-135m"
     (other / "ranker.json").write_text(json.dumps(info))
+    # b carries a saved fusion weight (as `alro evaluate --fuse mf --save-fusion` writes it): all MF
+    save_fusion_defaults(b, {"fused-one-pass-mf": {"mode": "one-pass", "baseline": "mf", "method": "score",
+                                                   "weight": 0.0, "valid_ndcg@10": 0.9, "valid_lists": 10}}, "test")
     return {"a": str(a), "b": str(b), "other": str(other)}
 
 
@@ -251,6 +256,24 @@ def test_bad_input_gets_a_4xx_with_a_json_error(client, case):
     body = r.json()
     assert isinstance(body["error"], str) and body["error"]
     assert client.post("/rank", json=make_request()).status_code == 200  # still serving
+
+
+def test_fusion_takes_the_adapters_saved_weight_when_the_request_names_none(client):
+    req = make_request(n_candidates=3, mode="one-pass", fusion={"classical": "mf"})
+    for c, mf in zip(req["candidates"], (2.0, 4.5, 3.0)):
+        c["hints"] = {"mf_score": mf}
+    r = client.post("/rank", json=dict(req, adapter="b"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fusion"] == {"classical": "mf", "weight": 0.0, "method": "score", "weight_from": "adapter"}
+    ids = [c["id"] for c in req["candidates"]]
+    assert body["ranking"] == [ids[1], ids[2], ids[0]]  # weight 0: MF's order
+    r = client.post("/rank", json=req)  # the default adapter has no saved weight
+    assert r.status_code == 422 and "--save-fusion" in r.json()["error"]
+    r = client.post("/rank", json=dict(req, adapter="b", fusion={"classical": "mf", "method": "rrf"}))
+    assert r.status_code == 422 and "chosen for fusion method 'score'" in r.json()["error"]
+    adapters = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
+    assert adapters["b"]["fusion_defaults"] == {"one-pass/mf": {"weight": 0.0, "method": "score"}}
 
 
 def test_error_messages_say_what_is_wrong(client):

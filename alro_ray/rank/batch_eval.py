@@ -168,9 +168,10 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                    modes: Sequence[str] = DEFAULT_MODES, baselines: Sequence[str] = ("random", "popularity", "item-mean"),
                    split: str = "test", actors: int = 1, batch_size: int = 8, limit: int | None = None,
                    seed: int = 0, use_gpu: bool = False, few_shot: int = 0,
-                   fuse: Sequence[str] = (), fusion: str = "score") -> dict:
+                   fuse: Sequence[str] = (), fusion: str = "score", save_fusion: bool = False) -> dict:
     """Rank `split` in every mode; with `fuse` (baseline names) also the valid split, and add rows
-    fused-<mode>-<baseline> (rank/fusion.py: weight chosen on valid, method `fusion`)."""
+    fused-<mode>-<baseline> (rank/fusion.py: weight chosen on valid, method `fusion`). With
+    `save_fusion` the chosen weights also go into the checkpoint's fusion.json (Serve's defaults)."""
     # Ray and the baselines (torch): only when an evaluation runs, not when the CLI imports this.
     import ray
 
@@ -185,6 +186,8 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                         f"model.head.kind linear or mlp and loss.objective score, or drop that mode")
     if not stats.rows.get(split):
         raise AlroError(f"{data} has no {split} rows")
+    if save_fusion and not fuse:
+        raise AlroError("--save-fusion saves the weights --fuse chooses: give --fuse mf (or item-mean) too")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
@@ -240,6 +243,12 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
                "baselines": evaluate_baselines(data, baselines, split, seed, users=set(predictions["user"]))}
     if fusion_info:
         metrics["fusion"] = fusion_info
+    if save_fusion:
+        from alro_ray.rank.fusion import save_fusion_defaults
+
+        path = save_fusion_defaults(checkpoint, fusion_info, str(out.resolve()))
+        metrics["fusion_saved"] = str(path)
+        log.info("fusion weights saved in %s (Serve's default when a request names no weight)", path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(metrics, out, history_path=Path(checkpoint) / "history.json")
     return metrics

@@ -12,12 +12,17 @@ deterministic. LLM scores per candidate: one-pass's first-slot log-probabilities
 rank, the score head's scores; modes that only give an order (free, bootstrap@p) use minus rank.
 
 `fuse_predictions` applies this to the evaluation job's predictions (`alro evaluate --fuse mf`).
+With `--save-fusion` the chosen weights go into the ranker checkpoint as fusion.json
+(`save_fusion_defaults`), per mode and classical model; Serve uses them when a request's `fusion`
+names no weight.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -28,6 +33,9 @@ from alro_ray.errors import AlroError
 from alro_ray.rank.metrics import mean_ndcg
 
 METHODS = ("score", "borda", "rrf")
+DEFAULTS_FILE = "fusion.json"
+DEFAULTS_FORMAT = "alro-fusion-v1"
+SERVE_CLASSICAL = ("mf", "item-mean")  # the classical models a Serve request can fuse with
 GRID = tuple(i / 10 for i in range(11))
 RRF_K = 60
 
@@ -125,3 +133,45 @@ def fuse_predictions(data_dir: str | Path, valid: pd.DataFrame, test: pd.DataFra
                             "rank_of_position": rank_of_position.tolist(), "repaired": False,
                             "scores": fuse(list(p["scores"]), cls[split][p["user"]], w, method).tolist()})
     return pd.DataFrame(out, columns=test.columns), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved weights: Serve's defaults.
+
+
+def save_fusion_defaults(ranker_dir: str | Path, info: dict, evaluation: str) -> Path:
+    """Write the weights `fuse_predictions` chose (`info`), for the classical models Serve can fuse
+    with, into `ranker_dir`/fusion.json under "<mode>/<classical>"; entries of earlier runs for
+    other modes or models stay. `evaluation` (the evaluation's output directory) is recorded."""
+    chosen = {f"{i['mode']}/{i['baseline']}": {"weight": float(i["weight"]), "method": i["method"],
+                                                 "valid_lists": int(i["valid_lists"]),
+                                                 "valid_ndcg@10": float(i["valid_ndcg@10"]), "evaluation": evaluation}
+              for i in info.values() if i["baseline"] in SERVE_CLASSICAL}
+    if not chosen:
+        raise AlroError(f"--save-fusion: Serve fuses with {', '.join(SERVE_CLASSICAL)} only; "
+                        f"none of them was fused ({sorted({i['baseline'] for i in info.values()})})")
+    path = Path(ranker_dir) / DEFAULTS_FILE
+    weights = {**read_fusion_defaults(ranker_dir), **chosen}
+    path.write_text(json.dumps({"format": DEFAULTS_FORMAT, "weights": weights}, indent=2))
+    return path
+
+
+def read_fusion_defaults(ranker_dir: str | Path) -> dict[str, dict]:
+    """"<mode>/<classical>" -> {weight, method, ...} from `ranker_dir`/fusion.json ({} without one)."""
+    path = Path(ranker_dir) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        weights = record["weights"] if record.get("format") == DEFAULTS_FORMAT else None
+        if not isinstance(weights, dict):
+            raise ValueError(f"not an {DEFAULTS_FORMAT} file")
+        for key, w in weights.items():
+            mode, _, classical = key.rpartition("/")
+            if not mode or classical not in SERVE_CLASSICAL:
+                raise ValueError(f"key {key!r} is not <mode>/<{'|'.join(SERVE_CLASSICAL)}>")
+            if not 0 <= float(w["weight"]) <= 1 or w["method"] not in METHODS:
+                raise ValueError(f"{key}: weight must be in [0, 1] and method one of {METHODS}, got {w}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise AlroError(f"{path}: {e}; rewrite it with `alro evaluate --fuse mf --save-fusion`") from None
+    return weights

@@ -152,6 +152,10 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
             return _error(422, f"adapter {name!r} was trained with C={entry.candidates} identifiers: "
                                f"send 2 to {entry.candidates} candidates, got {len(req.candidates)}")
         mode = req.mode or settings.default_mode
+        try:
+            fusion = entry.fusion_settings(mode, req.fusion.model_dump()) if req.fusion else None
+        except ValueError as e:
+            return _error(422, str(e))
         payload = {
             "adapter": name,
             "mode": mode,
@@ -161,7 +165,7 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
             "candidate_ids": [c.id for c in req.candidates],
             "candidate_hints": [c.hints.model_dump(exclude_none=True) if c.hints else None for c in req.candidates],
             "history_ids": [h.id for h in req.history],
-            "fusion": req.fusion.model_dump() if req.fusion else None,
+            "fusion": fusion,
         }
         try:
             out = await call_with_retry(lambda: ranker.options(multiplexed_model_id=name).rank.remote(payload),

@@ -1,11 +1,12 @@
 """The adapter registry: request field `adapter` -> checkpoint directory, fixed and checked at start."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alro_ray.config import read_yaml
 from alro_ray.errors import AlroError, ConfigError
 from alro_ray.model.ranker_info import RankerInfo, read_ranker_info
+from alro_ray.rank.fusion import read_fusion_defaults
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class AdapterEntry:
     path: str  # absolute checkpoint directory (never shown to clients)
     info: RankerInfo  # ranker.json
     model: dict  # the `model:` section of its training config
+    fusion: dict = field(default_factory=dict)  # fusion.json: "<mode>/<classical>" -> saved weight, method
 
     @property
     def candidates(self) -> int:
@@ -24,7 +26,25 @@ class AdapterEntry:
     def public(self) -> dict:
         i = self.info
         return {"name": self.name, "base_model": i.base_model, "candidates": i.candidates, "history": i.history,
-                "domain_plural": i.domain_plural, "attribute_name": i.attribute_name}
+                "domain_plural": i.domain_plural, "attribute_name": i.attribute_name,
+                "fusion_defaults": {k: {"weight": v["weight"], "method": v["method"]} for k, v in self.fusion.items()}}
+
+    def fusion_settings(self, mode: str, requested: dict) -> dict:
+        """A request's `fusion` with its weight (and method) filled in from the saved defaults when
+        it names none; raises ValueError (a 422) when there is nothing to fill it with."""
+        if requested["weight"] is not None:
+            return {**requested, "method": requested["method"] or "score"}
+        key = f"{mode}/{requested['classical']}"
+        saved = self.fusion.get(key)
+        if saved is None:
+            raise ValueError(f"fusion names no weight and adapter {self.name!r} has none saved for mode {mode!r} "
+                             f"with {requested['classical']!r} (saved: {sorted(self.fusion) or 'none'}): pass "
+                             f"fusion.weight, or save one with `alro evaluate --fuse {requested['classical']} "
+                             f"--save-fusion`")
+        if requested["method"] not in (None, saved["method"]):
+            raise ValueError(f"adapter {self.name!r}'s saved weight for {key} was chosen for fusion method "
+                             f"{saved['method']!r}, not {requested['method']!r}: pass fusion.weight too")
+        return {**requested, "weight": saved["weight"], "method": saved["method"], "weight_from": "adapter"}
 
 
 def _base_key(entry: AdapterEntry) -> dict:
@@ -49,7 +69,11 @@ def load_registry(adapters: dict[str, str], base_dir: str | None = None) -> dict
         except AlroError as e:
             raise ConfigError(f"serve: adapter {name!r}: {e}") from e
         model = read_yaml(path / "config.yaml").get("model") or {}
-        registry[name] = AdapterEntry(name, str(path), info, model)
+        try:
+            fusion = read_fusion_defaults(path)
+        except AlroError as e:
+            raise ConfigError(f"serve: adapter {name!r}: {e}") from e
+        registry[name] = AdapterEntry(name, str(path), info, model, fusion)
     entries = list(registry.values())
     first = entries[0]
     for other in entries[1:]:

@@ -98,10 +98,13 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
         classical: Literal["mf", "item-mean"] = Field(
             description="the classical score: MF's predicted rating (hint mf_score) or the item's mean rating "
                         "(hint mean_rating), from each candidate's hints, else the ranker's saved fit by id")
-        weight: float = Field(ge=0, le=1, description="the ranker's weight w in w * ranker + (1 - w) * classical "
-                                                      "(`alro evaluate --fuse` chooses it on the valid split)")
-        method: Literal["score", "borda", "rrf"] = Field("score", description="z-scored scores, Borda points or "
-                                                                            "reciprocal rank (rank/fusion.py)")
+        weight: Optional[float] = Field(
+            None, ge=0, le=1, description="the ranker's weight w in w * ranker + (1 - w) * classical; omitted: "
+                                          "the adapter's saved weight for this mode and classical model "
+                                          "(`alro evaluate --fuse mf --save-fusion`, chosen on the valid split)")
+        method: Optional[Literal["score", "borda", "rrf"]] = Field(
+            None, description="z-scored scores, Borda points or reciprocal rank (rank/fusion.py); omitted: the "
+                              "saved weight's method, else score")
 
     class RankRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
