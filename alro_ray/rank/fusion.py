@@ -19,10 +19,9 @@ names no weight.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
-
-import json
 
 import numpy as np
 import pandas as pd
