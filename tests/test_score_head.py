@@ -313,9 +313,11 @@ MARGIN = 0.03  # NDCG@10 over item-mean on the 60 test lists of 4 candidates (ab
 
 @pytest.mark.slow
 def test_score_head_beats_item_mean_on_per_user_tastes(ray_local, tmp_path):
-    """Not yet seen passing: the whole recipe (2 epochs) did not fit in the session that wrote it
-    (a shared, loaded machine: ~120 tok/s). A 30-step, 1-epoch cut (2026-11-22): score 0.869,
-    item-mean 0.857, random 0.857 (NDCG@10, 60 lists): +0.012, short of the margin."""
+    """Not yet seen passing. A 30-step, 1-epoch cut (2026-11-22): score 0.869, item-mean 0.857,
+    random 0.857 (NDCG@10, 60 lists); a whole first epoch (2026-11-23): valid 0.848. Why (frozen
+    probes, docs/method.md "What the score head cannot see"): a head on the candidate's own state
+    cannot see the user's taste; matching it against the rated history lines' states can (0.929
+    frozen). This test waits for that user-conditioned head."""
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.train.trainer import run_training
 
