@@ -184,6 +184,12 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
         with pytest.raises(ValueError):
             schema(**body, fusion=bad)
 
+    # --save-fusion without --fuse is refused before any ranking
+    from alro_ray.rank.batch_eval import run_evaluation
+
+    with pytest.raises(AlroError, match="give --fuse mf"):
+        run_evaluation(root / "ranker", tmp_path / "ev", modes="one-pass", save_fusion=True)
+
 
 def test_saved_fusion_weights_round_trip_and_fill_requests(tmp_path):
     """fusion.json: only the classical models Serve fuses with, merged with earlier entries, refused
