@@ -44,10 +44,17 @@ class HeadConfig:
     position: Literal["line_end", "identifier"] = "line_end"  # the line's last token, or its letter
     layer: int = -1  # index into the model's hidden states: -1 the last (normed) layer, 0 the embeddings
     hidden: int = 256  # width of the mlp's hidden layer
+    # rated_history: add a match of the candidate's state with the user's rated history lines
+    # (their line-end states, weighted by the ratings the prompt shows): the head can then rank by
+    # the user's taste, which the candidate's own state does not carry (docs/method.md).
+    user: Literal["none", "rated_history"] = "none"
+    user_rank: int = 32  # rank of that bilinear match
 
     def validate(self) -> None:
         if self.hidden < 1:
             raise ConfigError(f"model.head.hidden must be >= 1, got {self.hidden}")
+        if self.user_rank < 1:
+            raise ConfigError(f"model.head.user_rank must be >= 1, got {self.user_rank}")
 
 
 @dataclass
@@ -117,6 +124,9 @@ class TrainConfig:
     shared_prefix: bool = True  # run the original and permuted prompts over one shared history prefix
     gradient_checkpointing: bool = False  # trade compute for memory on long prompts
     compile: bool = False  # torch.compile the model (dynamic shapes): minutes to compile; docs/benchmarks.md
+    # With model.freeze_lm and loss.beta 0: read the frozen LM's states once per worker and fit the
+    # head on them every epoch (train/frozen.py); false recomputes them every step.
+    cache_frozen_states: bool = True
     eval_mode: Literal["one-pass", "generate", "score"] = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None: all
     max_failures: int = 1
@@ -222,6 +232,9 @@ def check_head(cfg: Config) -> None:
     if loss.objective == "generative" and head != "none":
         raise ConfigError(f"model.head.kind={head} is trained by loss.objective=score only; with the generative "
                           f"objective it would stay random: set loss.objective=score or model.head.kind=none")
+    if cfg.model.head.user != "none" and head == "none":
+        raise ConfigError(f"model.head.user={cfg.model.head.user} is part of the score head, but model.head.kind=none: "
+                          f"set model.head.kind=linear (or mlp) and loss.objective=score")
     if cfg.train.eval_mode == "score" and head == "none":
         raise ConfigError("train.eval_mode=score ranks with the score head, but model.head.kind=none")
     if loss.objective == "score" and cfg.train.eval_mode != "score":

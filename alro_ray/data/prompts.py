@@ -29,6 +29,7 @@ INSTRUCTION = (
     "initial order of the candidates."
 )
 RESPONSE_HEADER = "Given the historical interaction, the ranking result is:"
+HISTORY_HEADER = "[User Interaction History]:"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -114,7 +115,7 @@ def render_prefix(history: Sequence[tuple[Item, float | None]], domain_plural: s
     return (
         "### Instruction:\n"
         + INSTRUCTION.format(domain_plural=domain_plural)
-        + "\n\n### Input:\n[User Interaction History]:\n"
+        + "\n\n### Input:\n" + HISTORY_HEADER + "\n"
         + "".join(lines)
         + "[Candidate Items]:\n"
     )

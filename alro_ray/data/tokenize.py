@@ -8,12 +8,18 @@ is exactly one known token at a known position. Training, evaluation and serving
 
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from alro_ray.errors import ConfigError
-from alro_ray.data.prompts import LETTERS, RESPONSE_HEADER
+from alro_ray.data.prompts import HISTORY_HEADER, LETTERS, RESPONSE_HEADER
+
+# A history line ends with " rating: <number>" when the rating is shown (prompts.render_prefix);
+# item text cannot hold "rating:" (prompts.neutralise alters it), so this is the template's own.
+_RATING = re.compile(r" rating: ([-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$")
 
 
 def identifier_token_ids(tokenizer, candidates: int) -> list[int]:
@@ -62,12 +68,7 @@ class RankTokenizer:
         (neither holds another newline), and before them the "[Candidate Items]:" line. Item text
         is always one line (`prompts.neutralise`)."""
         texts = self._texts
-        ends: list[int] = []
-        for i in range(len(ids) - 1, -1, -1):
-            if "\n" in texts[ids[i]]:
-                ends.append(i)
-                if len(ends) == c + 2:
-                    break
+        ends = list(itertools.islice(self._line_ends(ids, len(ids)), c + 2))
         if len(ends) < c + 2:
             raise ValueError(f"the prompt has {len(ends)} line ends, fewer than the {c} candidate lines with "
                              f"the lines around them need: not a ranking prompt for {c} candidates")
@@ -86,6 +87,35 @@ class RankTokenizer:
                 raise ValueError(f"candidate line {j + 1} has no token holding its identifier {LETTERS[j]!r}")
             out.append(found)
         return out
+
+    def _line_ends(self, ids: Sequence[int], stop: int) -> Iterator[int]:
+        """Indices of the tokens holding a newline, walking back from `stop` (excluded)."""
+        texts = self._texts
+        return (i for i in range(stop - 1, -1, -1) if "\n" in texts[ids[i]])
+
+    def history_lines(self, ids: Sequence[int], c: int) -> list[tuple[int, float | None]]:
+        """(index of the line's last token, its rating or None when the line shows none) for each
+        history line, in prompt order: the lines between "[User Interaction History]:" and
+        "[Candidate Items]:" (read from the end like `candidate_positions`, so the ids may carry
+        a response). The user head (model/score_head.py) reads the user's taste from them."""
+        texts = self._texts
+        first_candidate = self.candidate_positions(ids, c)[0]
+        ends = self._line_ends(ids, first_candidate)
+        next(ends, None)  # the "[Candidate Items]:" line's end
+        lines: list[tuple[int, float | None]] = []
+        end = next(ends, None)
+        while end is not None:
+            start = next(ends, None)  # the previous line's end: its token may run on into this line
+            head = texts[ids[start]].rsplit("\n", 1)[1] if start is not None else ""
+            text = head + "".join(texts[t] for t in ids[(start or -1) + 1:end + 1])
+            line = text[:text.rfind("\n")]
+            if HISTORY_HEADER in line:
+                lines.reverse()
+                return lines
+            rating = _RATING.search(line)
+            lines.append((end, float(rating[1]) if rating else None))
+            end = start
+        raise ValueError(f"no {HISTORY_HEADER!r} line before the candidate lines: not a ranking prompt")
 
     def prompt_ids(self, prefix: str, suffix: str) -> tuple[list[int], int]:
         """Ids of the prompt up to the response header included, and the prefix length."""

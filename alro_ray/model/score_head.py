@@ -6,6 +6,10 @@ at the candidate's line in the single prompt, in one forward pass (docs/method.m
                  (`identifier`); positions from `RankTokenizer.candidate_positions`
   head           LayerNorm (no affine: hidden states of middle layers have large, uneven scales)
                  then a linear map or a one-hidden-layer MLP to one score
+  user match     with `model.head.user: rated_history`, plus (P c).(Q u): the candidate's state c
+                 matched against a vector u of the user's history lines (their line-end states,
+                 mean and rating-weighted mean; ratings read from the prompt's own text), so
+                 the score can depend on the user's taste, which c alone does not carry
 
 In training the head is a submodule of the PEFT model (`score_head`), so DeepSpeed puts its
 parameters in the optimizer beside LoRA's and in its checkpoints; the ranker checkpoint keeps it
@@ -15,6 +19,7 @@ as head.safetensors with its settings in ranker.json["head"]. At ranking time it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +34,29 @@ ATTRIBUTE = "score_head"  # the head's name as a submodule of the model being tr
 WEIGHTS = "head.safetensors"
 
 
+@dataclass
+class HistoryLines:
+    """The history lines of N prompts, padded to the longest history: what the user match reads."""
+
+    positions: torch.Tensor  # [N, L] long: each line's last token (unpadded prompt coordinates; 0 on padding)
+    ratings: torch.Tensor  # [N, L] float: the rating the line shows, NaN where it shows none
+    mask: torch.Tensor  # [N, L] bool: False on padding
+
+    @classmethod
+    def of(cls, lines: Sequence[Sequence[tuple[int, float | None]]]) -> "HistoryLines":
+        """From `RankTokenizer.history_lines` of each prompt."""
+        width = max((len(x) for x in lines), default=0)
+        pos = torch.zeros(len(lines), width, dtype=torch.long)
+        ratings = torch.full((len(lines), width), float("nan"))
+        mask = torch.zeros(len(lines), width, dtype=torch.bool)
+        for b, row in enumerate(lines):
+            for j, (p, r) in enumerate(row):
+                pos[b, j], mask[b, j] = p, True
+                if r is not None:
+                    ratings[b, j] = r
+        return cls(pos, ratings, mask)
+
+
 class ScoreHead(nn.Module):
     def __init__(self, hidden_size: int, cfg: HeadConfig):
         super().__init__()
@@ -38,17 +66,48 @@ class ScoreHead(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.net = nn.Linear(hidden_size, 1) if cfg.kind == "linear" else nn.Sequential(
             nn.Linear(hidden_size, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 1))
+        if cfg.user == "rated_history":
+            self.match_candidate = nn.Linear(hidden_size, cfg.user_rank, bias=False)  # P
+            self.match_user = nn.Linear(2 * hidden_size, cfg.user_rank, bias=False)  # Q
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] hidden states -> [...] float32 scores (higher = better)."""
+    @property
+    def reads_history(self) -> bool:
+        return self.cfg.user != "none"
+
+    def forward(self, hidden: torch.Tensor, history_states: torch.Tensor | None = None,
+                history: HistoryLines | None = None) -> torch.Tensor:
+        """hidden [N, C, H] at the candidate lines -> [N, C] float32 scores (higher = better).
+        The user match also needs the states at the history lines [N, L, H] and their ratings."""
         dtype = next(self.parameters()).dtype
-        return self.net(self.norm(hidden.to(dtype))).squeeze(-1).float()
+        c = self.norm(hidden.to(dtype))
+        scores = self.net(c).squeeze(-1)
+        if self.reads_history:
+            if history_states is None or history is None:
+                raise ValueError("model.head.user=rated_history needs the history lines' hidden states")
+            u = self.match_user(self.user_vector(history_states, history))  # [N, r]
+            scores = scores + (self.match_candidate(c) * u.unsqueeze(1)).sum(-1)
+        return scores.float()
+
+    def user_vector(self, states: torch.Tensor, history: HistoryLines) -> torch.Tensor:
+        """[N, 2H]: the mean of the normed history states, and their mean weighted by each line's
+        rating minus the user's mean shown rating (lines without a rating weigh 0 there)."""
+        dtype = next(self.parameters()).dtype
+        h = self.norm(states.to(dtype))
+        present = history.mask.to(h.device, dtype)
+        ratings = history.ratings.to(h.device, dtype)
+        rated = present * torch.isfinite(ratings).to(dtype)
+        r = torch.nan_to_num(ratings) * rated
+        mean_r = r.sum(1, keepdim=True) / rated.sum(1, keepdim=True).clamp(min=1)
+        weight = (r - mean_r) * rated
+        count = present.sum(1, keepdim=True).clamp(min=1)  # an empty history gives u = 0
+        return torch.cat([(present.unsqueeze(-1) * h).sum(1) / count,
+                          (weight.unsqueeze(-1) * h).sum(1) / count], dim=-1)
 
     def describe(self) -> dict:
         """What ranker.json keeps to rebuild the head."""
         c = self.cfg
         return {"kind": c.kind, "position": c.position, "layer": c.layer, "hidden": c.hidden,
-                "hidden_size": self.hidden_size, "weights": WEIGHTS}
+                "user": c.user, "user_rank": c.user_rank, "hidden_size": self.hidden_size, "weights": WEIGHTS}
 
 
 def _model_config(model):
@@ -118,12 +177,28 @@ class CandidateScorer:
     def positions(self, prompt: Sequence[int], c: int) -> list[int]:
         return self.rank_tokenizer.candidate_positions(prompt, c, self.head.cfg.position)
 
+    def history(self, prompts: Sequence[Sequence[int]], c: int) -> HistoryLines | None:
+        """The prompts' history lines when the head reads them, else None."""
+        if not self.head.reads_history:
+            return None
+        return HistoryLines.of([self.rank_tokenizer.history_lines(ids, c) for ids in prompts])
+
+    def states(self, hidden_states: Sequence[torch.Tensor], prompts: Sequence[Sequence[int]], c: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None, HistoryLines | None]:
+        """What the head reads from a forward's hidden states over the LEFT-padded `prompts`:
+        the states at the candidate lines [B, c, H], and at the history lines with those lines
+        (None, None when the head reads no history)."""
+        hidden = hidden_states[self.layer]
+        shift = hidden.shape[1] - torch.tensor([len(ids) for ids in prompts])[:, None]
+        cand = gather_hidden(hidden, torch.tensor([self.positions(ids, c) for ids in prompts]) + shift)
+        history = self.history(prompts, c)
+        if history is None:
+            return cand, None, None
+        return cand, gather_hidden(hidden, history.positions + shift), history
+
     def scores(self, hidden_states: Sequence[torch.Tensor], prompts: Sequence[Sequence[int]], c: int) -> torch.Tensor:
         """[B, c] scores from a forward's hidden states over the LEFT-padded `prompts`."""
-        hidden = hidden_states[self.layer]
-        width = hidden.shape[1]
-        pos = torch.tensor([[p + width - len(ids) for p in self.positions(ids, c)] for ids in prompts])
-        return self.head(gather_hidden(hidden, pos))
+        return self.head(*self.states(hidden_states, prompts, c))
 
 
 def load_scorer(path: str | Path, info: RankerInfo, rank_tokenizer, device="cpu", dtype=None) -> CandidateScorer | None:
@@ -133,7 +208,9 @@ def load_scorer(path: str | Path, info: RankerInfo, rank_tokenizer, device="cpu"
     entry = info.head
     if not entry:
         return None
-    cfg = from_dict(HeadConfig, {k: entry[k] for k in ("kind", "position", "layer", "hidden")})
+    # user and user_rank came later: checkpoints without them have no user match
+    cfg = from_dict(HeadConfig, {k: entry[k] for k in ("kind", "position", "layer", "hidden", "user", "user_rank")
+                                 if k in entry})
     head = ScoreHead(int(entry["hidden_size"]), cfg)
     weights = Path(path) / entry.get("weights", WEIGHTS)
     try:

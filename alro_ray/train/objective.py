@@ -12,8 +12,9 @@ With beta > 0 the permuted prompt shares the whole history prefix with the origi
 `shared_prefix` the prefix runs once and both candidate orders continue from its KV cache
 (gradients flow through the cache), instead of two full passes.
 
-With loss.objective=score the same pass also returns the hidden states at the candidate lines,
-which the score head (model/score_head.py) maps to one score per candidate.
+With loss.objective=score the same pass also returns the hidden states at the candidate lines
+(and at the history lines, for the head's user match), which the score head
+(model/score_head.py) maps to one score per candidate.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class TrainBatch:
     def size(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.input_ids) + sum(len(s) for s in (self.perm_input_ids or []))
+
     def without_permutation(self) -> "TrainBatch":
         """This batch for a step without the permuted pass (`loss.permutation_rate`)."""
         return dataclasses.replace(self, perm_input_ids=None, perm_slot_positions=None, perm_order=None)
@@ -98,15 +103,28 @@ class _Tail:
     labels_mask: torch.Tensor  # [N, R+1]
     slots: torch.Tensor  # [N, C] slot positions in tail coordinates
     hidden: torch.Tensor | None = None  # [N, C, H] at the candidate lines (score objective)
+    history: torch.Tensor | None = None  # [N, L, H] at the history lines (the head's user match)
 
 
-def _tail(logits, seqs, slot_positions, tail_len, device, hidden=None) -> _Tail:
+@dataclass
+class HiddenAt:
+    """Which hidden states a forward returns besides the logits (score objective): `layer`'s
+    states at the candidate lines of each sequence group ([B, C] positions per group, unpadded),
+    and at the history lines ([B, L], unpadded) when the head reads them. The history lies in
+    the prefix that both groups share, so it is read once, from the original sequences."""
+
+    layer: int
+    candidates: list[torch.Tensor]
+    history: torch.Tensor | None = None
+
+
+def _tail(logits, seqs, slot_positions, tail_len, device, hidden=None, history=None) -> _Tail:
     ids = torch.tensor([s[-tail_len:] for s in seqs], device=device)
     lengths = torch.tensor([len(s) for s in seqs], device=device)
     slots = slot_positions.to(device) - (lengths - tail_len)[:, None]
     mask = torch.zeros_like(ids)
     mask[:, 1:] = 1  # the tail is the response, preceded by the prompt's last token
-    return _Tail(logits, ids, mask, slots, hidden)
+    return _Tail(logits, ids, mask, slots, hidden, history)
 
 
 def _tail_len(batch: TrainBatch, header_len: int) -> int:
@@ -119,18 +137,17 @@ def _tail_len(batch: TrainBatch, header_len: int) -> int:
 
 
 def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool,
-                  hidden_at: tuple[int, list[torch.Tensor]] | None = None) -> list[_Tail]:
-    """Logits of the response tail of the original (and permuted) sequences. With `hidden_at` =
-    (layer, [candidate positions [B, C] per sequence group, unpadded]) also that layer's hidden
-    states there."""
+                  hidden_at: HiddenAt | None = None) -> list[_Tail]:
+    """Logits of the response tail of the original (and permuted) sequences, and the hidden
+    states `hidden_at` asks for."""
     device = next(model.parameters()).device
     tail_len = _tail_len(batch, header_len)
     seqs = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
 
-    hidden = [None] * len(seqs)
+    hidden, history = [None] * len(seqs), None
     if len(seqs) == 2 and shared_prefix:
-        logits, hidden = _shared_prefix_forward(model, batch, pad_id, tail_len, device, hidden_at)
+        logits, hidden, history = _shared_prefix_forward(model, batch, pad_id, tail_len, device, hidden_at)
     else:
         flat = [s for group in seqs for s in group]
         ids, mask = left_pad(flat, pad_id, device)
@@ -138,23 +155,32 @@ def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared
                     position_ids=positions(mask), logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
         logits = list(out.logits.view(len(seqs), batch.size, *out.logits.shape[1:]).unbind(0))
         if hidden_at is not None:
-            layer, cand = hidden_at
-            lengths = torch.tensor([len(s) for s in flat])
-            padded = torch.cat(cand) + (ids.shape[1] - lengths)[:, None]  # left padding shifts each row
-            hidden = list(gather_hidden(out.hidden_states[layer], padded).view(len(seqs), batch.size, -1,
-                                                                                out.hidden_states[layer].shape[-1]).unbind(0))
-    return [_tail(lg, s, p, tail_len, device, h) for lg, s, p, h in zip(logits, seqs, slots, hidden)]
+            states = out.hidden_states[hidden_at.layer]
+            shift = (ids.shape[1] - torch.tensor([len(s) for s in flat]))[:, None]  # left padding shifts each row
+            hidden = list(gather_hidden(states, torch.cat(hidden_at.candidates) + shift).view(
+                len(seqs), batch.size, -1, states.shape[-1]).unbind(0))
+            if hidden_at.history is not None:
+                history = gather_hidden(states[:batch.size], hidden_at.history + shift[:batch.size])
+    return [_tail(lg, s, p, tail_len, device, h, history if g == 0 else None)
+            for g, (lg, s, p, h) in enumerate(zip(logits, seqs, slots, hidden))]
 
 
 def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device, hidden_at=None
-                           ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor | None]:
     B = batch.size
     prefixes = [s[:p] for s, p in zip(batch.input_ids, batch.prefix_len)]
     for b in range(B):  # the permuted prompt must start with the same tokens
         assert batch.perm_input_ids[b][: batch.prefix_len[b]] == prefixes[b]
     p_ids, p_mask = left_pad(prefixes, pad_id, device)
+    read_history = hidden_at is not None and hidden_at.history is not None
     out = model(input_ids=p_ids, attention_mask=attention_mask_for(model, p_mask, p_ids.shape[1]),
-                position_ids=positions(p_mask), use_cache=True, logits_to_keep=1)
+                position_ids=positions(p_mask), use_cache=True, logits_to_keep=1, output_hidden_states=read_history)
+    history = None
+    if read_history:  # the history lines lie in the shared prefix
+        if bool((hidden_at.history >= torch.tensor(batch.prefix_len)[:, None]).any()):
+            raise ValueError("a history line lies after the shared prefix: the data's prefix_len is wrong")
+        shift = (p_ids.shape[1] - torch.tensor(batch.prefix_len))[:, None]
+        history = gather_hidden(out.hidden_states[hidden_at.layer], hidden_at.history + shift)
     cache = out.past_key_values
     cache.batch_repeat_interleave(2)  # rows: b0 original, b0 permuted, b1 original, ...
     suffixes = []
@@ -169,15 +195,14 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
                 logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
     hidden = [None, None]
     if hidden_at is not None:  # candidate lines lie in the suffixes: suffix coordinates, left-padded
-        layer, (cand, perm_cand) = hidden_at
-        cand = torch.stack([cand, perm_cand], dim=1).flatten(0, 1)  # rows as in the suffix batch
+        cand = torch.stack(hidden_at.candidates, dim=1).flatten(0, 1)  # rows as in the suffix batch
         prefix = torch.tensor(batch.prefix_len).repeat_interleave(2)
         if bool((cand < prefix[:, None]).any()):
             raise ValueError("a candidate line lies in the shared prefix: the data's prefix_len is wrong")
         shift = s_ids.shape[1] - torch.tensor([len(s) for s in suffixes]) - prefix
-        h = gather_hidden(out.hidden_states[layer], cand + shift[:, None])
+        h = gather_hidden(out.hidden_states[hidden_at.layer], cand + shift[:, None])
         hidden = [h[0::2], h[1::2]]
-    return [out.logits[0::2], out.logits[1::2]], hidden
+    return [out.logits[0::2], out.logits[1::2]], hidden, history
 
 
 def step_loss(cfg: LossConfig, seed: int, epoch: int, step: int) -> LossConfig:
@@ -231,16 +256,19 @@ def score_losses(model, batch: TrainBatch, cfg: LossConfig, pad_id: int, header_
     c = batch.ratings.shape[1]
     groups = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     cand = [torch.tensor([scorer.positions(s, c) for s in group]) for group in groups]
-    tails = forward_tails(model, batch, pad_id, header_len, shared_prefix, hidden_at=(scorer.layer, cand))
+    lines = scorer.history(batch.input_ids, c)  # the same lines in the permuted prompt
+    tails = forward_tails(model, batch, pad_id, header_len, shared_prefix,
+                          hidden_at=HiddenAt(scorer.layer, cand, None if lines is None else lines.positions))
     orig = tails[0]
-    scores = scorer.head(orig.hidden)
+    scores = scorer.head(orig.hidden, orig.history, lines)
     sft = sft_loss(orig.logits, orig.labels_mask, orig.ids)
     rank = score_rank_loss(cfg.score_loss, scores, batch.ratings.to(scores.device), batch.gold.to(scores.device),
                            cfg.sigma)
     total = cfg.alpha * rank + (cfg.sft_weight * sft if cfg.sft_weight else 0.0)
     perm = None
     if cfg.beta > 0:
-        permuted = map_scores_to_items(scorer.head(tails[1].hidden), batch.perm_order.to(scores.device))
+        permuted = map_scores_to_items(scorer.head(tails[1].hidden, orig.history, lines),
+                                       batch.perm_order.to(scores.device))
         perm = score_consistency_loss(scores, permuted, detach_reference=cfg.detach_reference)
         total = total + cfg.beta * perm
     return LossTerms(total=total, sft=sft.detach(), rank=rank, perm=sft.new_zeros(()) if perm is None else perm)

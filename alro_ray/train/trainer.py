@@ -5,7 +5,8 @@ the config names a dataset, then runs a `TorchTrainer` whose workers execute `tr
 Each epoch every worker reports its losses, the validation NDCG and its part of a checkpoint
 (checkpoints.py). A rerun with the same output directory and run name resumes from the last
 checkpoint, and `FailureConfig` restarts a crashed worker group from it. NaN/inf losses and
-gradients skip their update on every worker; too many stop the run (guard.py).
+gradients skip their update on every worker; too many stop the run (guard.py). With a frozen LM
+(`model.freeze_lm`) the workers read its states once and fit the score head on them (frozen.py).
 
 Output directory layout:
   DIR/data/                       prepared data (when the config names a dataset)
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from alro_ray.config import Config, from_dict, to_dict
 from alro_ray.compat import check_training
-from alro_ray.data.dataset import PreparedStats, read_stats
+from alro_ray.data.dataset import read_stats
 from alro_ray.errors import AlroError, DataError, NonFiniteError
 from alro_ray.train import guard
 from alro_ray.train.checkpoints import DS_TAG, check_resume_world, resume_dir, save_and_report, set_aside_final
@@ -210,6 +211,8 @@ def train_loop(loop_config: dict) -> None:
     from alro_ray.data.tokenize import RankTokenizer
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
     from alro_ray.model.score_head import attach_head
+    from alro_ray.train.frozen import read_states, uses_cached_states
+    from alro_ray.train.validation import shard_rows, valid_rows, validate
 
     quiet_ray_data(progress=False)
     stopped = guard.read_failure(loop_config["output_dir"])
@@ -262,12 +265,18 @@ def train_loop(loop_config: dict) -> None:
     checks = guard.NonFiniteGuard(t.max_nonfinite_steps, sum(h.get("nonfinite_steps", 0) for h in history))
     # DeepSpeed skips non-finite gradient norms itself under ZeRO and bf16, not in plain fp32.
     own_grad_check = t.zero_stage == 0 and not bf16
+    cached = None
+    if uses_cached_states(cfg) and start_epoch < t.epochs:  # the frozen LM's states, read once (train/frozen.py)
+        splits = (("train", shard_rows("train")), ("valid", valid_rows(cfg, stats, rank, world)))
+        cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split)
+                  for split, rows in splits}
     try:
         for epoch in range(start_epoch, t.epochs):
             metrics = train_epoch(engine, params, checks, own_grad_check, cfg, epoch, micro_steps, rank, world,
-                                  rank_tok, identifier_ids, tokenizer.pad_token_id, loop_config)
+                                  rank_tok, identifier_ids, tokenizer.pad_token_id, cached)
             metrics.update(resumed=resumed and epoch == start_epoch, lr=scheduler.get_last_lr()[0])
-            metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world))
+            metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world,
+                                    cached["valid"] if cached else None))
             history.append(metrics)
             if rank == 0:
                 say(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
@@ -283,11 +292,13 @@ def train_loop(loop_config: dict) -> None:
 
 
 def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch: int, micro_steps: int,
-                rank: int, world: int, rank_tok, identifier_ids, pad_id: int, loop_config: dict) -> dict:
-    """One pass over this worker's shard; skips non-finite updates on every worker alike (guard.py)."""
+                rank: int, world: int, rank_tok, identifier_ids, pad_id: int, cached: dict | None = None) -> dict:
+    """One pass over this worker's shard (or its cached states, `read_frozen_states`); skips
+    non-finite updates on every worker alike (guard.py)."""
     import ray.train
 
-    from alro_ray.model.score_head import scorer_of
+    from alro_ray.model.score_head import head_of, scorer_of
+    from alro_ray.train import frozen
     from alro_ray.train.batching import MicroBatchCollate
     from alro_ray.train.objective import compute_losses, step_loss
 
@@ -296,22 +307,29 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     checks.start_epoch()
     sums = {"loss": 0.0, "sft": 0.0, "rank": 0.0, "perm": 0.0}
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
-    # Each block of micro_batch * bucket rows is cut into length-bucketed micro-batches and collated
-    # to tensors by Ray Data's prefetch thread (train/batching.py) while the previous step runs.
-    collate_fn = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,
-                                   perm_index=epoch if cfg.loss.beta > 0 else None)
-    blocks = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=t.micro_batch * t.bucket, collate_fn=collate_fn, prefetch_batches=2,
-        local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + epoch)
-    for step, batch in enumerate(b for block in blocks for b in block):
+    if cached is not None:
+        batches = cached["train"].micro_batches(t.micro_batch, seed=t.seed + 1000 * epoch + rank, steps=micro_steps)
+    else:
+        # Each block of micro_batch * bucket rows is cut into length-bucketed micro-batches and collated
+        # to tensors by Ray Data's prefetch thread (train/batching.py) while the previous step runs.
+        collate_fn = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,
+                                       perm_index=epoch if cfg.loss.beta > 0 else None)
+        blocks = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=t.micro_batch * t.bucket, collate_fn=collate_fn, prefetch_batches=2,
+            local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + epoch)
+        batches = (b for block in blocks for b in block)
+    for step, batch in enumerate(batches):
         if step >= micro_steps:
             break
         loss_cfg = step_loss(cfg.loss, t.seed + rank, epoch, step)
-        if loss_cfg.beta == 0:
-            batch = batch.without_permutation()
         users = batch.users
-        terms = compute_losses(engine, batch, identifier_ids, loss_cfg, pad_id, len(rank_tok.header_ids),
-                               shared_prefix=t.shared_prefix, scorer=scorer_of(engine, rank_tok))
+        if cached is not None:
+            terms = frozen.losses(head_of(engine), batch, loss_cfg)
+        else:
+            if loss_cfg.beta == 0:
+                batch = batch.without_permutation()
+            terms = compute_losses(engine, batch, identifier_ids, loss_cfg, pad_id, len(rank_tok.header_ids),
+                                   shared_prefix=t.shared_prefix, scorer=scorer_of(engine, rank_tok))
         where = (epoch + 1, f"{step // t.grad_accum + 1} (micro-batch {step % t.grad_accum + 1}/{t.grad_accum})")
         finite = guard.loss_is_finite(terms.total)
         if guard.any_rank(not finite):  # every worker drops this micro-batch: no backward, no step
@@ -337,7 +355,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
             sums[key] += float(value.detach())
         n += 1
         samples += batch.size
-        tokens += sum(len(s) for s in batch.input_ids) + sum(len(s) for s in (batch.perm_input_ids or []))
+        tokens += batch.tokens
         if rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
             skipped = f", {checks.epoch_count} non-finite skipped (last: {checks.last})" if checks.epoch_count else ""
             say(f"epoch {epoch + 1}/{t.epochs} step {(step + 1) // t.grad_accum}/{micro_steps // t.grad_accum} "
@@ -350,33 +368,3 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     metrics.update(epoch=epoch + 1, train_seconds=seconds, train_samples=samples * world,
                    tokens_per_s=tokens * world / max(seconds, 1e-9), nonfinite_steps=checks.epoch_count)
     return metrics
-
-
-def validate(model, cfg: Config, stats: PreparedStats, rank_tok, pad_id: int, rank: int, world: int) -> dict:
-    """NDCG on this worker's share of the valid split, gathered over all workers."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from alro_ray.model.score_head import scorer_of
-    from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
-
-    mine: list[list[float]] = []
-    if stats.rows["valid"]:
-        rows = [r for b in ray.train.get_dataset_shard("valid").iter_batches(batch_size=64, batch_format="pandas")
-                for r in b.to_dict("records")]
-        rows = rows[: cfg.train.eval_users] if cfg.train.eval_users else rows
-        rows = rows[rank::world]
-        model.eval()
-        with torch.no_grad():
-            orders = rank_rows(model, rows, rank_tok.identifier_ids, pad_id, cfg.train.eval_mode,
-                               scorer=scorer_of(model, rank_tok))
-        model.train()
-        mine = ranked_relevance(rows, orders)
-    gathered = [None] * world
-    if dist.is_initialized() and world > 1:
-        dist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
-    summary = ndcg_summary([r for part in gathered for r in part])
-    return {f"valid_{k}": v for k, v in summary.items() if k.startswith("ndcg") and v is not None}

@@ -1,0 +1,192 @@
+"""The score head on a frozen language model, fitted on cached hidden states (`model.freeze_lm`).
+
+With the LM frozen its hidden states at the candidate and history lines are the same in every
+epoch, so with `train.cache_frozen_states` (and no permuted pass, loss.beta 0) each worker runs
+the LM once over its shard of the train split and its share of the valid split, and every epoch
+then steps the head on those states: the losses, gradients and validation orders of recomputing
+them every step, for one forward per prompt in all instead of one per prompt per epoch (a head
+needs tens of epochs; docs/method.md, "The user match"). The states are read as mode `score`
+reads them when ranking (`CandidateScorer.states` on one left-padded forward), by a forward
+that stops at the head's layer.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from alro_ray.config import Config
+from alro_ray.model.padding import left_pad, positions
+from alro_ray.model.score_head import HistoryLines, ScoreHead
+from alro_ray.rank.evaluation import prompt_ids
+from alro_ray.train.losses import LossTerms, score_rank_loss
+
+
+class _Reached(Exception):
+    """Raised by the hook that caught the wanted layer's output: the layers above it need not run."""
+
+
+@contextmanager
+def _catch_output(module):
+    caught: dict = {}
+
+    def hook(_module, _inputs, output):
+        caught["states"] = output[0] if isinstance(output, tuple) else output
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
+def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The model's `hidden_states[layer]` for a left-padded batch, computing only the layers it
+    needs: layer -18 of SmolLM2's 30 runs 12 of them. The last layer's (normed) states take the
+    whole forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT
+    decoder = base.get_decoder()
+    n = len(decoder.layers)
+    k = layer % (n + 1)  # hidden_states[0] is the embeddings, [k] the output of decoder layer k - 1
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                  use_cache=False)
+    if k == n:
+        return model(**kwargs, logits_to_keep=1, output_hidden_states=True).hidden_states[layer]
+    with _catch_output(decoder.embed_tokens if k == 0 else decoder.layers[k - 1]) as caught:
+        try:
+            model(**kwargs, logits_to_keep=1)
+        except _Reached:
+            pass
+    return caught["states"]
+
+
+def uses_cached_states(cfg: Config) -> bool:
+    """Whether training takes this path: only the head trains and nothing else needs the LM."""
+    return cfg.model.freeze_lm and cfg.train.cache_frozen_states and cfg.loss.beta == 0
+
+
+@dataclass
+class StatesBatch:
+    """A micro-batch of cached states: what `losses` needs, and what the training loop reports."""
+
+    candidates: torch.Tensor  # [B, C, H]
+    history: torch.Tensor | None  # [B, L, H]
+    lines: HistoryLines | None
+    ratings: torch.Tensor  # [B, C]
+    gold: torch.Tensor  # [B, C] long
+    users: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.users)
+
+    @property
+    def tokens(self) -> int:
+        return 0  # the LM reads no tokens in these steps (tokens_per_s is the LM's throughput)
+
+
+class CachedStates:
+    """The head's inputs for a list of prepared rows, read once from the frozen model."""
+
+    def __init__(self, rows: Sequence[dict], candidates: list[torch.Tensor], history: list[torch.Tensor] | None,
+                 lines: list[tuple[torch.Tensor, torch.Tensor]] | None):
+        self.rows = rows
+        self.candidates = candidates  # per row [C, H]
+        self.history = history  # per row [L, H], or None: the head reads no history
+        self.lines = lines  # per row (ratings [L], mask [L])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    @torch.no_grad()
+    def extract(cls, model, scorer, rows: Sequence[dict], pad_id: int, batch_size: int = 8,
+                progress: Callable[[int, int], None] | None = None) -> "CachedStates":
+        """One forward per `batch_size` prompts (the prompt only: positions before the response
+        see nothing of it); states kept as float32 on the CPU."""
+        c = len(rows[0]["candidate_ratings"]) if rows else 0
+        device = next(model.parameters()).device
+        candidates, history, lines = [], [] if scorer.head.reads_history else None, [] if scorer.head.reads_history else None
+        was_training = model.training
+        model.eval()
+        for start in range(0, len(rows), batch_size):
+            prompts = [prompt_ids(r) for r in rows[start:start + batch_size]]
+            ids, mask = left_pad(prompts, pad_id, device)
+            states = {scorer.layer: hidden_states_at(model, scorer.layer, ids, mask)}
+            cand, hist, hist_lines = scorer.states(states, prompts, c)
+            candidates += list(cand.float().cpu().unbind(0))
+            if history is not None:
+                for b in range(len(prompts)):
+                    keep = hist_lines.mask[b]
+                    history.append(hist[b][keep.to(hist.device)].float().cpu())
+                    lines.append((hist_lines.ratings[b][keep], keep[keep]))
+            if progress is not None:
+                progress(min(start + batch_size, len(rows)), len(rows))
+        model.train(was_training)
+        return cls(rows, candidates, history, lines)
+
+    def batch(self, index: Sequence[int]) -> StatesBatch:
+        rows = [self.rows[i] for i in index]
+        history = lines = None
+        if self.history is not None:
+            history = pad_sequence([self.history[i] for i in index], batch_first=True)
+            lines = HistoryLines(positions=torch.zeros(history.shape[:2], dtype=torch.long),
+                                 ratings=pad_sequence([self.lines[i][0] for i in index], batch_first=True,
+                                                      padding_value=float("nan")),
+                                 mask=pad_sequence([self.lines[i][1] for i in index], batch_first=True))
+        return StatesBatch(
+            candidates=torch.stack([self.candidates[i] for i in index]), history=history, lines=lines,
+            ratings=torch.tensor(np.array([r["candidate_ratings"] for r in rows], dtype=np.float32)),
+            gold=torch.tensor(np.array([r["gold_order"] for r in rows], dtype=np.int64)),
+            users=[str(r.get("user", "")) for r in rows])
+
+    def micro_batches(self, micro_batch: int, seed: int, steps: int) -> Iterator[StatesBatch]:
+        """`steps` micro-batches of a seeded shuffle (at most one pass over the rows)."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        for s in range(0, min(len(self), steps * micro_batch), micro_batch):
+            yield self.batch(order[s:s + micro_batch].tolist())
+
+    def scores(self, head: ScoreHead, batch_size: int = 256) -> torch.Tensor:
+        """[N, C] head scores of every row (validation)."""
+        with torch.no_grad():
+            parts = [self._scores(head, self.batch(range(s, min(s + batch_size, len(self)))))
+                     for s in range(0, len(self), batch_size)]
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    @staticmethod
+    def _scores(head: ScoreHead, batch: StatesBatch) -> torch.Tensor:
+        device = next(head.parameters()).device
+        history = None if batch.history is None else batch.history.to(device)
+        return head(batch.candidates.to(device), history, batch.lines)
+
+
+def losses(head: ScoreHead, batch: StatesBatch, cfg) -> LossTerms:
+    """alpha * score_loss(head scores): the score objective with beta 0 and no SFT (loss.* in `cfg`)."""
+    scores = CachedStates._scores(head, batch)
+    rank = score_rank_loss(cfg.score_loss, scores, batch.ratings.to(scores.device), batch.gold.to(scores.device),
+                           cfg.sigma)
+    zero = scores.new_zeros(())
+    return LossTerms(total=cfg.alpha * rank, sft=zero, rank=rank, perm=zero)
+
+
+def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, say: Callable[[str], None],
+                split: str, every_s: float = 30.0) -> CachedStates:
+    """`CachedStates.extract` with the head registered on `model`; rank 0 says how far it got."""
+    from alro_ray.model.score_head import scorer_of
+
+    t0, last = time.time(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.time()
+        if rank == 0 and (done == total or now - last[0] >= every_s):
+            last[0] = now
+            say(f"caching the {split} states: {done}/{total} prompts read by the frozen model on rank 0 "
+                f"({now - t0:.0f} s)")
+    return CachedStates.extract(model, scorer_of(model, rank_tok), rows, pad_id, progress=progress)

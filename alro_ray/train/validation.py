@@ -1,0 +1,58 @@
+"""Validation during training: NDCG@k on each worker's share of the valid split, gathered over
+the workers, each epoch (`train.eval_mode`, `train.eval_users`)."""
+
+from __future__ import annotations
+
+from alro_ray.config import Config
+from alro_ray.data.dataset import PreparedStats
+
+
+def shard_rows(split: str) -> list[dict]:
+    """This worker's dataset shard of `split` (train: its part; valid: all of it), as rows."""
+    import ray.train
+
+    return [r for b in ray.train.get_dataset_shard(split).iter_batches(batch_size=256, batch_format="pandas")
+            for r in b.to_dict("records")]
+
+
+def valid_rows(cfg: Config, stats: PreparedStats, rank: int, world: int) -> list[dict]:
+    """This worker's share of the valid rows validation scores (`train.eval_users` caps them)."""
+    if not stats.rows["valid"]:
+        return []
+    rows = shard_rows("valid")
+    rows = rows[: cfg.train.eval_users] if cfg.train.eval_users else rows
+    return rows[rank::world]
+
+
+def validate(model, cfg: Config, stats: PreparedStats, rank_tok, pad_id: int, rank: int, world: int,
+             cached=None) -> dict:
+    """NDCG on this worker's share of the valid split, gathered over all workers. `cached`: that
+    share's states read by the frozen model (train/frozen.py), ranked by the head alone."""
+    import torch
+    import torch.distributed as dist
+
+    from alro_ray.model.score_head import head_of, scorer_of
+    from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
+    from alro_ray.rank.ranking import refuse_nonfinite
+
+    rows = cached.rows if cached is not None else valid_rows(cfg, stats, rank, world)
+    mine: list[list[float]] = []
+    if rows:
+        model.eval()
+        with torch.no_grad():
+            if cached is not None:
+                scores = cached.scores(head_of(model))
+                refuse_nonfinite(scores, "score")
+                orders = torch.argsort(scores, dim=-1, descending=True, stable=True).tolist()
+            else:
+                orders = rank_rows(model, rows, rank_tok.identifier_ids, pad_id, cfg.train.eval_mode,
+                                   scorer=scorer_of(model, rank_tok))
+        model.train()
+        mine = ranked_relevance(rows, orders)
+    gathered = [None] * world
+    if dist.is_initialized() and world > 1:
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    summary = ndcg_summary([r for part in gathered for r in part])
+    return {f"valid_{k}": v for k, v in summary.items() if k.startswith("ndcg") and v is not None}
