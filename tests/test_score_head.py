@@ -124,7 +124,7 @@ def test_user_match_by_hand():
     # LayerNorm of a 2-vector (a, b) is (+1, -1) if a > b else (-1, +1) (up to eps).
     cand = torch.tensor([[[3.0, 1.0], [0.0, 2.0]]])  # LN: (1, -1), (-1, 1)
     states = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [1.0, 0.0], [9.0, 9.0]]])  # LN: (1,-1), (-1,1), (1,-1), pad
-    lines = HistoryLines(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[5.0, 1.0, float("nan"), 3.0]]),
+    lines = HistoryLines(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[5.0, 1.0, float("nan"), 9.0]]),
                          torch.tensor([[True, True, True, False]]))
     # mean rating over rated lines 3; weights (2, -2, 0); weighted mean over 3 lines of LN(h)[0]:
     # (2*1 + -2*-1 + 0*1) / 3 = 4/3. Candidate 0: 1 + 0.5 + 1 * 4/3; candidate 1: -1 + 0.5 - 4/3.

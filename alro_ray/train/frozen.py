@@ -5,7 +5,7 @@ epoch, so with `train.cache_frozen_states` (and no permuted pass, loss.beta 0) e
 the LM once over its shard of the train split and its share of the valid split, and every epoch
 then steps the head on those states: the losses, gradients and validation orders of recomputing
 them every step, for one forward per prompt in all instead of one per prompt per epoch (a head
-needs tens of epochs; docs/method.md, "The user match"). The states are read as mode `score`
+needs tens of epochs; docs/method.md, "A frozen LM"). The states are read as mode `score`
 reads them when ranking (`CandidateScorer.states` on one left-padded forward), by a forward
 that stops at the head's layer.
 """
@@ -49,7 +49,7 @@ def _catch_output(module):
 
 def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The model's `hidden_states[layer]` for a left-padded batch, computing only the layers it
-    needs: layer -18 of SmolLM2's 30 runs 12 of them. The last layer's (normed) states take the
+    needs: layer -18 of SmolLM2's 30 runs the first 13. The last layer's (normed) states take the
     whole forward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT
     decoder = base.get_decoder()
@@ -113,7 +113,8 @@ class CachedStates:
         see nothing of it); states kept as float32 on the CPU."""
         c = len(rows[0]["candidate_ratings"]) if rows else 0
         device = next(model.parameters()).device
-        candidates, history, lines = [], [] if scorer.head.reads_history else None, [] if scorer.head.reads_history else None
+        candidates: list[torch.Tensor] = []
+        history, lines = ([], []) if scorer.head.reads_history else (None, None)
         was_training = model.training
         model.eval()
         for start in range(0, len(rows), batch_size):

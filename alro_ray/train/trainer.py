@@ -293,8 +293,8 @@ def train_loop(loop_config: dict) -> None:
 
 def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch: int, micro_steps: int,
                 rank: int, world: int, rank_tok, identifier_ids, pad_id: int, cached: dict | None = None) -> dict:
-    """One pass over this worker's shard (or its cached states, `read_frozen_states`); skips
-    non-finite updates on every worker alike (guard.py)."""
+    """One pass over this worker's shard (or over its frozen LM's cached states, `cached`:
+    train/frozen.py); skips non-finite updates on every worker alike (guard.py)."""
     import ray.train
 
     from alro_ray.model.score_head import head_of, scorer_of
@@ -308,6 +308,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     sums = {"loss": 0.0, "sft": 0.0, "rank": 0.0, "perm": 0.0}
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
     if cached is not None:
+        # a shuffle of its own per worker and epoch
         batches = cached["train"].micro_batches(t.micro_batch, seed=t.seed + 1000 * epoch + rank, steps=micro_steps)
     else:
         # Each block of micro_batch * bucket rows is cut into length-bucketed micro-batches and collated
