@@ -35,6 +35,8 @@ def check_training(cfg: Config, stats: PreparedStats, beta_searched: bool = Fals
         raise AlroError(NEEDS_PERMUTATIONS + (" (the study searches loss.beta)" if beta_searched else ""))
     if stats.rows["train"] < cfg.train.num_workers:
         raise AlroError(f"{stats.rows['train']} training rows for {cfg.train.num_workers} workers")
+    if cfg.train.keep == "best" and not stats.rows.get("valid"):
+        raise AlroError("train.keep: best picks the epoch by validation, and the data has no valid rows")
 
 
 def check_ranker_tokenizer(where: str | Path, identifier_ids: Sequence[int], info: RankerInfo) -> None:

@@ -1,5 +1,6 @@
 """Prompt hints (`data.hints`, alro_ray/data/hints.py): hand-computed values, rendering, and the
-guarantee that no candidate window, held-out or training, reaches a hint."""
+cross-fit's guarantees: no held-out candidate window reaches any hint, and no training window
+reaches a training row's hint."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alro_ray.config import load_config
-from alro_ray.data.hints import HintModel, fit_hints, hint_interactions, render_hint
+from alro_ray.data.hints import HintModel, RowHints, fit_hints, hint_interactions, render_hint, render_hints
 from alro_ray.data.prompts import SampleRenderer
 
 NAMES = ["item_mean", "popularity_rank", "mf_score"]
@@ -26,6 +27,14 @@ def test_render_hint_exact_text():
     assert render_hint({**v, "ratings": 1}, ["item_mean"]) == "mean rating: 4.1 (1 rating)"
     assert render_hint(None, NAMES) == "mean rating: none popularity rank: none predicted rating: none"
     assert render_hint(v, ["popularity_rank"]) == "popularity rank: 17"  # only what is configured
+
+
+def test_mf_rank_places_each_candidate_in_its_own_list():
+    values = [{"mf_score": 3.1}, None, {"mf_score": 4.0}, {"mf_score": 3.1}, {"mean_rating": 4.0}]
+    assert render_hints(values, ["mf_rank"]) == ["MF rank: 2", "MF rank: none", "MF rank: 1", "MF rank: 3",
+                                                 "MF rank: none"]  # ties by list order; no score: none
+    assert render_hints(values[:1], ["mf_score", "mf_rank"]) == ["predicted rating: 3.1 MF rank: 1"]
+    assert values[0] == {"mf_score": 3.1}  # the caller's values are left as they were
 
 
 def test_item_mean_and_popularity_rank_by_hand():
@@ -58,6 +67,23 @@ def test_mf_score_solves_the_user_from_the_shown_history():
     assert got[2] is None
     # An unknown history (or none): the item's own score, mu + b_i.
     assert _mf_model().values(["x"], ["q"], [1.0])[0]["mf_score"] == pytest.approx(3.0)
+
+
+def test_row_hints_take_the_fold_by_split_and_the_user_part_from_all_their_ratings():
+    train = _mf_model()
+    held_out = HintModel(["mf_score"], ["x", "y"], np.array([3.0, 3.0]), np.array([1, 1]), np.array([1, 1]),
+                         np.zeros(2), np.array([[1.0], [-1.0]]), mf_mu=2.0, mf_reg=0.1)  # mu 2, not 3
+    fit = _frame([("u", "x", 5.0, 1), ("u", "y", 1.0, 2)])
+    hints = RowHints(train, held_out, fit, fit)
+    row = {"user": "u", "split": "test", "candidate_ids": ["x"], "history_items": ["q"], "history_ratings": [1.0]}
+    # Both ratings in the fold, not the shown (unknown) history. Rows [q_i, 1]: x [1, 1], y [-1, 1];
+    # X^T X + 0.1 * 2 I = [[2.2, 0], [0, 2.2]]. Held-out fold (mu 2): targets 3, -1, X^T y = [4, 2],
+    # so p = 4 / 2.2, b_u = 2 / 2.2 and x scores 2 + 6 / 2.2.
+    assert hints.notes(row) == [f"predicted rating: {2 + 6 / 2.2:.1f}"]
+    # A training row, the training fold (mu 3): targets 2, -2, X^T y = [4, 0], x scores 3 + 4 / 2.2.
+    assert hints.notes({**row, "split": "train"}) == [f"predicted rating: {3 + 4 / 2.2:.1f}"]
+    # A user the fold does not hold: the shown history (here unknown: mu + b_i).
+    assert hints.notes({**row, "user": "other"}) == ["predicted rating: 2.0"]
 
 
 def test_hint_interactions_drop_every_window_and_nothing_else():
@@ -127,45 +153,70 @@ def planted(tmp_path_factory, ray_local):
     old, ctx.default_hash_shuffle_parallelism = ctx.default_hash_shuffle_parallelism, 4
     try:
         cfg = load_config(None, ["data.dataset=table", f"data.data_dir={d}", "data.history=2",
-                                 "data.candidates=2", "data.hints=[item_mean, popularity_rank, mf_score]"])
+                                 "data.candidates=2", "data.hints=[item_mean, popularity_rank, mf_score, mf_rank]"])
         stats = prepare(cfg, out)
     finally:
         ctx.default_hash_shuffle_parallelism = old
     return out, stats
 
 
-def test_prepare_fits_hints_without_any_candidate_window(planted):
+def _splits(out) -> dict[str, str]:
+    return {r["user"]: s for s in ("train", "valid", "test") for r in pq.read_table(out / s).to_pylist()}
+
+
+def test_prepare_cross_fits_the_hints(planted):
     out, stats = planted
-    assert stats.hints == NAMES and stats.hint_interactions == 2 * USERS  # the histories only
-    assert stats.hint_tokens_per_prompt > 0
-    # Hand: histories y=3 x5, x=5 x5, y=2 x5, z=4 x5: mu = 70 / 20 = 3.5.
-    m = HintModel.load(out / "hints.parquet")
+    splits = _splits(out)
+    trained = {int(u[1:]) for u, s in splits.items() if s == "train"}
+    a, b = len(trained & set(range(5))), len(trained & set(range(5, USERS)))
+    assert 0 < len(trained) < USERS and stats.hints == NAMES + ["mf_rank"] and stats.hint_tokens_per_prompt > 0
+
+    # Training rows' fold: no training window, and held-out windows are never in the fit: the
+    # histories only. y=3 x5, x=5 x5, y=2 x5, z=4 x5: mu = 70 / 20 = 3.5.
+    assert stats.hint_train_interactions == 2 * USERS
+    m = HintModel.load(out / "hints_train.parquet")
     v = dict(zip(m.items, m.values(m.items)))
     assert sorted(v) == ["x", "y", "z"]  # v<u>, w<u> only ever were candidates
     assert v["x"]["mean_rating"] == pytest.approx((25 + 5 * 3.5) / 10)  # 4.25, not pulled to 1
     assert v["z"]["mean_rating"] == pytest.approx((20 + 5 * 3.5) / 10)
     assert [v[i]["ratings"] for i in "xyz"] == [5, 10, 5]
     assert [v[i]["popularity_rank"] for i in "xyz"] == [2, 1, 2]
-    # The baselines' fit data still holds the training users' windows (hints drop them too).
+
+    # Held-out rows' fold: the histories and the training users' windows (users 0-4: z=1, v<u>=3;
+    # users 5-9: x=1, w<u>=2), never a held-out user's window.
     fit = pq.read_table(out / "fit_interactions.parquet").to_pandas()
-    assert len(fit) > stats.hint_interactions
+    assert stats.hint_interactions == len(fit) == 2 * USERS + 2 * len(trained)
+    m = HintModel.load(out / "hints.parquet")
+    v = dict(zip(m.items, m.values(m.items)))
+    assert sorted(v) == sorted(["x", "y", "z"] + [f"{'v' if u < 5 else 'w'}{u}" for u in trained])
+    mu = (70 + 4 * a + 3 * b) / (20 + 2 * len(trained))
+    assert v["x"]["mean_rating"] == pytest.approx((25 + b + 5 * mu) / (10 + b))
+    assert v["z"]["mean_rating"] == pytest.approx((20 + a + 5 * mu) / (10 + a))
+    assert [v[i]["ratings"] for i in "xyz"] == [5 + b, 10, 5 + a]
 
 
-def test_prompts_show_hints_and_re_render_identically(planted):
+def test_prompts_show_their_fold_and_re_render_identically(planted):
     from alro_ray.data.dataset import load_renderer
 
     out, _ = planted
     renderer = load_renderer(out)
+    held_out = HintModel.load(out / "hints.parquet")
+    x = held_out.values(["x"])[0]
     rows = [r for s in ("train", "valid", "test") for r in pq.read_table(out / s).to_pylist()]
     assert len(rows) == USERS
     for r in rows:
         assert renderer.prefix(r) + renderer.suffix(r) == r["prompt"]  # evaluation re-renders these
         lines = [ln for ln in r["prompt"].splitlines() if ln.startswith("(")]
-        for cid, line in zip(r["candidate_ids"], lines):
-            if cid == "x":
+        for cid, line, note in zip(r["candidate_ids"], lines, r["candidate_notes"]):
+            assert line.endswith(note)
+            if cid == "x" and r["split"] == "train":
                 assert "mean rating: 4.2 (5 ratings) popularity rank: 2 predicted rating: " in line
-            elif cid.startswith(("v", "w")):
-                assert line.endswith("mean rating: none popularity rank: none predicted rating: none")
+            elif cid == "x":
+                assert f"mean rating: {x['mean_rating']:.1f} ({x['ratings']} ratings)" in line
+            if cid.startswith(("v", "w")):  # in no fold a row of its user sees
+                assert line.endswith("mean rating: none popularity rank: none predicted rating: none MF rank: none")
+            else:
+                assert line.endswith("MF rank: 1")
     history = [ln for r in rows for ln in r["prompt"].splitlines() if ln.startswith("title:")]
     assert history and not any("mean rating" in ln for ln in history)
 
@@ -182,3 +233,14 @@ def test_ranker_hint_notes_prefer_request_values_then_the_saved_fit():
         "mean rating: 3.0 (7 ratings) popularity rank: none",  # as the request gave it
         "mean rating: none popularity rank: none"]             # unknown id, nothing given
     assert Ranker(None, None, None, {}, None).hint_notes(["x"]) is None  # no hints: spec prompts
+
+
+def test_ranker_mf_rank_places_request_and_fitted_scores_in_one_list():
+    from alro_ray.model.checkpoint import Ranker
+
+    m = _mf_model()
+    m.names = ["mf_rank"]
+    ranker = Ranker(None, None, None, {}, None, None, m)
+    # x: 3 + 2 * 2 / 2.1 = 4.9 and y: 3.0 from the fit (history x rated 5), q: 3.5 as the request gave it.
+    assert ranker.hint_notes(["x", "y", "q"], [None, None, {"mf_score": 3.5}], ["x"], [5.0]) == [
+        "MF rank: 1", "MF rank: 3", "MF rank: 2"]

@@ -387,25 +387,32 @@ def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path
 def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     """model.freeze_lm through Ray Train: the workers read the frozen LM's states once, the head
     steps on them each epoch, and the validation on cached states equals ranking the valid split
-    with the saved head (mode score, a forward per prompt)."""
+    with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
+    the best validation (ties: the earliest)."""
     import pyarrow.parquet as pq
 
     from alro_ray.rank.evaluation import prompt_ids
     from alro_ray.train.trainer import run_training
 
     cfg = _cfg("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
-               "train.grad_accum=1", "train.epochs=2", "train.lr=0.01")
+               "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best")
     outcome = run_training(cfg, tmp_path)
     assert [h["epoch"] for h in outcome.history] == [1, 2]
     assert all(h["train_rank"] > 0 and h["train_sft"] == 0 and h["tokens_per_s"] == 0 for h in outcome.history)
-    first = load_file(tmp_path / "ray" / cfg.train.run_name / "epoch_001" / "ranker" / "head.safetensors")
+    heads = [load_file(tmp_path / "ray" / cfg.train.run_name / f"epoch_00{e}" / "ranker" / "head.safetensors")
+             for e in (1, 2)]
+    assert not torch.allclose(heads[0]["match_user.weight"], heads[1]["match_user.weight"])
+    valid = [h["valid_ndcg@10"] for h in outcome.history]
+    best = valid.index(max(valid))
     final = load_file(outcome.final_dir / "head.safetensors")
-    assert not torch.allclose(first["match_user.weight"], final["match_user.weight"])
+    assert all(torch.equal(final[k], heads[best][k]) for k in final)
+    assert len(json.loads((outcome.final_dir / "history.json").read_text())) == best + 1  # that epoch's ranker
+    assert outcome.history == json.loads((tmp_path / "history.json").read_text())  # the whole run's
     rows = pq.read_table(outcome.data_dir / "valid").to_pylist()  # every valid row: train.eval_users is unset
     ranker = load_ranker(outcome.final_dir)
     orders, _ = ranker.rank([prompt_ids(r) for r in rows], "score")
     ndcg = sum(ndcg_at_k([r["candidate_ratings"][j] for j in o], 10) for r, o in zip(rows, orders)) / len(rows)
-    assert outcome.history[-1]["valid_ndcg@10"] == pytest.approx(ndcg, abs=1e-6)
+    assert max(valid) == pytest.approx(ndcg, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -132,3 +132,18 @@ def test_diverging_run_stops_with_a_non_finite_error_and_no_final(tmp_path):
     assert "train.max_nonfinite_steps=5" in error[0] and "final.previous" in error[0]
     assert not (out / "final").exists() and (out / "final.previous" / "ranker.json").exists()
     assert not list((out / "ray").rglob("state.json"))  # no checkpoint either
+
+
+def test_keep_best_picks_the_best_validation_and_the_earliest_of_ties():
+    from types import SimpleNamespace
+
+    from alro_ray.train.trainer import kept_checkpoint
+
+    def result(*scores):
+        return SimpleNamespace(best_checkpoints=[(f"ckpt{e}", {"epoch": e, "valid_ndcg@10": s})
+                                                 for e, s in scores])
+
+    assert kept_checkpoint(result((3, 0.5), (1, 0.7), (4, 0.6))) == "ckpt1"
+    assert kept_checkpoint(result((5, 0.7), (2, 0.7), (6, 0.1))) == "ckpt2"
+    with pytest.raises(AlroError, match="no epoch reported valid_ndcg@10"):
+        kept_checkpoint(SimpleNamespace(best_checkpoints=[("c", {"epoch": 1})]))

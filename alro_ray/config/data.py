@@ -13,7 +13,7 @@ MAX_CANDIDATES = 26
 # Relevance feeds gains 2^r - 1, summed in float32: 100 keeps them (and their sums) finite.
 MAX_RATING = 100
 # The prompt hints `data.hints` may name (rendered by data/hints.py).
-HINTS = ("item_mean", "popularity_rank", "mf_score")
+HINTS = ("item_mean", "popularity_rank", "mf_score", "mf_rank")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class DataConfig:
     max_attribute_chars: int = 80
     tokenize_actors: int = 1  # Ray Data actors that render and tokenize
     # Prompt hints on each candidate line (data/hints.py): any of item_mean, popularity_rank,
-    # mf_score, in the order shown; [] (default): the spec's prompts, byte for byte.
+    # mf_score, mf_rank, in the order shown; [] (default): the spec's prompts, byte for byte.
     hints: list[str] = field(default_factory=list)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -129,6 +129,9 @@ class TrainConfig:
     cache_frozen_states: bool = True
     eval_mode: Literal["one-pass", "generate", "score"] = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None: all
+    # The final ranker: the last epoch's, or the epoch with the best valid NDCG@10 (ties: the
+    # earliest); a head fitted for tens of epochs on a few hundred lists overfits (docs/method.md).
+    keep: Literal["last", "best"] = "last"
     max_failures: int = 1
     output_dir: str = "runs"
     run_name: str = "default"

@@ -5,7 +5,8 @@
   DIR/{train,valid,test}/*.parquet  one row per sample, `ROW_SCHEMA` (`SAMPLE_SCHEMA` + prompt)
   DIR/items.parquet              item id -> shown title and attributes
   DIR/fit_interactions.parquet   what baselines and hints may fit on
-  DIR/hints.parquet              the fitted prompt hints (only with `data.hints`)
+  DIR/hints.parquet              the fitted prompt hints for held-out rows (only with `data.hints`)
+  DIR/hints_train.parquet        ... and for training rows (data/hints.py: cross-fitted)
   DIR/config.yaml                the config that wrote it
 
 Readers import this module, not the pipeline (`prepare`), which pulls in Ray.
@@ -57,6 +58,7 @@ ROW_SCHEMA = pa.schema(
         ("n_prompt_tokens", pa.int32()),
         ("perm_input_ids", pa.list_(_LIST_I32)),
         ("perm_slot_positions", pa.list_(_LIST_I32)),
+        ("candidate_notes", pa.list_(pa.string())),  # data.hints text per candidate; [] without hints
     ]
 )
 
@@ -86,7 +88,8 @@ class PreparedStats:
     mean_prompt_tokens: dict[str, float] = field(default_factory=dict)
     metadata_rows_skipped: dict[str, int] = field(default_factory=dict)
     hints: list[str] = field(default_factory=list)  # data.hints; [] = none
-    hint_interactions: int | None = None  # interactions the hints were fitted on
+    hint_interactions: int | None = None  # interactions the held-out rows' hints were fitted on
+    hint_train_interactions: int | None = None  # and the training rows' (no training window)
     hint_tokens_per_prompt: float | None = None
     titles_truncated: int = 0
     titles_neutralised: int = 0

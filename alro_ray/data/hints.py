@@ -4,17 +4,24 @@ candidate line, e.g. `(A) title: X genres: Y mean rating: 4.1 (52 ratings) popul
   item_mean        the item-mean baseline's shrunk mean rating, with the item's rating count
   popularity_rank  1 = the item with the most interactions (ties share the better rank)
   mf_score         the MF baseline's predicted rating for this user: item factors and biases from
-                   the fit, the user's factors and bias solved from the row's shown history (ridge,
-                   the fit's L2), so training, evaluation and Serve compute it the same way
+                   the fit, the user's factors and bias solved from the user's rated items (ridge,
+                   the fit's L2)
+  mf_rank          the candidate's place in its own list by that predicted rating (1 = highest):
+                   one small integer at the line's end, which a head reads more easily than a
+                   decimal (docs/method.md)
 
-Fitted once, by the baselines' own `fit` (one implementation of each), on `hint_interactions`:
-fit_interactions.parquet minus every sample's candidate window. Held-out users' windows are not
-in fit_interactions anyway; removing the training rows' windows as well means no row, of any
-split, is shown a hint that saw its own target ratings (an item's mean would otherwise include
-this user's rating of it, and MF would have fitted it). The fitted values are saved as
-hints.parquet (item -> values; MF's global mean and L2 in its metadata) and copied into the ranker
-checkpoint, so Serve computes the same hints for known items; an item absent from the fit shows
-"none". History lines carry the user's own ratings and stay as they are.
+Cross-fitted, like a stacked ensemble, by the baselines' own `fit` (one implementation of each):
+  - held-out rows (valid, test) and Serve: the fit on all of fit_interactions.parquet, which never
+    holds a held-out candidate window; saved as hints.parquet and copied into the ranker;
+  - training rows: a fit without any training sample's candidate window (`hint_interactions`),
+    saved as hints_train.parquet, so no training row is shown a hint that saw its own targets
+    (an item's mean would include this user's rating of it, MF would have fitted it) and the
+    model does not learn to trust the hints more than held-out rows allow.
+In prepared rows MF's user part comes from every rating the row's fit holds for the user (for a
+held-out user: all ratings before the window), as the `mf` baseline's does; Serve solves it from
+the request's rated history items that have ids. The rendered notes are stored with each row
+(`candidate_notes`), so evaluation re-renders what training saw. An item absent from the fit
+shows "none". History lines carry the user's own ratings and stay as they are.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from alro_ray.errors import ConfigError, DataError
 
 # The per-candidate values a hint line is made of (also what a Serve request may pass).
 VALUE_KEYS = ("mean_rating", "ratings", "popularity_rank", "mf_score")
-FILE = "hints.parquet"
+FILE = "hints.parquet"  # the held-out fit (evaluation, Serve, the ranker checkpoint)
+TRAIN_FILE = "hints_train.parquet"  # the fit training rows were shown
+MF_HINTS = ("mf_score", "mf_rank")
 
 
 def check_names(names: Sequence[str]) -> list[str]:
@@ -75,7 +84,21 @@ def render_hint(values: dict | None, names: Sequence[str]) -> str:
         elif name == "mf_score":
             s = v.get("mf_score")
             parts.append(f"predicted rating: {'none' if s is None else _fmt(s)}")
+        elif name == "mf_rank":
+            r = v.get("mf_rank")
+            parts.append(f"MF rank: {'none' if r is None else int(r)}")
     return " ".join(parts)
+
+
+def render_hints(values: Sequence[dict | None], names: Sequence[str]) -> list[str]:
+    """The hint text of each candidate of one list; mf_rank places the candidates that have an
+    mf_score by it (1 = highest, ties by list order), the others show "none"."""
+    values = [dict(v) if v else {} for v in values]
+    if "mf_rank" in names:
+        scored = [j for j, v in enumerate(values) if v.get("mf_score") is not None]
+        for place, j in enumerate(sorted(scored, key=lambda j: -values[j]["mf_score"]), start=1):
+            values[j]["mf_rank"] = place
+    return [render_hint(v, names) for v in values]
 
 
 @dataclass
@@ -98,7 +121,7 @@ class HintModel:
     # -- values ---------------------------------------------------------------------------------
 
     def _user(self, history_items: Sequence, history_ratings: Sequence) -> tuple[np.ndarray, float]:
-        """MF user factors and bias from the shown history: ridge on r - mu - b_i = b_u + q_i . p
+        """MF user factors and bias from rated items: ridge on r - mu - b_i = b_u + q_i . p
         with the fit's L2 per rating (the fit's loss summed over the n ratings); zero if none known."""
         d = self.mf_factors.shape[1]
         known = [(self.index[str(i)], float(r)) for i, r in zip(history_items, history_ratings)
@@ -114,7 +137,8 @@ class HintModel:
     def values(self, candidate_ids: Sequence, history_items: Sequence = (),
                history_ratings: Sequence = ()) -> list[dict | None]:
         """Per candidate: {mean_rating, ratings, popularity_rank, mf_score} or None (unknown item)."""
-        p, bu = self._user(history_items, history_ratings) if "mf_score" in self.names else (None, 0.0)
+        uses_mf = any(n in MF_HINTS for n in self.names)
+        p, bu = self._user(history_items, history_ratings) if uses_mf else (None, 0.0)
         out: list[dict | None] = []
         for c in candidate_ids:
             i = self.index.get(str(c))
@@ -128,10 +152,11 @@ class HintModel:
             out.append(v)
         return out
 
-    def notes(self, row: dict) -> list[str]:
-        """Hint text per candidate of a prepared row, in prompt order (what `SampleRenderer` shows)."""
-        vals = self.values(row["candidate_ids"], row["history_items"], row["history_ratings"])
-        return [render_hint(v, self.names) for v in vals]
+    def notes(self, row: dict, rated: tuple[Sequence, Sequence] | None = None) -> list[str]:
+        """Hint text per candidate of a row, in its candidate order; MF's user part from `rated`
+        (items, ratings), else from the row's shown history."""
+        items, ratings = rated or (row["history_items"], row["history_ratings"])
+        return render_hints(self.values(row["candidate_ids"], items, ratings), self.names)
 
     # -- disk -----------------------------------------------------------------------------------
 
@@ -162,7 +187,7 @@ class HintModel:
 
 
 def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -> HintModel:
-    """Fit the hints on `interactions` (see `hint_interactions`) with the baselines' own fits."""
+    """Fit the hints on `interactions` with the baselines' own fits."""
     # Lazy: rank.baselines loads torch (its learned models); readers of a fitted HintModel need neither.
     from alro_ray.rank.baselines.learned import MFBaseline
     from alro_ray.rank.baselines.simple import ItemMeanBaseline, PopularityBaseline
@@ -177,7 +202,7 @@ def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -
     # Competition ranking: 1 + the number of items with strictly more interactions.
     rank = 1 + np.searchsorted(np.sort(-n), -n, side="left")
     bias, factors, mu, reg = np.zeros(len(items)), np.zeros((len(items), 0)), 0.0, 0.0
-    if "mf_score" in names:
+    if any(n in MF_HINTS for n in names):
         mf = MFBaseline(seed).fit(interactions)
         at = mf.items.encode(items)  # every item of the fit has an MF row
         bias = mf.bi.weight.detach()[at, 0].double().numpy()
@@ -185,3 +210,22 @@ def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -
         mu, reg = mf.mu, mf.reg
     return HintModel(names, items, np.array([means[i] for i in items]), n, rank.astype(np.int64),
                      bias, factors, float(mu), float(reg))
+
+
+class RowHints:
+    """What `alro prepare` shows each row: the cross-fitted hints (module docstring), MF's user
+    part from every rating of the user in the row's fit."""
+
+    def __init__(self, train: HintModel, held_out: HintModel, train_fit: pd.DataFrame,
+                 held_out_fit: pd.DataFrame):
+        self.models = {"train": train, "held_out": held_out}
+        self.rated = {"train": _rated_by_user(train_fit), "held_out": _rated_by_user(held_out_fit)}
+
+    def notes(self, row: dict) -> list[str]:
+        fold = "train" if row["split"] == "train" else "held_out"
+        return self.models[fold].notes(row, self.rated[fold].get(str(row["user"])))
+
+
+def _rated_by_user(fit: pd.DataFrame) -> dict[str, tuple[list, list]]:
+    return {str(u): (g["item"].astype(str).tolist(), g["rating"].astype(float).tolist())
+            for u, g in fit.groupby("user", sort=False)}

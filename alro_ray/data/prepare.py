@@ -111,6 +111,7 @@ class RenderTokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for row in batch.to_pylist():
+            row["candidate_notes"] = self.render.notes(row) or []  # computed once, kept for re-rendering
             prefix, suffix = self.render.prefix(row), self.render.suffix(row)
             enc = self.tok.encode(prefix, suffix, row["gold_order"])
             perm_ids, perm_slots = [], []
@@ -224,7 +225,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
         "users_per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
         "rows": rows,
         "mean_prompt_tokens": prompt_tokens,
-        **hint_stats,  # hints, hint_interactions, hint_tokens_per_prompt
+        **hint_stats,  # hints, hint_interactions, hint_train_interactions, hint_tokens_per_prompt
         **text_counts,  # titles_truncated, titles_neutralised, attributes_neutralised
         "rating_scale": list(d.rating_scale),
         "grading": source.grading,
@@ -254,25 +255,31 @@ def fit_interactions(df: pd.DataFrame, candidates: int) -> pd.DataFrame:
 
 
 def fit_prompt_hints(cfg: Config, fit: pd.DataFrame, samples, out: Path) -> tuple[object, dict]:
-    """data.hints fitted on `fit` minus every sample's candidate window (`hints.hint_interactions`),
-    saved as out/hints.parquet; (None, {"hints": []}) without hints (a stale file is removed)."""
+    """data.hints, cross-fitted (data/hints.py): the held-out fit on all of `fit`, saved as
+    out/hints.parquet, and the training rows' fit on `fit` minus every training sample's candidate
+    window, saved as out/hints_train.parquet; (None, {"hints": []}) without hints (stale files
+    are removed)."""
     names = cfg.data.hints
-    path = out / hint_fit.FILE
+    paths = out / hint_fit.FILE, out / hint_fit.TRAIN_FILE
     if not names:
-        path.unlink(missing_ok=True)
+        for path in paths:
+            path.unlink(missing_ok=True)
         return None, {"hints": []}
-    windows = samples.select_columns(["user", "candidate_ids"]).to_pandas()
-    used = hint_fit.hint_interactions(fit, windows)
-    model = hint_fit.fit_hints(used, names, cfg.data.seed)
-    model.save(path)
-    log.info("hints %s fitted on %d interactions (%d candidate ratings left out)", names, len(used),
-             len(fit) - len(used))
-    return model, {"hints": list(names), "hint_interactions": len(used)}
+    windows = samples.filter(expr="split == 'train'").select_columns(["user", "candidate_ids"]).to_pandas()
+    train_fit = hint_fit.hint_interactions(fit, windows)
+    held_out = hint_fit.fit_hints(fit, names, cfg.data.seed)
+    train = hint_fit.fit_hints(train_fit, names, cfg.data.seed)
+    held_out.save(paths[0])
+    train.save(paths[1])
+    log.info("hints %s fitted on %d interactions for held-out rows, on %d for training rows (their "
+             "%d candidate ratings left out)", names, len(fit), len(train_fit), len(fit) - len(train_fit))
+    return hint_fit.RowHints(train, held_out, train_fit, fit), {
+        "hints": list(names), "hint_interactions": len(fit), "hint_train_interactions": len(train_fit)}
 
 
 def hint_tokens(samples, tok: RankTokenizer, items: dict, attribute_name: str, hints) -> float:
     """Mean tokens the hints add to a prompt (its candidate lines with and without them)."""
-    rows = samples.select_columns(["candidate_ids", "history_items", "history_ratings"]).to_pandas()
+    rows = samples.select_columns(["candidate_ids", "history_items", "history_ratings", "candidate_notes"]).to_pandas()
     plain, hinted = SampleRenderer(items, attribute_name, ""), SampleRenderer(items, attribute_name, "", hints)
     n = [len(tok.tokenizer.encode(hinted.suffix(r), add_special_tokens=False))
          - len(tok.tokenizer.encode(plain.suffix(r), add_special_tokens=False))

@@ -148,11 +148,18 @@ class SampleRenderer:
         self.items = items
         self.attribute_name = attribute_name
         self.domain_plural = domain_plural
-        self.hints = hints  # a fitted `hints.HintModel` (its notes(row)), or None: no hints
+        self.hints = hints  # anything with notes(row) (`hints.HintModel`, `hints.RowHints`), or None
 
     def item(self, item_id: str) -> Item:
         title, attributes = self.items[item_id]
         return Item(title, attributes)
+
+    def notes(self, row: dict) -> list[str] | None:
+        """The row's hint text per candidate: as prepare stored it (`candidate_notes`), else
+        computed by the hints (data prepared before the notes were stored), else None."""
+        if self.hints is None:
+            return None
+        return list(row.get("candidate_notes") or []) or self.hints.notes(row)
 
     def prefix(self, row: dict) -> str:
         history = [(self.item(i), float(r)) for i, r in zip(row["history_items"], row["history_ratings"])]
@@ -162,6 +169,6 @@ class SampleRenderer:
         """Candidates in prompt order, or shown as perm[j] = original position at position j."""
         ids = list(row["candidate_ids"])
         order = range(len(ids)) if perm is None else perm
-        notes = self.hints.notes(row) if self.hints is not None else None
+        notes = self.notes(row)
         return render_suffix([self.item(ids[i]) for i in order], self.attribute_name,
                              [notes[i] for i in order] if notes else None)

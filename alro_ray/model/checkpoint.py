@@ -60,7 +60,7 @@ def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: Prepa
 
 # Serve's fusion: the classical model -> its hint value key, and the data.hints entry that fits it.
 FUSION_HINTS = {"mf": "mf_score", "item-mean": "mean_rating"}
-FUSION_FITS = {"mf": "mf_score", "item-mean": "item_mean"}
+FUSION_FITS = {"mf": prompt_hints.MF_HINTS, "item-mean": ("item_mean",)}  # hints that fit the model
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Ranker:
             return None
         fitted = self.hints.values(candidate_ids, history_ids, history_ratings)
         given = given or [None] * len(fitted)
-        return [prompt_hints.render_hint(g if g is not None else f, self.hints.names) for g, f in zip(given, fitted)]
+        return prompt_hints.render_hints([g if g is not None else f for g, f in zip(given, fitted)], self.hints.names)
 
     def classical_scores(self, classical: str, candidate_ids: Sequence, given: Sequence[dict | None] | None = None,
                          history_ids: Sequence = (), history_ratings: Sequence = ()) -> list[float | None]:
@@ -104,8 +104,8 @@ class Ranker:
         request's own hint value first, else the saved fit's by id, else None (unknown)."""
         key = FUSION_HINTS[classical]
         given = given or [None] * len(candidate_ids)
-        fitted = (self.hints.values(candidate_ids, history_ids, history_ratings)
-                  if self.hints is not None and FUSION_FITS[classical] in self.hints.names else [None] * len(given))
+        fits = self.hints is not None and set(FUSION_FITS[classical]) & set(self.hints.names)
+        fitted = self.hints.values(candidate_ids, history_ids, history_ratings) if fits else [None] * len(given)
         return [(g or {}).get(key) if (g or {}).get(key) is not None else (f or {}).get(key)
                 for g, f in zip(given, fitted)]
 

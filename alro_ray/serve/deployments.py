@@ -309,7 +309,7 @@ def no_classical_scores(classical: str) -> str:
     """The 422 for a fusion request where no candidate has the classical model's score."""
     return (f"fusion with {classical!r} needs its score for the candidates: pass candidates[].hints."
             f"{FUSION_HINTS[classical]}, or use an adapter trained with data.hints including "
-            f"{FUSION_FITS[classical]} and send catalog ids it knows")
+            f"{' or '.join(FUSION_FITS[classical])} and send catalog ids it knows")
 
 
 def unknown_as_mean(values: list[float | None]) -> list[float]:

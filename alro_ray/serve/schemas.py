@@ -73,7 +73,8 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
         attributes: Attributes = ""
         rating: Optional[Rating] = Field(None, description="the user's rating; left out of the prompt if null")
         id: Optional[CandidateId] = Field(None, description="catalog id; for a ranker trained with data.hints, "
-                                                            "rated history items with ids give the mf_score hint")
+                                                            "rated history items with ids give MF's user part "
+                                                            "(hints mf_score, mf_rank)")
 
         @model_validator(mode="after")
         def _attrs(self):

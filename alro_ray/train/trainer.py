@@ -38,6 +38,7 @@ log = logging.getLogger("alro_ray")
 
 # train.schedule -> transformers' scheduler name (all with linear warmup over warmup_ratio).
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+KEEP_METRIC = "valid_ndcg@10"  # what train.keep: best picks the final ranker's epoch by
 
 
 @dataclass
@@ -132,7 +133,10 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
             name=t.run_name,
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray keeps the latest checkpoint (resume) besides the 2 best by the score, if one is set.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, **(
+                {"checkpoint_score_attribute": KEEP_METRIC, "checkpoint_score_order": "max"}
+                if t.keep == "best" else {})),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # MLflow's epoch logger first: Tune may stop the trial as soon as its callback hears of the epoch.
             callbacks=[*tracked.callbacks(), *(callbacks or [])],
@@ -153,12 +157,15 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
         raise AlroError(f"training finished without a checkpoint ({result.error})")
     final = out / "final"
     with result.checkpoint.as_directory() as ckpt:
+        history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
+    kept = kept_checkpoint(result) if t.keep == "best" else result.checkpoint
+    with kept.as_directory() as ckpt:
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(Path(ckpt) / "ranker", final)
-        history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
+        epoch = json.loads((Path(ckpt) / "state.json").read_text())["epoch"] + 1
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    log.info("final ranker in %s", final)
+    log.info("final ranker in %s (epoch %d of %d, train.keep: %s)", final, epoch, len(history), t.keep)
     tracked.finished(out)
     return TrainOutcome(out, final, history, data_dir)
 
@@ -198,6 +205,15 @@ def say(message: str) -> None:
     would reach the driver twice), so write to the real stdout, which Ray forwards once."""
     sys.__stdout__.write(f"[alro] {message}\n")
     sys.__stdout__.flush()
+
+
+def kept_checkpoint(result):
+    """train.keep: best: of the checkpoints Ray kept (the 2 best by KEEP_METRIC and the latest),
+    the one with the best KEEP_METRIC; ties: the earliest epoch."""
+    scored = [(m[KEEP_METRIC], -m["epoch"], c) for c, m in result.best_checkpoints if KEEP_METRIC in m]
+    if not scored:
+        raise AlroError(f"train.keep: best, but no epoch reported {KEEP_METRIC}")
+    return max(scored, key=lambda x: x[:2])[2]
 
 
 def train_loop(loop_config: dict) -> None:
