@@ -156,7 +156,8 @@ class SampleRenderer:
 
     def notes(self, row: dict) -> list[str] | None:
         """The row's hint text per candidate: as prepare stored it (`candidate_notes`), else
-        computed by the hints (data prepared before the notes were stored), else None."""
+        computed by the hints (how prepare computes it, and data prepared before the notes were
+        stored), else None (no hints)."""
         if self.hints is None:
             return None
         return list(row.get("candidate_notes") or []) or self.hints.notes(row)

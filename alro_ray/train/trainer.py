@@ -156,14 +156,16 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     if result.checkpoint is None:
         raise AlroError(f"training finished without a checkpoint ({result.error})")
     final = out / "final"
-    with result.checkpoint.as_directory() as ckpt:
-        history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
     kept = kept_checkpoint(result) if t.keep == "best" else result.checkpoint
     with kept.as_directory() as ckpt:
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(Path(ckpt) / "ranker", final)
-        epoch = json.loads((Path(ckpt) / "state.json").read_text())["epoch"] + 1
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+    epoch, history = state["epoch"] + 1, state["history"]
+    if kept.path != result.checkpoint.path:  # the whole run's history is in the latest checkpoint
+        with result.checkpoint.as_directory() as ckpt:
+            history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
     (out / "history.json").write_text(json.dumps(history, indent=2))
     log.info("final ranker in %s (epoch %d of %d, train.keep: %s)", final, epoch, len(history), t.keep)
     tracked.finished(out)
