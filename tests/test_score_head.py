@@ -384,11 +384,26 @@ def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path
     assert metrics["modes"]["score"]["lists"] > 0 and 0 < metrics["modes"]["score"]["ndcg@10"] <= 1
 
 
+def test_train_share_is_a_fixed_partition_of_the_rows():
+    """The cached-states path's shares: every row in exactly one share, sizes within one, and the
+    same shares whatever order the rows arrive in (Ray Data's streaming split fixes neither)."""
+    from alro_ray.train.frozen import train_share
+
+    rows = [{"user": str(u), "window": w, "n": 10 * u + w} for u in range(7) for w in range(2)]
+    shares = [train_share(rows, rank, 3) for rank in range(3)]
+    assert sorted(r["n"] for share in shares for r in share) == sorted(r["n"] for r in rows)
+    assert [len(s) for s in shares] == [5, 5, 4]
+    assert [r["n"] for r in shares[1]] == [1, 20, 31, 50, 61]  # every third by (user, window) from the second
+    shuffled = random.Random(0).sample(rows, len(rows))
+    assert all(train_share(shuffled, rank, 3) == shares[rank] for rank in range(3))
+
+
 def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     """model.freeze_lm through Ray Train: the workers read the frozen LM's states once, the head
     steps on them each epoch, and the validation on cached states equals ranking the valid split
     with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
-    the best validation (ties: the earliest)."""
+    the best validation (ties: the earliest). A second run of the same config repeats the first
+    exactly (each worker's rows are a fixed share, not Ray Data's split)."""
     import pyarrow.parquet as pq
 
     from alro_ray.rank.evaluation import prompt_ids
@@ -397,6 +412,10 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     cfg = _cfg("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
                "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best")
     outcome = run_training(cfg, tmp_path)
+    again = run_training(cfg, tmp_path / "again")
+    same = ("train_loss", "train_rank", "valid_ndcg@10")
+    assert [[h[k] for k in same] for h in again.history] == [[h[k] for k in same] for h in outcome.history]
+    repeated = load_file(again.final_dir / "head.safetensors")
     assert [h["epoch"] for h in outcome.history] == [1, 2]
     assert all(h["train_rank"] > 0 and h["train_sft"] == 0 and h["tokens_per_s"] == 0 for h in outcome.history)
     heads = [load_file(tmp_path / "ray" / cfg.train.run_name / f"epoch_00{e}" / "ranker" / "head.safetensors")
@@ -405,7 +424,7 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     valid = [h["valid_ndcg@10"] for h in outcome.history]
     best = valid.index(max(valid))
     final = load_file(outcome.final_dir / "head.safetensors")
-    assert all(torch.equal(final[k], heads[best][k]) for k in final)
+    assert all(torch.equal(final[k], heads[best][k]) and torch.equal(final[k], repeated[k]) for k in final)
     assert len(json.loads((outcome.final_dir / "history.json").read_text())) == best + 1  # that epoch's ranker
     assert outcome.history == json.loads((tmp_path / "history.json").read_text())  # the whole run's
     rows = pq.read_table(outcome.data_dir / "valid").to_pylist()  # every valid row: train.eval_users is unset

@@ -2,7 +2,8 @@
 
 With the LM frozen its hidden states at the candidate and history lines are the same in every
 epoch, so with `train.cache_frozen_states` (and no permuted pass, loss.beta 0) each worker runs
-the LM once over its shard of the train split and its share of the valid split, and every epoch
+the LM once over its share of the train split (`train_share`: the same every run, so a seeded
+run repeats) and of the valid split, and every epoch
 then steps the head on those states: the losses, gradients and validation orders of recomputing
 them every step, for one forward per prompt in all instead of one per prompt per epoch (a head
 needs tens of epochs; docs/method.md, "A frozen LM"). The states are read as mode `score`
@@ -70,6 +71,14 @@ def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask:
 def uses_cached_states(cfg: Config) -> bool:
     """Whether training takes this path: only the head trains and nothing else needs the LM."""
     return cfg.model.freeze_lm and cfg.train.cache_frozen_states and cfg.loss.beta == 0
+
+
+def train_share(rows: Sequence[dict], rank: int, world: int) -> list[dict]:
+    """This worker's training rows on this path, from all of them: every `world`-th row by (user,
+    window), starting at `rank`. Ray Data's streaming split hands rows to workers in no fixed order
+    or assignment, so a split shard made the same seeded run differ from run to run; this share
+    is the same every time (the workers read every row, but the LM reads only its share)."""
+    return sorted(rows, key=lambda r: (str(r["user"]), int(r["window"])))[rank::world]
 
 
 @dataclass

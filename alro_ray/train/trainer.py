@@ -95,8 +95,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     from ray.train.torch import TorchTrainer
 
     from alro_ray.cluster import ensure_ray, quiet_ray_data
-
     from alro_ray.model.loading import prepare_model_cache
+    from alro_ray.train.frozen import uses_cached_states
     from alro_ray.train.train_tracking import TrainTracking
 
     out = Path(output_dir or Path(cfg.train.output_dir) / cfg.train.run_name).resolve()
@@ -126,8 +126,9 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
             resources_per_worker={"GPU": t.gpus_per_worker, "CPU": t.cpus_per_worker} if t.use_gpu
             else {"CPU": t.cpus_per_worker},
         ),
-        # Only train is split: every worker reads all of valid and scores its own share of it.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Only train is split: every worker reads all of valid and scores its own share of it. On
+        # the cached-states path each worker takes a fixed share of all train rows instead.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if uses_cached_states(cfg) else ["train"]),
         datasets=datasets,
         run_config=ray.train.RunConfig(
             name=t.run_name,
@@ -229,7 +230,7 @@ def train_loop(loop_config: dict) -> None:
     from alro_ray.data.tokenize import RankTokenizer
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
     from alro_ray.model.score_head import attach_head
-    from alro_ray.train.frozen import read_states, uses_cached_states
+    from alro_ray.train.frozen import read_states, train_share, uses_cached_states
     from alro_ray.train.validation import shard_rows, valid_rows, validate
 
     quiet_ray_data(progress=False)
@@ -285,7 +286,8 @@ def train_loop(loop_config: dict) -> None:
     own_grad_check = t.zero_stage == 0 and not bf16
     cached = None
     if uses_cached_states(cfg) and start_epoch < t.epochs:  # the frozen LM's states, read once (train/frozen.py)
-        splits = (("train", shard_rows("train")), ("valid", valid_rows(cfg, stats, rank, world)))
+        splits = (("train", train_share(shard_rows("train"), rank, world)),
+                  ("valid", valid_rows(cfg, stats, rank, world)))
         cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split)
                   for split, rows in splits}
     try:
