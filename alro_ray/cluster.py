@@ -20,6 +20,18 @@ def quiet_ray_data(progress: bool) -> None:
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
 
 
+# Ray Train's placement-group cleaner (Ray >= 2.60) asks the state API every second whether the
+# train controller lives, and warns each time it cannot: the local Ray below runs without the
+# dashboard that serves that API, so the warning would fill the job's log once a second.
+_NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Run in every worker process of the local Ray (`worker_process_setup_hook`)."""
+    for name in _NOISY_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
     import ray
 
@@ -37,5 +49,6 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
         include_dashboard=False,
         object_store_memory=object_store_mb * 1024 * 1024,
         log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": quiet_worker_logs},
     )
     log.info("started a local Ray: %s", ray.cluster_resources())

@@ -110,6 +110,23 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_local, tmp_path):
     assert resumed == [killed["last_checkpoint"] + 1]
 
 
+def test_local_ray_workers_silence_the_placement_group_cleaner(ray_local):
+    """The local Ray has no dashboard, so Ray Train's placement-group cleaner would warn once a
+    second that it cannot reach the state API: every worker process starts with its logger at
+    ERROR (`cluster.quiet_worker_logs`), and only that logger."""
+    import logging
+
+    from alro_ray.cluster import _NOISY_WORKER_LOGGERS
+
+    @ray.remote(num_cpus=0)
+    def levels():
+        return [logging.getLogger(n).getEffectiveLevel() for n in (*_NOISY_WORKER_LOGGERS, "ray.train.v2")]
+
+    *noisy, train = ray.get(levels.remote())
+    assert noisy == [logging.ERROR] * len(_NOISY_WORKER_LOGGERS)
+    assert train < logging.ERROR  # Ray Train's own warnings still reach the log
+
+
 def test_bad_data_is_refused_before_workers_start(ray_local, tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(AlroError, match="format"):
