@@ -20,6 +20,7 @@ import pandas as pd
 from alro_ray.data.dataset import read_split
 from alro_ray.rank.baselines import make_baseline, order_from_scores
 from alro_ray.rank.baselines.common import sorted_interactions
+from alro_ray.rank.evaluation import ranked_relevance
 from alro_ray.rank.fusion import choose_weight, fused_order
 from alro_ray.rank.metrics import ndcg_at_k, paired_bootstrap
 
@@ -53,13 +54,13 @@ class ItemKNN:
 
     def score(self, row) -> np.ndarray:
         u = self.users.get(str(row["user"]))
+        seen = np.flatnonzero(self.rated[u]) if u is not None else None
         out = []
         for c in map(str, row["candidate_ids"]):
             j, base = self.items.get(c), self.mu + self.bi.get(c, 0.0)
             if u is None or j is None:
                 out.append(base)
                 continue
-            seen = np.flatnonzero(self.rated[u])
             top = seen[np.argsort(-self.S[j, seen], kind="stable")[: self.k]]
             w = self.S[j, top]
             out.append(base + w @ self.R[u, top] / (np.abs(w).sum() + 1e-9))
@@ -67,7 +68,7 @@ class ItemKNN:
 
 
 def per_list(orders, rows) -> np.ndarray:
-    return np.array([ndcg_at_k(np.asarray(r["candidate_ratings"], float)[o], 10) for o, r in zip(orders, rows)])
+    return np.array([ndcg_at_k(rel, 10) for rel in ranked_relevance(rows, orders)])
 
 
 def main() -> None:
@@ -94,22 +95,23 @@ def main() -> None:
 
     mf = scores["mf seed 0"]
     ref = per_list([order_from_scores(x) for x in mf["test"]], rows["test"])
-    print(f"{'ranked by':42s} {'valid':>7s} {'test':>7s}  test - mf [95%]")
-    for name, sc in list(scores.items()) + [("", None)] + [(f"mf + {n}", None) for n in scores if not n.startswith("mf seed")]:
-        if not name:
-            print("z-fused with the mf row, the weight chosen on valid:")
-            continue
-        if sc is None:
-            other = scores[name[5:]]
-            rel = [r["candidate_ratings"] for r in rows["valid"]]
-            w, _ = choose_weight(other["valid"], mf["valid"], rel, "score")
-            orders = {s: [fused_order(o, m, w, "score") for o, m in zip(other[s], mf[s])] for s in rows}
-            name = f"{name} (w {w:.1f})"
-        else:
-            orders = {s: [order_from_scores(x) for x in sc[s]] for s in rows}
+
+    def report(name: str, orders: dict[str, list]) -> None:
         v, t = (per_list(orders[s], rows[s]) for s in ("valid", "test"))
         d, lo, hi = paired_bootstrap(t, ref)
         print(f"{name:42s} {v.mean():7.4f} {t.mean():7.4f}  {d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+
+    print(f"{'ranked by':42s} {'valid':>7s} {'test':>7s}  test - mf [95%]")
+    for name, sc in scores.items():
+        report(name, {s: [order_from_scores(x) for x in sc[s]] for s in rows})
+    print("z-fused with the mf row, the weight chosen on valid:")
+    relevance = [r["candidate_ratings"] for r in rows["valid"]]
+    for name, sc in scores.items():
+        if name.startswith("mf seed"):
+            continue
+        w, _ = choose_weight(sc["valid"], mf["valid"], relevance, "score")
+        report(f"mf + {name} (w {w:.1f})",
+               {s: [fused_order(o, m, w, "score") for o, m in zip(sc[s], mf[s])] for s in rows})
     print(f"lists: valid {len(rows['valid'])}, test {len(rows['test'])}")
 
 
