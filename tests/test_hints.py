@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alro_ray.config import load_config
-from alro_ray.data.hints import HintModel, RowHints, fit_hints, hint_interactions, render_hint, render_hints
+from alro_ray.data.hints import (HintModel, RowHints, cross_fit, fit_hints, hint_interactions, render_hint,
+                                render_hints, train_folds)
 from alro_ray.data.prompts import SampleRenderer
 
 NAMES = ["item_mean", "popularity_rank", "mf_score"]
@@ -74,7 +75,7 @@ def test_row_hints_take_the_fold_by_split_and_the_user_part_from_all_their_ratin
     held_out = HintModel(["mf_score"], ["x", "y"], np.array([3.0, 3.0]), np.array([1, 1]), np.array([1, 1]),
                          np.zeros(2), np.array([[1.0], [-1.0]]), mf_mu=2.0, mf_reg=0.1)  # mu 2, not 3
     fit = _frame([("u", "x", 5.0, 1), ("u", "y", 1.0, 2)])
-    hints = RowHints(train, held_out, fit, fit)
+    hints = RowHints(held_out, fit, [train], [fit], {"u": 0})
     row = {"user": "u", "split": "test", "candidate_ids": ["x"], "history_items": ["q"], "history_ratings": [1.0]}
     # Both ratings in the fold, not the shown (unknown) history. Rows [q_i, 1]: x [1, 1], y [-1, 1];
     # X^T X + 0.1 * 2 I = [[2.2, 0], [0, 2.2]]. Held-out fold (mu 2): targets 3, -1, X^T y = [4, 2],
@@ -84,6 +85,42 @@ def test_row_hints_take_the_fold_by_split_and_the_user_part_from_all_their_ratin
     assert hints.notes({**row, "split": "train"}) == [f"predicted rating: {3 + 4 / 2.2:.1f}"]
     # A user the fold does not hold: the shown history (here unknown: mu + b_i).
     assert hints.notes({**row, "user": "other"}) == ["predicted rating: 2.0"]
+
+
+def test_train_folds_deal_the_users_evenly_and_repeatably():
+    users = [f"u{i}" for i in range(11)] * 3  # a user with several windows is dealt once
+    folds = train_folds(users, 4, seed=0)
+    assert sorted(folds) == sorted(set(users)) and sorted(set(folds.values())) == [0, 1, 2, 3]
+    assert sorted(list(folds.values()).count(k) for k in range(4)) == [2, 3, 3, 3]
+    assert train_folds(list(reversed(users)), 4, seed=0) == folds  # by user, not by row order
+    assert train_folds(users, 4, seed=1) != folds
+    assert set(train_folds(users, 1).values()) == {0}
+
+
+def test_cross_fit_shows_each_training_row_the_fit_without_its_own_folds_windows():
+    # Users 0-3 rated h 3 before their window and x (their one candidate) 1, 2, 3, 5: any two
+    # users' sum differs from the other two's, so each fold's fit shows x a mean of its own.
+    r = {"u0": 1, "u1": 2, "u2": 3, "u3": 5}
+    fit = _frame([(u, "h", 3, 1) for u in r] + [(u, "x", v, 2) for u, v in r.items()])
+    windows = pd.DataFrame({"user": list(r), "candidate_ids": [["x"]] * 4})
+    row = {"candidate_ids": ["x"], "history_items": ["h"], "history_ratings": [3.0]}
+
+    def shown(hints, user, split="train"):
+        return hints.notes({**row, "user": user, "split": split})
+
+    one = cross_fit(fit, windows, ["item_mean"], folds=1)
+    assert [shown(one, u) for u in r] == [["mean rating: none"]] * 4  # no training window in the fit
+    assert one.fit_sizes == [4]
+
+    two = cross_fit(fit, windows, ["item_mean"], folds=2)
+    assert two.fit_sizes == [6, 6]  # each fold's fit keeps the other fold's two windows
+    for u in r:
+        others = [v for w, v in r.items() if two.fold_of[w] != two.fold_of[u]]
+        mu = (4 * 3 + sum(others)) / 6
+        assert shown(two, u) == [f"mean rating: {(sum(others) + 5 * mu) / 7:.1f} (2 ratings)"]
+    assert len({shown(two, u)[0] for u in r}) == 2
+    mu = (12 + 11) / 8  # held-out rows: every training window
+    assert shown(two, "u0", "test") == [f"mean rating: {(11 + 5 * mu) / 9:.1f} (4 ratings)"]
 
 
 def test_hint_interactions_drop_every_window_and_nothing_else():
@@ -173,8 +210,9 @@ def test_prepare_cross_fits_the_hints(planted):
 
     # Training rows' fold: no training window, and held-out windows are never in the fit: the
     # histories only. y=3 x5, x=5 x5, y=2 x5, z=4 x5: mu = 70 / 20 = 3.5.
-    assert stats.hint_train_interactions == 2 * USERS
-    m = HintModel.load(out / "hints_train.parquet")
+    assert stats.hint_train_interactions == 2 * USERS and stats.hint_folds == 1
+    assert sorted(p.name for p in out.glob("hints*.parquet")) == ["hints.parquet", "hints_train-0.parquet"]
+    m = HintModel.load(out / "hints_train-0.parquet")
     v = dict(zip(m.items, m.values(m.items)))
     assert sorted(v) == ["x", "y", "z"]  # v<u>, w<u> only ever were candidates
     assert v["x"]["mean_rating"] == pytest.approx((25 + 5 * 3.5) / 10)  # 4.25, not pulled to 1

@@ -81,6 +81,10 @@ class DataConfig:
     # Prompt hints on each candidate line (data/hints.py): any of item_mean, popularity_rank,
     # mf_score, mf_rank, in the order shown; [] (default): the spec's prompts, byte for byte.
     hints: list[str] = field(default_factory=list)
+    # Training rows are shown hints fitted without their own candidate windows: 1 = one fit
+    # without every training window; K > 1 = the training users in K folds, each row shown
+    # the fit without its fold's windows (nearer the held-out rows' fit; K fits).
+    hint_folds: int = 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
@@ -91,8 +95,8 @@ class DataConfig:
                 f"data.candidates must be between 2 and {MAX_CANDIDATES} (one letter A-Z per "
                 f"candidate), got {self.candidates}"
             )
-        if self.windows_per_user < 1 or self.permutations < 0 or self.tokenize_actors < 1:
-            raise ConfigError("data.windows_per_user and data.tokenize_actors must be >= 1, "
+        if min(self.windows_per_user, self.tokenize_actors, self.hint_folds) < 1 or self.permutations < 0:
+            raise ConfigError("data.windows_per_user, data.tokenize_actors and data.hint_folds must be >= 1, "
                               "data.permutations >= 0")
         if len(self.split) != 3 or any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"data.split must be three non-negative shares summing to 1, got {self.split}")

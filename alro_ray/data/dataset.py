@@ -6,7 +6,7 @@
   DIR/items.parquet              item id -> shown title and attributes
   DIR/fit_interactions.parquet   what baselines and hints may fit on
   DIR/hints.parquet              the fitted prompt hints for held-out rows (only with `data.hints`)
-  DIR/hints_train.parquet        ... and for training rows (data/hints.py: cross-fitted)
+  DIR/hints_train-<k>.parquet    ... and for training rows, one per fold (data/hints.py: cross-fitted)
   DIR/config.yaml                the config that wrote it
 
 Readers import this module, not the pipeline (`prepare`), which pulls in Ray.
@@ -89,7 +89,8 @@ class PreparedStats:
     metadata_rows_skipped: dict[str, int] = field(default_factory=dict)
     hints: list[str] = field(default_factory=list)  # data.hints; [] = none
     hint_interactions: int | None = None  # interactions the held-out rows' hints were fitted on
-    hint_train_interactions: int | None = None  # and the training rows' (no training window)
+    hint_folds: int = 1  # data.hint_folds: the training users' folds
+    hint_train_interactions: int | None = None  # and the training rows' (mean over the folds)
     hint_tokens_per_prompt: float | None = None
     titles_truncated: int = 0
     titles_neutralised: int = 0

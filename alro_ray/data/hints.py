@@ -13,10 +13,13 @@ candidate line, e.g. `(A) title: X genres: Y mean rating: 4.1 (52 ratings) popul
 Cross-fitted, like a stacked ensemble, by the baselines' own `fit` (one implementation of each):
   - held-out rows (valid, test) and Serve: the fit on all of fit_interactions.parquet, which never
     holds a held-out candidate window; saved as hints.parquet and copied into the ranker;
-  - training rows: a fit without any training sample's candidate window (`hint_interactions`),
-    saved as hints_train.parquet, so no training row is shown a hint that saw its own targets
-    (an item's mean would include this user's rating of it, MF would have fitted it) and the
-    model does not learn to trust the hints more than held-out rows allow.
+  - training rows: the training users dealt into `data.hint_folds` folds; a row is shown the fit
+    without its own fold's candidate windows (`hint_interactions`), saved as
+    hints_train-<fold>.parquet, so no training row is shown a hint that saw its own targets (an
+    item's mean would include this user's rating of it, MF would have fitted it) and the model
+    does not learn to trust the hints more than held-out rows allow. One fold leaves every
+    training window out of the one fit; more folds leave out less, so the training rows' hints
+    come nearer the held-out rows' in strength (docs/method.md).
 In prepared rows MF's user part comes from every rating the row's fit holds for the user (for a
 held-out user: all ratings before the window), as the `mf` baseline's does; Serve solves it from
 the request's rated history items that have ids. The rendered notes are stored with each row
@@ -42,7 +45,7 @@ from alro_ray.errors import ConfigError, DataError
 # The per-candidate values a hint line is made of (also what a Serve request may pass).
 VALUE_KEYS = ("mean_rating", "ratings", "popularity_rank", "mf_score")
 FILE = "hints.parquet"  # the held-out fit (evaluation, Serve, the ranker checkpoint)
-TRAIN_FILE = "hints_train.parquet"  # the fit training rows were shown
+TRAIN_FILE = "hints_train-{}.parquet"  # the fits training rows were shown, one per fold
 MF_HINTS = ("mf_score", "mf_rank")
 
 
@@ -212,18 +215,47 @@ def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -
                      bias, factors, float(mu), float(reg))
 
 
-class RowHints:
-    """What `alro prepare` shows each row: the cross-fitted hints (module docstring), MF's user
-    part from every rating of the user in the row's fit."""
+def train_folds(users: Sequence, folds: int, seed: int = 0) -> dict[str, int]:
+    """Training user -> fold 0..folds-1: the sorted users in a seeded shuffle, dealt in turn (fold
+    sizes differ by at most one)."""
+    users = sorted({str(u) for u in users})
+    order = np.random.default_rng(seed).permutation(len(users))
+    return {users[i]: n % folds for n, i in enumerate(order)}
 
-    def __init__(self, train: HintModel, held_out: HintModel, train_fit: pd.DataFrame,
-                 held_out_fit: pd.DataFrame):
-        self.models = {"train": train, "held_out": held_out}
-        self.rated = {"train": _rated_by_user(train_fit), "held_out": _rated_by_user(held_out_fit)}
+
+def cross_fit(fit: pd.DataFrame, train_windows: pd.DataFrame, names: Sequence[str], folds: int = 1,
+              seed: int = 0) -> "RowHints":
+    """The hints every prepared row is shown (module docstring): the held-out fit on all of `fit`;
+    per fold of training users, a fit on `fit` without that fold's `train_windows` (columns user,
+    candidate_ids)."""
+    fold_of = train_folds(train_windows["user"], folds, seed)
+    fold = train_windows["user"].astype(str).map(fold_of)
+    fits = [hint_interactions(fit, train_windows[fold == k]) for k in range(folds)]
+    return RowHints(fit_hints(fit, names, seed), fit, [fit_hints(f, names, seed) for f in fits], fits, fold_of)
+
+
+class RowHints:
+    """What `alro prepare` shows each row: the held-out fit to valid and test rows, its own fold's
+    fit to a training row; MF's user part from every rating of the user in that fit."""
+
+    def __init__(self, held_out: HintModel, held_out_fit: pd.DataFrame, train: Sequence[HintModel],
+                 train_fits: Sequence[pd.DataFrame], fold_of: dict[str, int]):
+        self.held_out, self.train, self.fold_of = held_out, list(train), fold_of
+        self.held_out_rated = _rated_by_user(held_out_fit)
+        self.train_rated = [_rated_by_user(f) for f in train_fits]
+        self.fit_sizes = [len(f) for f in train_fits]
 
     def notes(self, row: dict) -> list[str]:
-        fold = "train" if row["split"] == "train" else "held_out"
-        return self.models[fold].notes(row, self.rated[fold].get(str(row["user"])))
+        user = str(row["user"])
+        if row["split"] != "train":
+            return self.held_out.notes(row, self.held_out_rated.get(user))
+        k = self.fold_of[user]  # every training user has a fold: a KeyError here is a bug
+        return self.train[k].notes(row, self.train_rated[k].get(user))
+
+    def save(self, out: Path) -> None:
+        self.held_out.save(out / FILE)
+        for k, model in enumerate(self.train):
+            model.save(out / TRAIN_FILE.format(k))
 
 
 def _rated_by_user(fit: pd.DataFrame) -> dict[str, tuple[list, list]]:

@@ -225,7 +225,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
         "users_per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
         "rows": rows,
         "mean_prompt_tokens": prompt_tokens,
-        **hint_stats,  # hints, hint_interactions, hint_train_interactions, hint_tokens_per_prompt
+        **hint_stats,  # hints, hint_folds, hint_interactions, hint_train_interactions, hint_tokens_per_prompt
         **text_counts,  # titles_truncated, titles_neutralised, attributes_neutralised
         "rating_scale": list(d.rating_scale),
         "grading": source.grading,
@@ -256,25 +256,21 @@ def fit_interactions(df: pd.DataFrame, candidates: int) -> pd.DataFrame:
 
 def fit_prompt_hints(cfg: Config, fit: pd.DataFrame, samples, out: Path) -> tuple[object, dict]:
     """data.hints, cross-fitted (data/hints.py): the held-out fit on all of `fit`, saved as
-    out/hints.parquet, and the training rows' fit on `fit` minus every training sample's candidate
-    window, saved as out/hints_train.parquet; (None, {"hints": []}) without hints (stale files
-    are removed)."""
-    names = cfg.data.hints
-    paths = out / hint_fit.FILE, out / hint_fit.TRAIN_FILE
+    out/hints.parquet, and per fold of training users (`data.hint_folds`) a fit on `fit` without
+    that fold's candidate windows, saved as out/hints_train-<fold>.parquet; (None, {"hints": []})
+    without hints. Hint files of an earlier prepare are removed first."""
+    for path in out.glob("hints*.parquet"):
+        path.unlink()
+    names, folds = cfg.data.hints, cfg.data.hint_folds
     if not names:
-        for path in paths:
-            path.unlink(missing_ok=True)
         return None, {"hints": []}
     windows = samples.filter(expr="split == 'train'").select_columns(["user", "candidate_ids"]).to_pandas()
-    train_fit = hint_fit.hint_interactions(fit, windows)
-    held_out = hint_fit.fit_hints(fit, names, cfg.data.seed)
-    train = hint_fit.fit_hints(train_fit, names, cfg.data.seed)
-    held_out.save(paths[0])
-    train.save(paths[1])
-    log.info("hints %s fitted on %d interactions for held-out rows, on %d for training rows (their "
-             "%d candidate ratings left out)", names, len(fit), len(train_fit), len(fit) - len(train_fit))
-    return hint_fit.RowHints(train, held_out, train_fit, fit), {
-        "hints": list(names), "hint_interactions": len(fit), "hint_train_interactions": len(train_fit)}
+    hints = hint_fit.cross_fit(fit, windows, names, folds, cfg.data.seed)
+    hints.save(out)
+    log.info("hints %s fitted on %d interactions for held-out rows; for training rows in %d fold(s), "
+             "on %s (each fold's candidate ratings left out)", names, len(fit), folds, hints.fit_sizes)
+    return hints, {"hints": list(names), "hint_folds": folds, "hint_interactions": len(fit),
+                   "hint_train_interactions": round(sum(hints.fit_sizes) / folds)}
 
 
 def hint_tokens(samples, tok: RankTokenizer, items: dict, attribute_name: str, hints) -> float:
