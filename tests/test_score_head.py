@@ -260,6 +260,53 @@ def test_user_head_scores_the_same_in_training_and_ranking(tok):
     assert torch.allclose(cached.scores(head_of(model)), ranked, atol=1e-5)
 
 
+def test_read_states_stores_them_and_reads_them_back_only_for_the_same_weights_and_prompts(tok, tmp_path, caplog):
+    """train.reuse_frozen_states: a second read of the same prompts by the same weights loads the
+    stored states (no forward), equal to the first; other prompts, another layer or changed weights
+    read anew; a torn file is read again with a warning."""
+    from alro_ray.train import frozen
+
+    cfg = _cfg("model.head.user=rated_history", "loss.beta=0", "model.freeze_lm=true", "model.head.layer=-2")
+    model = _model(cfg).eval()
+    rows = _planted_rows(tok, 4, seed=5, history=3)
+    records = [dict(zip(rows, values), user=f"u{i}") for i, values in enumerate(zip(*rows.values()))]
+    said = []
+
+    def read(rows, m=model):
+        said.clear()
+        return frozen.read_states(m, tok, rows, tok.tokenizer.pad_token_id, 0, said.append, "train", tmp_path)
+
+    first = read(records)
+    assert said and not any("read the train states" in s for s in said) and len(list(tmp_path.glob("*.pt"))) == 1
+    again = read(records)
+    assert said == [f"read the train states of 4 prompts back from {next(tmp_path.glob('*.pt'))} (rank 0)"]
+    assert all(torch.equal(a, b) for a, b in zip(first.candidates, again.candidates))
+    assert all(torch.equal(a, b) for a, b in zip(first.history, again.history))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first.lines, again.lines))
+    assert torch.equal(first.scores(head_of(model)), again.scores(head_of(model)))
+
+    read(records[:3])  # other prompts
+    other_seed = _model(cfg, seed=1).eval()  # another LoRA A and head: the same states, read back
+    read(records, other_seed)
+    assert said[0].startswith("read the train states")
+    changed = _model(cfg).eval()
+    with torch.no_grad():
+        next(p for n, p in changed.named_parameters() if "lora_B" in n).add_(0.01)
+    read(records, changed)
+    deeper = _model(_cfg("model.head.user=rated_history", "loss.beta=0", "model.freeze_lm=true",
+                         "model.head.layer=-1")).eval()
+    read(records, deeper)
+    assert len(list(tmp_path.glob("*.pt"))) == 4 and not any(s.startswith("read the") for s in said)
+
+    stored = frozen.states_key(model, scorer_of(model, tok), records, tok.tokenizer.pad_token_id, 8)
+    (tmp_path / f"{stored}.pt").write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="alro_ray"):
+        torn = read(records)
+    assert "unusable" in caplog.text and not any(s.startswith("read the") for s in said)
+    assert all(torch.equal(a, b) for a, b in zip(first.candidates, torn.candidates))
+    assert read(records) and said[0].startswith("read the train states")  # rewritten whole
+
+
 # ListNet's pull is weaker here (its target, softmax of the ratings, is flat over the non-Horror
 # items): it gets more steps and a lower bar.
 @pytest.mark.parametrize("score_loss,steps,gain", [("lambda", 15, 0.15), ("plackett_luce", 15, 0.15),
@@ -403,16 +450,22 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     steps on them each epoch, and the validation on cached states equals ranking the valid split
     with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
     the best validation (ties: the earliest). A second run of the same config repeats the first
-    exactly (each worker's rows are a fixed share, not Ray Data's split)."""
+    exactly (each worker's rows are a fixed share, not Ray Data's split), reading the states the
+    first stored back from the model cache (train.reuse_frozen_states)."""
     import pyarrow.parquet as pq
 
+    from alro_ray.model.loading import cache_root
     from alro_ray.rank.evaluation import prompt_ids
     from alro_ray.train.trainer import run_training
 
     cfg = _cfg("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
                "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best")
     outcome = run_training(cfg, tmp_path)
+    store = cache_root(cfg.model.cache_dir) / "frozen-states"
+    stored = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.glob("*.pt")}
+    assert len(stored) >= 4  # train and valid states of each of the 2 workers
     again = run_training(cfg, tmp_path / "again")
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.glob("*.pt")} == stored  # read, not rewritten
     same = ("train_loss", "train_rank", "valid_ndcg@10")
     assert [[h[k] for k in same] for h in again.history] == [[h[k] for k in same] for h in outcome.history]
     repeated = load_file(again.final_dir / "head.safetensors")

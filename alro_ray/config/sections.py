@@ -127,6 +127,9 @@ class TrainConfig:
     # With model.freeze_lm and loss.beta 0: read the frozen LM's states once per worker and fit the
     # head on them every epoch (train/frozen.py); false recomputes them every step.
     cache_frozen_states: bool = True
+    # ... and keep those states under the model cache ($ALRO_CACHE/frozen-states), keyed by the
+    # weights, layer and prompts, for a later run to read back (another seed, a Tune trial, a resume).
+    reuse_frozen_states: bool = True
     eval_mode: Literal["one-pass", "generate", "score"] = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None: all
     # The final ranker: the last epoch's, or the epoch with the best valid NDCG@10 (ties: the

@@ -13,9 +13,14 @@ layer.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -27,6 +32,9 @@ from alro_ray.model.padding import left_pad, positions
 from alro_ray.model.score_head import HistoryLines, ScoreHead
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.train.losses import LossTerms, score_rank_loss
+from alro_ray.train.validation import in_row_order
+
+log = logging.getLogger("alro_ray")
 
 
 class _Reached(Exception):
@@ -78,7 +86,7 @@ def train_share(rows: Sequence[dict], rank: int, world: int) -> list[dict]:
     window), starting at `rank`. Ray Data's streaming split hands rows to workers in no fixed order
     or assignment, so a split shard made the same seeded run differ from run to run; this share
     is the same every time (the workers read every row, but the LM reads only its share)."""
-    return sorted(rows, key=lambda r: (str(r["user"]), int(r["window"])))[rank::world]
+    return in_row_order(rows)[rank::world]
 
 
 @dataclass
@@ -186,11 +194,76 @@ def losses(head: ScoreHead, batch: StatesBatch, cfg) -> LossTerms:
     return LossTerms(total=cfg.alpha * rank, sft=zero, rank=rank, perm=zero)
 
 
+def states_key(model, scorer, rows: Sequence[dict], pad_id: int, batch_size: int) -> str:
+    """A hash of everything `CachedStates.extract` reads: the model's weights (the score head's
+    aside; LoRA's B is in, and at its zero init it makes the adapter a no-op whatever A is, so runs
+    that differ only in train.seed share states), the layer and the lines the head reads, the
+    prompts in order, the padding and batch size (left padding moves float sums a little), the
+    dtype and device, and the torch and transformers versions."""
+    import transformers
+
+    digest = hashlib.blake2b(digest_size=20)
+    p0 = next(model.parameters())
+    head = scorer.head.cfg
+    digest.update(json.dumps([head.layer, head.position, scorer.head.reads_history, pad_id, batch_size, str(p0.dtype),
+                              p0.device.type, torch.__version__, transformers.__version__]).encode())
+    for name, param in model.named_parameters():
+        if "score_head" in name or "lora_A" in name:
+            continue
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    for row in rows:
+        digest.update(np.asarray(prompt_ids(row), dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def _load_stored(path: Path, key: str, rows: Sequence[dict]) -> CachedStates | None:
+    """The states saved under `path` if they are whole and for `key`, else None (and a warning for
+    a file that is there but unreadable or not what its name says)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        c = len(rows[0]["candidate_ratings"]) if rows else 0
+        ok = (saved["key"] == key and len(saved["candidates"]) == len(rows)
+              and all(t.shape[0] == c for t in saved["candidates"])
+              and (saved["history"] is None or len(saved["history"]) == len(saved["lines"]) == len(rows)))
+    except Exception as e:  # a torn or foreign file: read the states again
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "its content does not match its key"
+    if not ok:
+        log.warning("the stored frozen states %s are unusable (%s): reading them again", path, why)
+        return None
+    return CachedStates(rows, saved["candidates"], saved["history"], saved["lines"])
+
+
+def _store(path: Path, key: str, states: CachedStates) -> None:
+    """Write atomically: a reader (another worker, a concurrent Tune trial) sees all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"key": key, "candidates": states.candidates, "history": states.history, "lines": states.lines}, tmp)
+    os.replace(tmp, path)
+
+
 def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, say: Callable[[str], None],
-                split: str, every_s: float = 30.0) -> CachedStates:
-    """`CachedStates.extract` with the head registered on `model`; rank 0 says how far it got."""
+                split: str, store: Path | None = None, every_s: float = 30.0) -> CachedStates:
+    """`CachedStates.extract` with the head registered on `model`; rank 0 says how far it got.
+    With `store` (train.reuse_frozen_states: a directory under the model cache), states read
+    before from the same weights, layer and prompts (`states_key`) are loaded from there instead,
+    and states read now are saved there."""
     from alro_ray.model.score_head import scorer_of
 
+    scorer, batch_size = scorer_of(model, rank_tok), 8
+    path = key = None
+    if store is not None:
+        key = states_key(model, scorer, rows, pad_id, batch_size)
+        path = Path(store) / f"{key}.pt"
+        states = _load_stored(path, key, rows)
+        if states is not None:
+            if rank == 0:
+                say(f"read the {split} states of {len(rows)} prompts back from {path} (rank 0)")
+            return states
     t0, last = time.time(), [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -199,4 +272,7 @@ def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, s
             last[0] = now
             say(f"caching the {split} states: {done}/{total} prompts read by the frozen model on rank 0 "
                 f"({now - t0:.0f} s)")
-    return CachedStates.extract(model, scorer_of(model, rank_tok), rows, pad_id, progress=progress)
+    states = CachedStates.extract(model, scorer, rows, pad_id, batch_size, progress=progress)
+    if path is not None:
+        _store(path, key, states)
+    return states

@@ -228,7 +228,7 @@ def train_loop(loop_config: dict) -> None:
 
     from alro_ray.cluster import quiet_ray_data
     from alro_ray.data.tokenize import RankTokenizer
-    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.model.loading import add_lora, cache_root, load_base_model, load_tokenizer
     from alro_ray.model.score_head import attach_head
     from alro_ray.train.frozen import read_states, train_share, uses_cached_states
     from alro_ray.train.validation import shard_rows, valid_rows, validate
@@ -288,7 +288,8 @@ def train_loop(loop_config: dict) -> None:
     if uses_cached_states(cfg) and start_epoch < t.epochs:  # the frozen LM's states, read once (train/frozen.py)
         splits = (("train", train_share(shard_rows("train"), rank, world)),
                   ("valid", valid_rows(cfg, stats, rank, world)))
-        cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split)
+        store = cache_root(cfg.model.cache_dir) / "frozen-states" if t.reuse_frozen_states else None
+        cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split, store)
                   for split, rows in splits}
     try:
         for epoch in range(start_epoch, t.epochs):

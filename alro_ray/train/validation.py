@@ -15,11 +15,18 @@ def shard_rows(split: str) -> list[dict]:
             for r in b.to_dict("records")]
 
 
+def in_row_order(rows: list[dict]) -> list[dict]:
+    """Rows sorted by (user, window): Ray Data reads a split's blocks in no fixed order, and a
+    run's shares, caps and cached-state keys must not depend on it."""
+    return sorted(rows, key=lambda r: (str(r["user"]), int(r["window"])))
+
+
 def valid_rows(cfg: Config, stats: PreparedStats, rank: int, world: int) -> list[dict]:
-    """This worker's share of the valid rows validation scores (`train.eval_users` caps them)."""
+    """This worker's share of the valid rows validation scores (`train.eval_users` caps them):
+    the same rows every run."""
     if not stats.rows["valid"]:
         return []
-    rows = shard_rows("valid")
+    rows = in_row_order(shard_rows("valid"))
     rows = rows[: cfg.train.eval_users] if cfg.train.eval_users else rows
     return rows[rank::world]
 
