@@ -222,16 +222,15 @@ def _load_stored(path: Path, key: str, rows: Sequence[dict]) -> CachedStates | N
     a file that is there but unreadable or not what its name says)."""
     if not path.is_file():
         return None
+    c = len(rows[0]["candidate_ratings"]) if rows else 0
     try:
         saved = torch.load(path, weights_only=True)
-        c = len(rows[0]["candidate_ratings"]) if rows else 0
         ok = (saved["key"] == key and len(saved["candidates"]) == len(rows)
               and all(t.shape[0] == c for t in saved["candidates"])
               and (saved["history"] is None or len(saved["history"]) == len(saved["lines"]) == len(rows)))
+        why = "its content does not match its key"
     except Exception as e:  # a torn or foreign file: read the states again
         ok, why = False, f"{type(e).__name__}: {e}"
-    else:
-        why = "its content does not match its key"
     if not ok:
         log.warning("the stored frozen states %s are unusable (%s): reading them again", path, why)
         return None
