@@ -298,7 +298,7 @@ def test_read_states_stores_them_and_reads_them_back_only_for_the_same_weights_a
     read(records, deeper)
     assert len(list(tmp_path.glob("*.pt"))) == 4 and not any(s.startswith("read the") for s in said)
 
-    stored = frozen.states_key(model, scorer_of(model, tok), records, tok.tokenizer.pad_token_id, 8)
+    stored = frozen.states_key(model, scorer_of(model, tok), records, tok.tokenizer.pad_token_id, frozen.READ_BATCH)
     (tmp_path / f"{stored}.pt").write_bytes(b"torn")
     with caplog.at_level("WARNING", logger="alro_ray"):
         torn = read(records)

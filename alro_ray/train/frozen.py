@@ -35,6 +35,7 @@ from alro_ray.train.losses import LossTerms, score_rank_loss
 from alro_ray.train.validation import in_row_order
 
 log = logging.getLogger("alro_ray")
+READ_BATCH = 8  # prompts per forward when reading states (in the stored states' key: padding moves float sums)
 
 
 class _Reached(Exception):
@@ -124,7 +125,7 @@ class CachedStates:
 
     @classmethod
     @torch.no_grad()
-    def extract(cls, model, scorer, rows: Sequence[dict], pad_id: int, batch_size: int = 8,
+    def extract(cls, model, scorer, rows: Sequence[dict], pad_id: int, batch_size: int = READ_BATCH,
                 progress: Callable[[int, int], None] | None = None) -> "CachedStates":
         """One forward per `batch_size` prompts (the prompt only: positions before the response
         see nothing of it); states kept as float32 on the CPU."""
@@ -253,10 +254,10 @@ def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, s
     and states read now are saved there."""
     from alro_ray.model.score_head import scorer_of
 
-    scorer, batch_size = scorer_of(model, rank_tok), 8
+    scorer = scorer_of(model, rank_tok)
     path = key = None
     if store is not None:
-        key = states_key(model, scorer, rows, pad_id, batch_size)
+        key = states_key(model, scorer, rows, pad_id, READ_BATCH)
         path = Path(store) / f"{key}.pt"
         states = _load_stored(path, key, rows)
         if states is not None:
@@ -271,7 +272,7 @@ def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, s
             last[0] = now
             say(f"caching the {split} states: {done}/{total} prompts read by the frozen model on rank 0 "
                 f"({now - t0:.0f} s)")
-    states = CachedStates.extract(model, scorer, rows, pad_id, batch_size, progress=progress)
+    states = CachedStates.extract(model, scorer, rows, pad_id, READ_BATCH, progress=progress)
     if path is not None:
         _store(path, key, states)
     return states
