@@ -14,14 +14,18 @@ noisy):
   cached_step    a head step on cached states (forward and backward of the head alone)
 
 and, from those, the cost of E epochs per sample: recompute E x recompute against
-read_to_layer + E x cached_step.
+read_to_layer + E x cached_step. Last, reading all the samples' states as a training worker does
+(`frozen.read_states`) with nothing stored against reading them back from the store that first
+read wrote (train.reuse_frozen_states: the key over the weights and prompts, then the file).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +108,24 @@ def main() -> None:
     for e in EPOCHS:
         a, b = e * best["recompute"], best["read_to_layer"] + e * best["cached_step"]
         print(f"| {e} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+
+    store = Path(tempfile.mkdtemp(prefix="frozen-states-"))
+    read = {"read_states": float("inf"), "read_back": float("inf")}
+    for _ in range(args.repeats):
+        for name in read:
+            if name == "read_states":
+                shutil.rmtree(store, ignore_errors=True)
+            t0 = time.perf_counter()
+            frozen.read_states(model, tok, records, pad, 0, lambda _: None, "train", store)
+            read[name] = min(read[name], time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    frozen.states_key(model, scorer, records, pad, frozen.READ_BATCH)
+    key_s = time.perf_counter() - t0
+    shutil.rmtree(store, ignore_errors=True)
+    print(f"\n| reading {len(records)} samples' states | s | ratio to read_states |\n| --- | --- | --- |")
+    for name, s in read.items():
+        print(f"| {name} | {s:.3f} | {s / read['read_states']:.4f} |")
+    print(f"(of which the key: {key_s:.3f} s, most of it hashing the weights once)")
 
 
 if __name__ == "__main__":
