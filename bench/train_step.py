@@ -19,7 +19,8 @@ best round counts. Variants (keys of the JSON):
                    its compile time (the warm-up step) is reported apart
 
 Collation (`train.objective.collate`, run in Ray Data's prefetch thread by the trainer) is timed
-apart from the steps and reported per micro-batch.
+apart from the steps and reported per micro-batch, and so is the weight average's update over the
+sft variant's LoRA weights (`train.ema_decay`, train/averaging.py), once per optimizer step.
 
 --quick times sft, sft_lambda, alro, sft_top4 and score only, 3 rounds (under 5 minutes on 2 cores).
 The device's matrix-multiply rate (fp32 on CPU, bf16 on CUDA, where the model runs in bf16 as
@@ -53,6 +54,7 @@ from alro_ray.data.samples import user_samples  # noqa: E402
 from alro_ray.data.synthetic import generate  # noqa: E402
 from alro_ray.model.loading import add_lora, load_base_model  # noqa: E402
 from alro_ray.model.score_head import attach_head, scorer_of  # noqa: E402
+from alro_ray.train.averaging import WeightAverage  # noqa: E402
 from alro_ray.train.objective import collate, compute_losses  # noqa: E402
 
 QUICK = ("sft", "sft_lambda", "alro", "sft_top4", "score")
@@ -188,6 +190,16 @@ def main() -> None:
             sync(args.device)
             best[name] = min(best[name], time.perf_counter() - t0)
 
+    trained = [p for p in full.parameters() if p.requires_grad]
+    average, ema_s = WeightAverage(trained, 0.99), []
+    for _ in range(20):
+        sync(args.device)
+        t0 = time.perf_counter()
+        average.update()
+        sync(args.device)
+        ema_s.append(time.perf_counter() - t0)
+    ema_ms = 1000 * sorted(ema_s)[len(ema_s) // 2]
+
     sft_s = best["sft"] / n
     tokens = sum(len(x) for x in rows["input_ids"])
     figures = {}
@@ -209,7 +221,8 @@ def main() -> None:
             f"{prompt_tokens:.0f} tokens per sample, micro-batch {args.micro_batch}, {args.device} ({device_name}, "
             f"{torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')} matmul peak {peak:.0f} GFLOP/s")
     collate_ms = 1000 * sorted(collate_s)[len(collate_s) // 2]
-    head += f"; collate {collate_ms:.2f} ms per micro-batch (median)"
+    head += (f"; collate {collate_ms:.2f} ms per micro-batch, weight average {ema_ms:.2f} ms per optimizer step over "
+             f"{sum(p.numel() for p in trained) / 1e6:.1f}M LoRA weights (medians)")
     if "sft_compiled" in figures:
         head += f"; compiling took {warmup['sft_compiled']:.0f} s"
     print(head)
@@ -222,6 +235,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "setting": head, "device": args.device, "micro_batch": args.micro_batch,
             "prompt_tokens": prompt_tokens, "matmul_peak_gflops": peak, "collate_ms": collate_ms,
+            "ema_update_ms": ema_ms,
             "variants": figures}, indent=2))
 
 

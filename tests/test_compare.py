@@ -61,3 +61,32 @@ def test_table_rows_follow_the_ladder_whatever_order_they_came_in():
     assert table_order(came, ("random", "mf")) == [
         "random", "mf", "llm-zero-shot-generate", "llm-score", "fused-score-mf", "llm-sft-generate",
         "llm-sft-bootstrap@3", "llm-wo-sll-generate", "fused-wo-sll-generate-mf", "llm-alro-generate"]
+
+
+def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_rows(tmp_path, capsys):
+    """No ladder and no variant: the table holds the baselines and an earlier run's rows (here a
+    planted row that ranks every test list by its true ratings), on those rows' lists."""
+    import pandas as pd
+
+    from alro_ray.config import load_config
+    from alro_ray.data.dataset import read_split
+    from alro_ray.data.prepare import prepare
+
+    data, earlier, out = tmp_path / "data", tmp_path / "earlier", tmp_path / "out"
+    prepare(load_config("configs/tiny.yaml", ["data.synthetic.users=30", "data.permutations=0"]), data)
+    test = read_split(data, "test").to_dict("records")
+    earlier.mkdir()
+    ideal = [sorted(zip(r["candidate_ratings"], r["candidate_ids"]), key=lambda x: -x[0]) for r in test]
+    pd.DataFrame({"method": "llm-planted", "user": [r["user"] for r in test],
+                  "ranking": [[i for _, i in pairs] for pairs in ideal],
+                  "ratings": [[float(x) for x, _ in pairs] for pairs in ideal]}).to_parquet(earlier / "predictions.parquet")
+    (earlier / "details.json").write_text(json.dumps({"methods": {"llm-planted": {"train_samples": 7}}}))
+    rc = main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(out), "--ladder", "", "--bootstrap", "",
+               "--baselines", "random,item-mean", "--merge", str(earlier), f"data.prepared={data}"])
+    assert rc == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert list(rows) == ["random", "item-mean", "llm-planted"]
+    assert rows["llm-planted"]["ndcg@10"] == pytest.approx(1.0) and rows["random"]["ndcg@10"] < 1.0
+    assert json.loads((out / "details.json").read_text())["methods"]["llm-planted"]["train_samples"] == 7
+    assert "| llm-planted |" in capsys.readouterr().out  # the table is printed
+    assert read_predictions(out / "predictions.parquet").groupby("method")["user"].nunique().eq(len(test)).all()

@@ -42,6 +42,7 @@ def test_paper_gpu_config_is_the_papers_setting():
     (["nokey"], "must look like section.key=value"),
     (["model.lora.layers=0"], "model.lora.layers must be >= 1"),
     (["data.hint_folds=0"], "data.windows_per_user, data.tokenize_actors and data.hint_folds must be >= 1"),
+    (["train.ema_decay=1"], "train.ema_decay must be in .* got 1"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

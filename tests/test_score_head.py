@@ -487,6 +487,42 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     assert max(valid) == pytest.approx(ndcg, abs=1e-6)
 
 
+def test_weight_average_is_validated_and_saved_and_a_resume_carries_it_on(ray_local, tmp_path):
+    """train.ema_decay on the frozen-LM path: each epoch's ranker holds the weight average
+    (train/averaging.py), DeepSpeed's state the trained weights (a resume steps on from them); the
+    epoch's validation figure is that ranker's (ranking the valid split with the saved head gives
+    it); a rerun with one more epoch resumes the average from the checkpoint's file."""
+    import pyarrow.parquet as pq
+
+    from alro_ray.rank.evaluation import prompt_ids
+    from alro_ray.train.averaging import AVERAGE_FILE
+    from alro_ray.train.checkpoints import DS_TAG
+    from alro_ray.train.trainer import run_training
+
+    settings = ("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
+                "train.grad_accum=1", "train.lr=0.01", "train.ema_decay=0.9")
+    cfg = _cfg(*settings, "train.epochs=1")
+    outcome = run_training(cfg, tmp_path)
+    run_dir = tmp_path / "ray" / cfg.train.run_name
+    first = torch.load(run_dir / "epoch_001" / AVERAGE_FILE, weights_only=True)
+    assert first["decay"] == 0.9 and first["steps"] > 1
+    averaged = [s / (1 - 0.9 ** first["steps"]) for s in first["shadow"]]
+    trained = torch.load(run_dir / "epoch_001" / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    saved = load_file(outcome.final_dir / "head.safetensors")
+    for name, tensor in saved.items():
+        [raw] = [v for k, v in trained.items() if k.endswith(name)]
+        assert any(a.shape == tensor.shape and torch.allclose(a, tensor) for a in averaged), name
+        if name != "net.bias":  # rank losses are blind to a shift of every score: it barely moves
+            assert not torch.allclose(raw.float(), tensor, atol=1e-4), name  # the trained weights differ
+    rows = pq.read_table(outcome.data_dir / "valid").to_pylist()
+    orders, _ = load_ranker(outcome.final_dir).rank([prompt_ids(r) for r in rows], "score")
+    ndcg = sum(ndcg_at_k([r["candidate_ratings"][j] for j in o], 10) for r, o in zip(rows, orders)) / len(rows)
+    assert outcome.history[0]["valid_ndcg@10"] == pytest.approx(ndcg, abs=1e-6)
+    again = run_training(_cfg(*settings, "train.epochs=2"), tmp_path)
+    assert [h["resumed"] for h in again.history] == [False, True]
+    assert torch.load(run_dir / "epoch_002" / AVERAGE_FILE, weights_only=True)["steps"] == 2 * first["steps"]
+
+
 @pytest.mark.slow
 def test_frozen_lm_cached_states_train_the_head_as_recomputing_them_does(ray_local, tmp_path):
     """model.freeze_lm: the head fitted on states cached once per worker (train/frozen.py) ends as

@@ -106,6 +106,8 @@ def test_best_yaml_trains(study, tmp_path):
     (["tune.search_space.alpha.low=2"], "tune.search_space.alpha: empty or inverted range"),
     (["tune.search_space.gamma.low=8.0"], "tune.search_space.gamma: empty or inverted range"),
     (["tune.search_space.delta={low: 0.1, high: 1.0}"], "tune.search_space.delta: not a tunable parameter"),
+    (["tune.search_space.ema_decay={low: 0.9, high: 1.0}"],
+     "tune.search_space.ema_decay: the range [0.9, 1.0] reaches a value the config refuses (train.ema_decay"),
     (["--num-samples", "0"], "tune.num_samples"),
     (["--max-concurrent", "0"], "tune.max_concurrent"),
     (["tune.metric=train_loss"], "tune.metric"),

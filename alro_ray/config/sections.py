@@ -135,6 +135,9 @@ class TrainConfig:
     # The final ranker: the last epoch's, or the epoch with the best valid NDCG@10 (ties: the
     # earliest); a head fitted for tens of epochs on a few hundred lists overfits (docs/method.md).
     keep: Literal["last", "best"] = "last"
+    # > 0: validation and every saved ranker use an exponential moving average of the trained
+    # weights with this decay per optimizer step (train/averaging.py); 0: the weights themselves.
+    ema_decay: float = 0.0
     max_failures: int = 1
     output_dir: str = "runs"
     run_name: str = "default"
@@ -148,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.run_name in ("", ".", "..") or "/" in self.run_name:
@@ -163,7 +168,7 @@ class SearchRange:
 
 # Tunable names -> the config key each one sets.
 TUNABLE = {"alpha": "loss.alpha", "beta": "loss.beta", "gamma": "loss.gamma", "sigma": "loss.sigma",
-           "lr": "train.lr"}
+           "lr": "train.lr", "ema_decay": "train.ema_decay"}
 
 
 def _default_space() -> dict[str, SearchRange]:

@@ -94,7 +94,8 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     chosen on the valid split). Writes OUTPUT/compare.json, predictions.parquet, details.json and
     compare.md (rank/results.py) after every row; returns the table. merge: earlier compare output
     directories on the same test lists whose rows join the table (this run's rows win a name
-    clash; the lists are checked to be the same)."""
+    clash; the lists are checked to be the same). With nothing to rank (no ladder, no variants)
+    the table holds the baselines and the merged rows: a way to put earlier runs' rows together."""
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.train.trainer import resolve_data, run_training
 
@@ -119,17 +120,21 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
 
     def evaluate(name: str, checkpoint: Path, modes: list[str], data_dir: Path = data, shots: int = 0,
                  train: dict | None = None) -> None:
-        nonlocal table
         where = out / "eval" / slug(name)
         m = run_evaluation(checkpoint, where, data_dir=data_dir, modes=modes, baselines=[], limit=limit,
                            actors=actors, few_shot=shots, fuse=fuse, fusion=fusion)
         predictions = pd.read_parquet(where / "predictions.parquet")
         results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
-        if baselines and baselines[0] not in results:  # on the lists the first ranker was scored on
-            results.update(baseline_results(data, baselines, users=set(predictions["user"])))
+        tabulate(set(predictions["user"]), limit)
+
+    def tabulate(users: set | None, first: int | None) -> None:
+        """Write the table so far; the baselines are fitted once, on `users` (the first ranked lists)."""
+        nonlocal table
+        if baselines and baselines[0] not in results:
+            results.update(baseline_results(data, baselines, users=users))
         rows = {**results, **{k: v for k, v in merged.items() if k not in results}}
         ordered = {name: rows[name] for name in table_order(list(rows), baselines)}
-        header = _header(cfg, mode, limit) + (f" Rows merged from {', '.join(map(str, merge))} (their settings: "
+        header = _header(cfg, mode, first) + (f" Rows merged from {', '.join(map(str, merge))} (their settings: "
                                               f"details.json, config-*.yaml)." if merge else "")
         table = write_results(out, ordered, header)
 
@@ -156,6 +161,8 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     for name in (n for n in ladder if n in WEIGHTS):
         final, cost = train(name, variant(cfg, name, data))
         evaluate(name, final, [mode, *([f"bootstrap@{p}" for p in bootstrap] if name == "SFT" else [])], train=cost)
+    if not table:  # nothing was ranked: the baselines on the merged rows' lists (or every test list)
+        tabulate(set(next(iter(merged.values())).rankings) if merged else None, None)
     tracking.log_compare(run, table, out)
     return table
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from alro_ray.config import Config
 from alro_ray.data.dataset import PreparedStats
 from alro_ray.errors import AlroError
+from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
 from alro_ray.train.guard import check_weights
 
 DS_TAG = "ds"
@@ -65,7 +66,9 @@ def resume_dir(checkpoint, run_dir: Path, world: int):
 
 
 def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_dir: str, history: list[dict],
-                    epoch: int, rank: int, metrics: dict) -> None:
+                    epoch: int, rank: int, metrics: dict, average: WeightAverage) -> None:
+    """DeepSpeed's state holds the trained weights (a resume steps on from them), the ranker the
+    weight average's (`train.ema_decay`; the weights themselves at 0)."""
     # Worker-only: runs inside a Ray Train worker (the driver imports this module for resume checks).
     import ray.train
     from ray.train import Checkpoint
@@ -77,7 +80,10 @@ def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_d
         # Every rank saves its optimizer shard; frozen base weights are not saved (LoRA only).
         engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
         if rank == 0:
-            save_ranker(Path(tmp) / "ranker", engine.module, tokenizer, cfg, stats, data_dir, history)
+            with average.applied():
+                save_ranker(Path(tmp) / "ranker", engine.module, tokenizer, cfg, stats, data_dir, history)
+            if average.active:
+                average.save(Path(tmp) / AVERAGE_FILE)
             (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"epoch_{epoch + 1:03d}")

@@ -230,6 +230,7 @@ def train_loop(loop_config: dict) -> None:
     from alro_ray.data.tokenize import RankTokenizer
     from alro_ray.model.loading import add_lora, cache_root, load_base_model, load_tokenizer
     from alro_ray.model.score_head import attach_head
+    from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
     from alro_ray.train.frozen import read_states, train_share, uses_cached_states
     from alro_ray.train.validation import shard_rows, valid_rows, validate
 
@@ -270,6 +271,7 @@ def train_loop(loop_config: dict) -> None:
     scheduler = make_scheduler(optimizer, total_steps, t.warmup_ratio, t.schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, bf16))
+    average = WeightAverage(params, t.ema_decay)  # inert at train.ema_decay 0
 
     start_epoch, history, resumed = 0, [], False
     with resume_dir(ray.train.get_checkpoint(), Path(loop_config["output_dir"]) / "ray" / t.run_name,
@@ -280,6 +282,8 @@ def train_loop(loop_config: dict) -> None:
             start_epoch, history, resumed = state["epoch"] + 1, state["history"], True
             if rank == 0:
                 say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
+            if average.active and not average.load(d / AVERAGE_FILE) and rank == 0:
+                say(f"the checkpoint has no weight average with decay {t.ema_decay}: averaging from here")
 
     checks = guard.NonFiniteGuard(t.max_nonfinite_steps, sum(h.get("nonfinite_steps", 0) for h in history))
     # DeepSpeed skips non-finite gradient norms itself under ZeRO and bf16, not in plain fp32.
@@ -294,15 +298,16 @@ def train_loop(loop_config: dict) -> None:
     try:
         for epoch in range(start_epoch, t.epochs):
             metrics = train_epoch(engine, params, checks, own_grad_check, cfg, epoch, micro_steps, rank, world,
-                                  rank_tok, identifier_ids, tokenizer.pad_token_id, cached)
+                                  rank_tok, identifier_ids, tokenizer.pad_token_id, cached, average)
             metrics.update(resumed=resumed and epoch == start_epoch, lr=scheduler.get_last_lr()[0])
-            metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world,
-                                    cached["valid"] if cached else None))
+            with average.applied():  # validate what the checkpoint's ranker will hold
+                metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world,
+                                        cached["valid"] if cached else None))
             history.append(metrics)
             if rank == 0:
                 say(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                      if isinstance(v, float)) + f", nonfinite_steps {checks.epoch_count}")
-            save_and_report(engine, tokenizer, cfg, stats, loop_config["data_dir"], history, epoch, rank, metrics)
+            save_and_report(engine, tokenizer, cfg, stats, loop_config["data_dir"], history, epoch, rank, metrics, average)
     except NonFiniteError as e:
         if rank == 0:
             guard.write_failure(loop_config["output_dir"], str(e))
@@ -313,9 +318,10 @@ def train_loop(loop_config: dict) -> None:
 
 
 def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch: int, micro_steps: int,
-                rank: int, world: int, rank_tok, identifier_ids, pad_id: int, cached: dict | None = None) -> dict:
+                rank: int, world: int, rank_tok, identifier_ids, pad_id: int, cached: dict | None, average) -> dict:
     """One pass over this worker's shard (or over its frozen LM's cached states, `cached`:
-    train/frozen.py); skips non-finite updates on every worker alike (guard.py)."""
+    train/frozen.py); skips non-finite updates on every worker alike (guard.py); `average`
+    (train/averaging.py) takes in every applied step."""
     import ray.train
 
     from alro_ray.model.score_head import head_of, scorer_of
@@ -372,6 +378,8 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
                 checks.skipped("gradient norm", *where, guard.gather_users(window))
                 if rank == 0:
                     say(f"skipped: {checks.last}")
+            else:
+                average.update()
             window = []
         for key, value in (("loss", terms.total), ("sft", terms.sft), ("rank", terms.rank), ("perm", terms.perm)):
             sums[key] += float(value.detach())

@@ -23,6 +23,13 @@ def check_tune_config(cfg: Config) -> None:
         raise ConfigError(f"tune.metric must be one of {list(NDCG_KEYS)} (maximised), got {cfg.tune.metric!r}")
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: name at least one of " + ", ".join(TUNABLE))
+    for name, r in cfg.tune.search_space.items():  # an end the config refuses would fail trials, not the study
+        for end in (r.low, r.high):
+            try:
+                trial_config(cfg, {name: end})
+            except ConfigError as e:
+                raise ConfigError(f"tune.search_space.{name}: the range [{r.low}, {r.high}] reaches a value the "
+                                  f"config refuses ({e})") from None
 
 
 def search_space(cfg: Config) -> dict:
