@@ -449,17 +449,21 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     """model.freeze_lm through Ray Train: the workers read the frozen LM's states once, the head
     steps on them each epoch, and the validation on cached states equals ranking the valid split
     with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
-    the best validation (ties: the earliest). A second run of the same config repeats the first
-    exactly (each worker's rows are a fixed share, not Ray Data's split), reading the states the
-    first stored back from the model cache (train.reuse_frozen_states)."""
+    the best validation (ties: the earliest). With train.ema_decay each epoch's ranker holds the
+    weight average (train/averaging.py; its shadow in average.pt) and DeepSpeed's state the trained
+    weights, and the validation figure is the average's. A second run of the same config repeats
+    the first exactly (each worker's rows are a fixed share, not Ray Data's split), reading the
+    states the first stored back from the model cache (train.reuse_frozen_states)."""
     import pyarrow.parquet as pq
 
     from alro_ray.model.loading import cache_root
     from alro_ray.rank.evaluation import prompt_ids
+    from alro_ray.train.averaging import AVERAGE_FILE
+    from alro_ray.train.checkpoints import DS_TAG
     from alro_ray.train.trainer import run_training
 
     cfg = _cfg("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
-               "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best")
+               "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best", "train.ema_decay=0.9")
     outcome = run_training(cfg, tmp_path)
     store = cache_root(cfg.model.cache_dir) / "frozen-states"
     stored = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.glob("*.pt")}
@@ -471,9 +475,18 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     repeated = load_file(again.final_dir / "head.safetensors")
     assert [h["epoch"] for h in outcome.history] == [1, 2]
     assert all(h["train_rank"] > 0 and h["train_sft"] == 0 and h["tokens_per_s"] == 0 for h in outcome.history)
-    heads = [load_file(tmp_path / "ray" / cfg.train.run_name / f"epoch_00{e}" / "ranker" / "head.safetensors")
-             for e in (1, 2)]
+    epochs = [tmp_path / "ray" / cfg.train.run_name / f"epoch_00{e}" for e in (1, 2)]
+    heads = [load_file(d / "ranker" / "head.safetensors") for d in epochs]
     assert not torch.allclose(heads[0]["match_user.weight"], heads[1]["match_user.weight"])
+    averages = [torch.load(d / AVERAGE_FILE, weights_only=True) for d in epochs]
+    assert averages[0]["steps"] > 1 and averages[1]["steps"] == 2 * averages[0]["steps"]
+    trained = torch.load(epochs[1] / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    averaged = [s / (1 - 0.9 ** averages[1]["steps"]) for s in averages[1]["shadow"]]
+    for name, tensor in heads[1].items():
+        assert any(a.shape == tensor.shape and torch.allclose(a, tensor) for a in averaged), name
+        [raw] = [v for k, v in trained.items() if k.endswith(name)]
+        if name != "net.bias":  # rank losses are blind to a shift of every score: it barely moves
+            assert not torch.allclose(raw.float(), tensor, atol=1e-4), name  # the trained weights differ
     valid = [h["valid_ndcg@10"] for h in outcome.history]
     best = valid.index(max(valid))
     final = load_file(outcome.final_dir / "head.safetensors")
@@ -485,42 +498,6 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     orders, _ = ranker.rank([prompt_ids(r) for r in rows], "score")
     ndcg = sum(ndcg_at_k([r["candidate_ratings"][j] for j in o], 10) for r, o in zip(rows, orders)) / len(rows)
     assert max(valid) == pytest.approx(ndcg, abs=1e-6)
-
-
-def test_weight_average_is_validated_and_saved_and_a_resume_carries_it_on(ray_local, tmp_path):
-    """train.ema_decay on the frozen-LM path: each epoch's ranker holds the weight average
-    (train/averaging.py), DeepSpeed's state the trained weights (a resume steps on from them); the
-    epoch's validation figure is that ranker's (ranking the valid split with the saved head gives
-    it); a rerun with one more epoch resumes the average from the checkpoint's file."""
-    import pyarrow.parquet as pq
-
-    from alro_ray.rank.evaluation import prompt_ids
-    from alro_ray.train.averaging import AVERAGE_FILE
-    from alro_ray.train.checkpoints import DS_TAG
-    from alro_ray.train.trainer import run_training
-
-    settings = ("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
-                "train.grad_accum=1", "train.lr=0.01", "train.ema_decay=0.9")
-    cfg = _cfg(*settings, "train.epochs=1")
-    outcome = run_training(cfg, tmp_path)
-    run_dir = tmp_path / "ray" / cfg.train.run_name
-    first = torch.load(run_dir / "epoch_001" / AVERAGE_FILE, weights_only=True)
-    assert first["decay"] == 0.9 and first["steps"] > 1
-    averaged = [s / (1 - 0.9 ** first["steps"]) for s in first["shadow"]]
-    trained = torch.load(run_dir / "epoch_001" / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    saved = load_file(outcome.final_dir / "head.safetensors")
-    for name, tensor in saved.items():
-        [raw] = [v for k, v in trained.items() if k.endswith(name)]
-        assert any(a.shape == tensor.shape and torch.allclose(a, tensor) for a in averaged), name
-        if name != "net.bias":  # rank losses are blind to a shift of every score: it barely moves
-            assert not torch.allclose(raw.float(), tensor, atol=1e-4), name  # the trained weights differ
-    rows = pq.read_table(outcome.data_dir / "valid").to_pylist()
-    orders, _ = load_ranker(outcome.final_dir).rank([prompt_ids(r) for r in rows], "score")
-    ndcg = sum(ndcg_at_k([r["candidate_ratings"][j] for j in o], 10) for r, o in zip(rows, orders)) / len(rows)
-    assert outcome.history[0]["valid_ndcg@10"] == pytest.approx(ndcg, abs=1e-6)
-    again = run_training(_cfg(*settings, "train.epochs=2"), tmp_path)
-    assert [h["resumed"] for h in again.history] == [False, True]
-    assert torch.load(run_dir / "epoch_002" / AVERAGE_FILE, weights_only=True)["steps"] == 2 * first["steps"]
 
 
 @pytest.mark.slow

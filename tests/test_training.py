@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import torch
 from safetensors.torch import load_file
 
 from alro_ray.model.checkpoint import load_ranker
@@ -19,6 +20,7 @@ from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.data.dataset import read_split
+from alro_ray.train.averaging import AVERAGE_FILE
 from alro_ray.train.trainer import run_training
 
 
@@ -29,7 +31,7 @@ def _cfg(*overrides):
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return run_training(_cfg(), out), out
+    return run_training(_cfg("train.ema_decay=0.5"), out), out  # a weight average on the LoRA path (resume below)
 
 
 def test_two_workers_train_log_every_term_and_change_lora(trained):
@@ -56,11 +58,16 @@ def test_checkpoint_loads_back_and_ranks(trained):
 
 
 def test_rerun_resumes_from_the_last_checkpoint(trained):
+    """...the weight average too: its step count goes on from the checkpoint's (3 steps an epoch)."""
     outcome, out = trained
-    again = run_training(_cfg("train.epochs=3"), out)
+    steps = [torch.load(out / "ray" / "tiny" / f"epoch_00{e}" / AVERAGE_FILE, weights_only=True)["steps"]
+             for e in (1, 2)]
+    again = run_training(_cfg("train.epochs=3", "train.ema_decay=0.5"), out)
     assert [h["epoch"] for h in again.history] == [1, 2, 3]
     assert again.history[:2] == outcome.history
     assert again.history[2]["resumed"] is True
+    resumed = torch.load(out / "ray" / "tiny" / "epoch_003" / AVERAGE_FILE, weights_only=True)["steps"]
+    assert steps == [3, 6] and resumed == 9
 
 
 def test_resuming_with_another_worker_count_is_refused(trained):

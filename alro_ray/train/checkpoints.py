@@ -1,5 +1,5 @@
-"""Ray Train checkpoints of a training run: finding the one to resume from, saving one, and
-setting an earlier run's final ranker aside when a run fails.
+"""Ray Train checkpoints of a training run: finding and loading the one to resume from, saving
+one, and setting an earlier run's final ranker aside when a run fails.
 
 Each epoch every worker saves its part of a DeepSpeed checkpoint (ZeRO-2 shards the optimizer
 state, one file per rank) and rank 0 adds the ranker (adapter, tokenizer, config) and
@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from alro_ray.config import Config
 from alro_ray.data.dataset import PreparedStats
@@ -63,6 +64,26 @@ def resume_dir(checkpoint, run_dir: Path, world: int):
     with checkpoint.as_directory() as d:
         registered = Path(d)
         yield on_disk if _epoch_of(on_disk) > _epoch_of(registered) else registered
+
+
+def resume(engine, average: WeightAverage, run_dir: Path, world: int,
+           say: Callable[[str], None] | None) -> tuple[int, list[dict]]:
+    """Load the checkpoint to resume from (`resume_dir`) into the DeepSpeed engine and the weight
+    average: (the epoch to start at, the history so far), or (0, []) when there is none. `say`:
+    where to report it (rank 0), or None."""
+    import ray.train
+
+    with resume_dir(ray.train.get_checkpoint(), run_dir, world) as d:
+        if d is None:
+            return 0, []
+        engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
+        state = json.loads((d / "state.json").read_text())
+        averaged = average.load(d / AVERAGE_FILE)
+    if say is not None:
+        say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
+        if average.active and not averaged:
+            say(f"the checkpoint has no weight average with decay {average.decay}: averaging from here")
+    return state["epoch"] + 1, state["history"]
 
 
 def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_dir: str, history: list[dict],

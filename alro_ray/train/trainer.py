@@ -32,7 +32,7 @@ from alro_ray.compat import check_training
 from alro_ray.data.dataset import read_stats
 from alro_ray.errors import AlroError, DataError, NonFiniteError
 from alro_ray.train import guard
-from alro_ray.train.checkpoints import DS_TAG, check_resume_world, resume_dir, save_and_report, set_aside_final
+from alro_ray.train.checkpoints import check_resume_world, resume, save_and_report, set_aside_final
 
 log = logging.getLogger("alro_ray")
 
@@ -230,7 +230,7 @@ def train_loop(loop_config: dict) -> None:
     from alro_ray.data.tokenize import RankTokenizer
     from alro_ray.model.loading import add_lora, cache_root, load_base_model, load_tokenizer
     from alro_ray.model.score_head import attach_head
-    from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
+    from alro_ray.train.averaging import WeightAverage
     from alro_ray.train.frozen import read_states, train_share, uses_cached_states
     from alro_ray.train.validation import shard_rows, valid_rows, validate
 
@@ -273,17 +273,9 @@ def train_loop(loop_config: dict) -> None:
                                            config=deepspeed_config(cfg, bf16))
     average = WeightAverage(params, t.ema_decay)  # inert at train.ema_decay 0
 
-    start_epoch, history, resumed = 0, [], False
-    with resume_dir(ray.train.get_checkpoint(), Path(loop_config["output_dir"]) / "ray" / t.run_name,
-                    world) as d:
-        if d is not None:
-            engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
-            state = json.loads((d / "state.json").read_text())
-            start_epoch, history, resumed = state["epoch"] + 1, state["history"], True
-            if rank == 0:
-                say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
-            if average.active and not average.load(d / AVERAGE_FILE) and rank == 0:
-                say(f"the checkpoint has no weight average with decay {t.ema_decay}: averaging from here")
+    start_epoch, history = resume(engine, average, Path(loop_config["output_dir"]) / "ray" / t.run_name, world,
+                                  say if rank == 0 else None)
+    resumed = start_epoch > 0
 
     checks = guard.NonFiniteGuard(t.max_nonfinite_steps, sum(h.get("nonfinite_steps", 0) for h in history))
     # DeepSpeed skips non-finite gradient norms itself under ZeRO and bf16, not in plain fp32.
