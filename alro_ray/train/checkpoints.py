@@ -13,13 +13,15 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from alro_ray.config import Config
 from alro_ray.data.dataset import PreparedStats
 from alro_ray.errors import AlroError
-from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
 from alro_ray.train.guard import check_weights
+
+if TYPE_CHECKING:  # the driver imports this module for resume checks: no torch there
+    from alro_ray.train.averaging import WeightAverage
 
 DS_TAG = "ds"
 
@@ -73,6 +75,8 @@ def resume(engine, average: WeightAverage, run_dir: Path, world: int,
     where to report it (rank 0), or None."""
     import ray.train
 
+    from alro_ray.train.averaging import AVERAGE_FILE
+
     with resume_dir(ray.train.get_checkpoint(), run_dir, world) as d:
         if d is None:
             return 0, []
@@ -95,6 +99,7 @@ def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_d
     from ray.train import Checkpoint
 
     from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.train.averaging import AVERAGE_FILE
 
     check_weights(engine.module, epoch + 1)  # never a checkpoint of NaN weights
     with tempfile.TemporaryDirectory(prefix="alro-ckpt-") as tmp:
