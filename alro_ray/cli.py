@@ -199,6 +199,18 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace, cfg: Config) -> int:
+    from alro_ray.model.cache import cache_table, clear_states
+    from alro_ray.model.loading import cache_root
+
+    root = cache_root(args.cache_dir)
+    if args.clear_states:
+        files, freed = clear_states(root, args.older_than)
+        print(f"deleted {files} stored frozen-states file(s), {freed / 1e6:.1f} MB")
+    print(cache_table(root))
+    return 0
+
+
 def _add_fusion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", default="", metavar="BASELINES",
                    help="comma-separated baselines (e.g. mf) to fuse each LLM mode with: adds rows "
@@ -276,6 +288,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-timeout-s", type=float, help="dynamic batching: longest wait for a batch")
     p.add_argument("--num-replicas", type=int)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cache", help="what the model cache holds; --clear-states frees the frozen LM's stored states")
+    p.add_argument("--cache-dir", help="the cache (default: $ALRO_CACHE, else ~/.cache/alro-ray)")
+    p.add_argument("--clear-states", action="store_true",
+                   help="delete the stored frozen-LM states (train.reuse_frozen_states; read again when needed)")
+    p.add_argument("--older-than", type=float, default=0.0, metavar="DAYS",
+                   help="with --clear-states: only those not written or read back for DAYS days")
+    p.set_defaults(func=cmd_cache)
 
     from alro_ray.train.tuning import add_tune_args, cmd_tune  # light: imports only yaml and config
 

@@ -3,6 +3,7 @@ score objective, learning on a planted batch, the checkpoint round trip, mode `s
 runs with a head (and with a frozen LM's cached states)."""
 
 import json
+import os
 import random
 
 import pytest
@@ -278,7 +279,9 @@ def test_read_states_stores_them_and_reads_them_back_only_for_the_same_weights_a
 
     first = read(records)
     assert said and not any("read the train states" in s for s in said) and len(list(tmp_path.glob("*.pt"))) == 1
+    os.utime(next(tmp_path.glob("*.pt")), (1e9, 1e9))
     again = read(records)
+    assert next(tmp_path.glob("*.pt")).stat().st_mtime > 1e9 + 1  # read back: its time is its last use (alro cache)
     assert said == [f"read the train states of 4 prompts back from {next(tmp_path.glob('*.pt'))} (rank 0)"]
     assert all(torch.equal(a, b) for a, b in zip(first.candidates, again.candidates))
     assert all(torch.equal(a, b) for a, b in zip(first.history, again.history))
@@ -305,6 +308,39 @@ def test_read_states_stores_them_and_reads_them_back_only_for_the_same_weights_a
     assert "unusable" in caplog.text and not any(s.startswith("read the") for s in said)
     assert all(torch.equal(a, b) for a, b in zip(first.candidates, torn.candidates))
     assert read(records) and said[0].startswith("read the train states")  # rewritten whole
+
+
+def test_a_second_reader_of_the_same_states_waits_for_the_first_ones_file(tok, tmp_path):
+    """Two Tune trials reading the same states at once: the one that finds the lock taken waits
+    and loads the other's file instead of running the LM over the prompts a second time."""
+    import fcntl
+    import shutil
+    import threading
+
+    from alro_ray.train import frozen
+
+    cfg = _cfg("loss.beta=0", "model.freeze_lm=true", "model.head.layer=-2")
+    model = _model(cfg).eval()
+    rows = _planted_rows(tok, 4, seed=5, history=3)
+    records = [dict(zip(rows, values), user=f"u{i}") for i, values in enumerate(zip(*rows.values()))]
+    pad = tok.tokenizer.pad_token_id
+    first = frozen.read_states(model, tok, records, pad, 0, lambda _: None, "train", tmp_path / "other")
+    (made,) = (tmp_path / "other").glob("*.pt")
+    store = tmp_path / "store"
+    store.mkdir()
+    said, got = [], []
+    with open(store / f"{made.stem}.lock", "w") as lock:  # the first reader, still at work
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: got.append(
+            frozen.read_states(model, tok, records, pad, 0, said.append, "train", store)))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and said == [f"waiting for another process reading the same train states into "
+                                              f"{store / made.name}"]
+        shutil.copy(made, store / made.name)  # ... which then writes its file
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and said[1].startswith("read the train states of 4 prompts back")
+    assert all(torch.equal(a, b) for a, b in zip(first.candidates, got[0].candidates))
 
 
 # ListNet's pull is weaker here (its target, softmax of the ratings, is flat over the non-Horror
@@ -431,20 +467,6 @@ def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path
     assert metrics["modes"]["score"]["lists"] > 0 and 0 < metrics["modes"]["score"]["ndcg@10"] <= 1
 
 
-def test_train_share_is_a_fixed_partition_of_the_rows():
-    """The cached-states path's shares: every row in exactly one share, sizes within one, and the
-    same shares whatever order the rows arrive in (Ray Data's streaming split fixes neither)."""
-    from alro_ray.train.frozen import train_share
-
-    rows = [{"user": str(u), "window": w, "n": 10 * u + w} for u in range(7) for w in range(2)]
-    shares = [train_share(rows, rank, 3) for rank in range(3)]
-    assert sorted(r["n"] for share in shares for r in share) == sorted(r["n"] for r in rows)
-    assert [len(s) for s in shares] == [5, 5, 4]
-    assert [r["n"] for r in shares[1]] == [1, 20, 31, 50, 61]  # every third by (user, window) from the second
-    shuffled = random.Random(0).sample(rows, len(rows))
-    assert all(train_share(shuffled, rank, 3) == shares[rank] for rank in range(3))
-
-
 def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     """model.freeze_lm through Ray Train: the workers read the frozen LM's states once, the head
     steps on them each epoch, and the validation on cached states equals ranking the valid split
@@ -466,10 +488,11 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
                "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best", "train.ema_decay=0.9")
     outcome = run_training(cfg, tmp_path)
     store = cache_root(cfg.model.cache_dir) / "frozen-states"
-    stored = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.glob("*.pt")}
+    stored = {f: f.stat().st_ino for f in store.glob("*.pt")}
     assert len(stored) >= 4  # train and valid states of each of the 2 workers
     again = run_training(cfg, tmp_path / "again")
-    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in store.glob("*.pt")} == stored  # read, not rewritten
+    # read, not rewritten (a rewrite renames a new file into place; a read back only touches its time)
+    assert {f: f.stat().st_ino for f in store.glob("*.pt")} == stored
     same = ("train_loss", "train_rank", "valid_ndcg@10")
     assert [[h[k] for k in same] for h in again.history] == [[h[k] for k in same] for h in outcome.history]
     repeated = load_file(again.final_dir / "head.safetensors")

@@ -129,12 +129,17 @@ def write_stats(stats: PreparedStats, data_dir: str | Path) -> None:
     (Path(data_dir) / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
 
 
-def read_split(data_dir: str | Path, split: str) -> pd.DataFrame:
-    """One split's rows (`ROW_SCHEMA`) as a DataFrame; empty with the schema if it has none."""
+def read_split_table(data_dir: str | Path, split: str) -> pa.Table:
+    """One split's rows (`ROW_SCHEMA`), its files in name order; empty with the schema if it has none."""
     files = sorted((Path(data_dir) / split).glob("*.parquet"))
     if not files:
-        return ROW_SCHEMA.empty_table().to_pandas()
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return ROW_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def read_split(data_dir: str | Path, split: str) -> pd.DataFrame:
+    """`read_split_table` as a DataFrame."""
+    return read_split_table(data_dir, split).to_pandas()
 
 
 def load_renderer(data_dir: str | Path) -> SampleRenderer:

@@ -2,8 +2,8 @@
 
 With the LM frozen its hidden states at the candidate and history lines are the same in every
 epoch, so with `train.cache_frozen_states` (and no permuted pass, loss.beta 0) each worker runs
-the LM once over its share of the train split (`train_share`: the same every run, so a seeded
-run repeats) and of the valid split, and every epoch then steps the head on those states: the
+the LM once over its share of the train split (shares.py, in (user, window) order: the same
+every run, so a seeded run repeats) and of the valid split, and every epoch then steps the head on those states: the
 losses, gradients and validation orders of recomputing them every step, for one forward per
 prompt in all instead of one per prompt per epoch (a head needs tens of epochs; docs/method.md,
 "A frozen LM"). The states are read as mode `score` reads them when ranking
@@ -13,6 +13,7 @@ layer.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +33,6 @@ from alro_ray.model.padding import left_pad, positions
 from alro_ray.model.score_head import HistoryLines, ScoreHead
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.train.losses import LossTerms, score_rank_loss
-from alro_ray.train.validation import in_row_order
 
 log = logging.getLogger("alro_ray")
 READ_BATCH = 8  # prompts per forward when reading states (in the stored states' key: padding moves float sums)
@@ -80,14 +80,6 @@ def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask:
 def uses_cached_states(cfg: Config) -> bool:
     """Whether training takes this path: only the head trains and nothing else needs the LM."""
     return cfg.model.freeze_lm and cfg.train.cache_frozen_states and cfg.loss.beta == 0
-
-
-def train_share(rows: Sequence[dict], rank: int, world: int) -> list[dict]:
-    """This worker's training rows on this path, from all of them: every `world`-th row by (user,
-    window), starting at `rank`. Ray Data's streaming split hands rows to workers in no fixed order
-    or assignment, so a split shard made the same seeded run differ from run to run; this share
-    is the same every time (the workers read every row, but the LM reads only its share)."""
-    return in_row_order(rows)[rank::world]
 
 
 @dataclass
@@ -235,6 +227,10 @@ def _load_stored(path: Path, key: str, rows: Sequence[dict]) -> CachedStates | N
     if not ok:
         log.warning("the stored frozen states %s are unusable (%s): reading them again", path, why)
         return None
+    try:  # the file's time is its last use: `alro cache --clear-states --older-than` keeps what is used
+        os.utime(path)
+    except OSError:  # a read-only cache
+        pass
     return CachedStates(rows, saved["candidates"], saved["history"], saved["lines"])
 
 
@@ -251,19 +247,43 @@ def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, s
     """`CachedStates.extract` with the head registered on `model`; rank 0 says how far it got.
     With `store` (train.reuse_frozen_states: a directory under the model cache), states read
     before from the same weights, layer and prompts (`states_key`) are loaded from there instead,
-    and states read now are saved there."""
+    and states read now are saved there. A process that finds another one reading the same states
+    (a concurrent Tune trial) waits for its file instead of reading them a second time."""
     from alro_ray.model.score_head import scorer_of
 
     scorer = scorer_of(model, rank_tok)
-    path = key = None
-    if store is not None:
-        key = states_key(model, scorer, rows, pad_id, READ_BATCH)
-        path = Path(store) / f"{key}.pt"
-        states = _load_stored(path, key, rows)
-        if states is not None:
-            if rank == 0:
-                say(f"read the {split} states of {len(rows)} prompts back from {path} (rank 0)")
-            return states
+    if store is None:
+        return _extract(model, scorer, rows, pad_id, rank, say, split, every_s)
+    key = states_key(model, scorer, rows, pad_id, READ_BATCH)
+    path = Path(store) / f"{key}.pt"
+    seen = _mtime(path)
+    states = _load_stored(path, key, rows)
+    if states is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if rank == 0:
+                    say(f"waiting for another process reading the same {split} states into {path}")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if _mtime(path) != seen:  # written while we waited
+                states = _load_stored(path, key, rows)
+            if states is None:
+                states = _extract(model, scorer, rows, pad_id, rank, say, split, every_s)
+                _store(path, key, states)
+                return states
+    if rank == 0:
+        say(f"read the {split} states of {len(rows)} prompts back from {path} (rank 0)")
+    return states
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _extract(model, scorer, rows: Sequence[dict], pad_id: int, rank: int, say: Callable[[str], None], split: str,
+             every_s: float) -> CachedStates:
     t0, last = time.time(), [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -272,7 +292,4 @@ def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, s
             last[0] = now
             say(f"caching the {split} states: {done}/{total} prompts read by the frozen model on rank 0 "
                 f"({now - t0:.0f} s)")
-    states = CachedStates.extract(model, scorer, rows, pad_id, READ_BATCH, progress=progress)
-    if path is not None:
-        _store(path, key, states)
-    return states
+    return CachedStates.extract(model, scorer, rows, pad_id, READ_BATCH, progress=progress)

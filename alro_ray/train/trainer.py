@@ -10,6 +10,7 @@ gradients skip their update on every worker; too many stop the run (guard.py). W
 
 Output directory layout:
   DIR/data/                       prepared data (when the config names a dataset)
+  DIR/shares/train_R.parquet      worker R's share of the train split (shares.py)
   DIR/ray/<run_name>/epoch_NNN/   Ray Train checkpoints (DeepSpeed state + ranker/)
   DIR/final/                      the final ranker (see checkpoint.py)
   DIR/history.json                per-epoch metrics
@@ -96,7 +97,7 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
 
     from alro_ray.cluster import ensure_ray, quiet_ray_data
     from alro_ray.model.loading import prepare_model_cache
-    from alro_ray.train.frozen import uses_cached_states
+    from alro_ray.train.shares import ordered_ingest, share_datasets
     from alro_ray.train.train_tracking import TrainTracking
 
     out = Path(output_dir or Path(cfg.train.output_dir) / cfg.train.run_name).resolve()
@@ -114,8 +115,10 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     quiet_ray_data(progress=False)
     # Read before the workers start, in tasks that reserve no CPU: Train workers (and, under Tune,
     # other trials' workers) may hold every CPU, and a 1-CPU read task would then wait forever.
-    datasets = {split: ray.data.read_parquet(str(data_dir / split), num_cpus=0).materialize()
-                for split in ("train", "valid") if stats.rows[split]}
+    # Each worker reads its own fixed share of train (shares.py) and all of valid.
+    datasets = share_datasets(data_dir, t.num_workers, out / "shares") if stats.rows["train"] else {}
+    if stats.rows["valid"]:
+        datasets["valid"] = ray.data.read_parquet(str(data_dir / "valid"), num_cpus=0).materialize()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": to_dict(cfg), "stats": stats, "data_dir": str(data_dir),
@@ -126,9 +129,9 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
             resources_per_worker={"GPU": t.gpus_per_worker, "CPU": t.cpus_per_worker} if t.use_gpu
             else {"CPU": t.cpus_per_worker},
         ),
-        # Only train is split: every worker reads all of valid and scores its own share of it. On
-        # the cached-states path each worker takes a fixed share of all train rows instead.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if uses_cached_states(cfg) else ["train"]),
+        # Nothing is split by Ray: every worker iterates its own train share and all of valid
+        # (scoring its own share of it), in the files' order (the seeded local shuffle aside).
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ordered_ingest()),
         datasets=datasets,
         run_config=ray.train.RunConfig(
             name=t.run_name,
@@ -231,8 +234,9 @@ def train_loop(loop_config: dict) -> None:
     from alro_ray.model.loading import add_lora, cache_root, load_base_model, load_tokenizer
     from alro_ray.model.score_head import attach_head
     from alro_ray.train.averaging import WeightAverage
-    from alro_ray.train.frozen import read_states, train_share, uses_cached_states
-    from alro_ray.train.validation import shard_rows, valid_rows, validate
+    from alro_ray.train.frozen import read_states, uses_cached_states
+    from alro_ray.train.shares import share_name
+    from alro_ray.train.validation import in_row_order, shard_rows, valid_rows, validate
 
     quiet_ray_data(progress=False)
     stopped = guard.read_failure(loop_config["output_dir"])
@@ -282,7 +286,7 @@ def train_loop(loop_config: dict) -> None:
     own_grad_check = t.zero_stage == 0 and not bf16
     cached = None
     if uses_cached_states(cfg) and start_epoch < t.epochs:  # the frozen LM's states, read once (train/frozen.py)
-        splits = (("train", train_share(shard_rows("train"), rank, world)),
+        splits = (("train", in_row_order(shard_rows(share_name(rank)))),
                   ("valid", valid_rows(cfg, stats, rank, world)))
         store = cache_root(cfg.model.cache_dir) / "frozen-states" if t.reuse_frozen_states else None
         cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split, store)
@@ -320,6 +324,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
     from alro_ray.train import frozen
     from alro_ray.train.batching import MicroBatchCollate
     from alro_ray.train.objective import compute_losses, step_loss
+    from alro_ray.train.shares import share_name
 
     t = cfg.train
     engine.train()
@@ -334,7 +339,7 @@ def train_epoch(engine, params, checks, own_grad_check: bool, cfg: Config, epoch
         # to tensors by Ray Data's prefetch thread (train/batching.py) while the previous step runs.
         collate_fn = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,
                                        perm_index=epoch if cfg.loss.beta > 0 else None)
-        blocks = ray.train.get_dataset_shard("train").iter_torch_batches(
+        blocks = ray.train.get_dataset_shard(share_name(rank)).iter_torch_batches(
             batch_size=t.micro_batch * t.bucket, collate_fn=collate_fn, prefetch_batches=2,
             local_shuffle_buffer_size=256, local_shuffle_seed=t.seed + epoch)
         batches = (b for block in blocks for b in block)
