@@ -173,11 +173,14 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     bootstrap = [p.strip() for p in args.bootstrap.split(",") if p.strip()]
     if not all(p.isdigit() and int(p) >= 2 for p in bootstrap):
         raise ConfigError(f"--bootstrap {args.bootstrap!r}: expected comma-separated integers >= 2, or ''")
+    seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
+    if not all(x.isdigit() for x in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {args.seeds!r}: expected distinct comma-separated integers >= 0, or ''")
     run_compare(cfg, args.output_dir, ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
                 baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
                 bootstrap=[int(p) for p in bootstrap], limit=args.limit,
                 actors=args.actors, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
-                variants=variants, merge=args.merge or [])
+                variants=variants, merge=args.merge or [], seeds=[int(x) for x in seeds])
     print((Path(args.output_dir) / "compare.md").read_text())
     if args.results:  # the files docs/results/<dataset>/ keeps (not the runs and evaluations)
         dest = Path(args.results)
@@ -274,6 +277,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="append", metavar="DIR",
                    help="add the rows of an earlier compare output (or results) DIR on the same test lists "
                         "(repeatable; this run's rows win a name clash)")
+    p.add_argument("--seeds", default="", metavar="S0,S1,...",
+                   help="train every trained row once per train.seed: the first seed's rows keep their names, "
+                        "the others' get -seed<s>; the table adds each recipe's mean over its seeds")
     p.add_argument("--results", metavar="DIR", help="copy the configs, compare.json/md, details.json and "
                                                    "predictions.parquet to DIR (e.g. docs/results/ml100k)")
     _add_fusion_args(p)

@@ -12,16 +12,20 @@ from alro_ray.rank.results import ndcg_from_predictions, read_predictions
 @pytest.mark.slow
 def test_compare_writes_one_table_with_ladder_and_baselines(ray_local, tmp_path):
     rc = main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path),
-               "--ladder", "zero-shot,few-shot,SFT", "--baselines", "random,popularity", "--few-shot", "1",
-               "--limit", "6", "train.epochs=1", "train.max_steps_per_epoch=2", "data.synthetic.users=60"])
+               "--ladder", "zero-shot,few-shot,SFT", "--baselines", "random,item-mean", "--few-shot", "1",
+               "--seeds", "0,1", "--limit", "6", "train.epochs=1", "train.max_steps_per_epoch=2",
+               "data.synthetic.users=60"])
     assert rc == 0
     rows = json.loads((tmp_path / "compare.json").read_text())
-    assert {"random", "popularity", "llm-zero-shot-generate", "llm-few-shot-generate", "llm-sft-generate",
-            "llm-sft-bootstrap@3", "llm-sft-bootstrap@5"} == set(rows)
+    trained = {"llm-sft-generate", "llm-sft-bootstrap@3", "llm-sft-bootstrap@5"}
+    assert {"random", "item-mean", "llm-zero-shot-generate", "llm-few-shot-generate", *trained,
+            *(n.replace("sft-", "sft-seed1-") for n in trained)} == set(rows)
+    assert (tmp_path / "runs" / "sft-seed1" / "final").is_dir()
+    assert "- llm-sft-generate over 2 seeds" in (tmp_path / "compare.md").read_text()
     assert all(set(r) == {"ndcg@3", "ndcg@10", "ndcg@25"} and 0 < r["ndcg@3"] <= 1 for r in rows.values())
     assert "| llm-sft-bootstrap@5 |" in (tmp_path / "compare.md").read_text()
     predictions = read_predictions(tmp_path / "predictions.parquet")
-    assert len(predictions) == 7 * 6 and predictions.groupby("method")["user"].nunique().eq(6).all()
+    assert len(predictions) == 10 * 6 and predictions.groupby("method")["user"].nunique().eq(6).all()
     recomputed = ndcg_from_predictions(predictions)
     assert all(abs(recomputed[m] - rows[m]["ndcg@10"]) < 1e-9 for m in rows)
     details = json.loads((tmp_path / "details.json").read_text())
@@ -32,6 +36,7 @@ def test_compare_writes_one_table_with_ladder_and_baselines(ray_local, tmp_path)
     (["--variant", "score"], "--variant 'score': expected NAME=CONFIG.yaml"),
     (["--variant", "score=configs/missing.yaml"], "config file not found: configs/missing.yaml"),
     (["--bootstrap", "3,x"], "--bootstrap '3,x': expected comma-separated integers >= 2"),
+    (["--seeds", "0,0"], "--seeds '0,0': expected distinct comma-separated integers >= 0"),
 ])
 def test_bad_compare_arguments_stop_before_any_work(tmp_path, capsys, args, message):
     assert main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path), *args]) == 2
@@ -90,3 +95,40 @@ def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_row
     assert json.loads((out / "details.json").read_text())["methods"]["llm-planted"]["train_samples"] == 7
     assert "| llm-planted |" in capsys.readouterr().out  # the table is printed
     assert read_predictions(out / "predictions.parquet").groupby("method")["user"].nunique().eq(len(test)).all()
+
+
+def test_seeds_name_their_rows_and_the_table_gives_each_recipe_its_mean_over_seeds(tmp_path):
+    """--seeds: each trained row once per train.seed (`-seed<s>` after the first), and the recipe's
+    level: the seeds' per-list mean against the reference, worked by hand on 4 planted lists."""
+    from alro_ray.config import load_config
+    from alro_ray.rank.compare import seeded
+    from alro_ray.rank.metrics import ndcg_at_k
+    from alro_ray.rank.results import MethodResult, seed_groups, write_results
+
+    cfg = load_config("configs/tiny.yaml")
+    rows = seeded("w/o SLL", cfg, [3, 0, 7])
+    assert [(n, c.train.seed, c.train.run_name) for n, c in rows] == [
+        ("w/o SLL", 3, "wo-sll"), ("w/o SLL-seed0", 0, "wo-sll-seed0"), ("w/o SLL-seed7", 7, "wo-sll-seed7")]
+    assert [n for n, _ in seeded("score", cfg, [])] == ["score"]
+    assert seed_groups(["mf", "llm-x-score", "llm-x-seed1-score", "fused-x-score-mf", "fused-x-seed1-score-mf",
+                        "llm-y-seed2-score"]) == {"llm-x-score": ["llm-x-score", "llm-x-seed1-score"],
+                                                  "fused-x-score-mf": ["fused-x-score-mf", "fused-x-seed1-score-mf"]}
+
+    users = ["a", "b", "c", "d"]
+    good, bad = [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]  # the ratings in the order each method ranked them
+
+    def row(orders):
+        return MethodResult({u: ["i1", "i2", "i3"] for u in users}, dict(zip(users, orders)))
+    results = {"item-mean": row([bad, bad, good, good]),
+               "llm-x-score": row([good, good, good, good]),
+               "llm-x-seed1-score": row([good, bad, good, bad])}
+    table = write_results(tmp_path, results, "planted")
+    g, b = ndcg_at_k(good, 10), ndcg_at_k(bad, 10)
+    details = json.loads((tmp_path / "details.json").read_text())
+    (recipe,) = details["seed_means"]
+    assert recipe["seeds"] == ["llm-x-score", "llm-x-seed1-score"] and recipe["reference"] == "item-mean"
+    assert recipe["ndcg@10"] == [pytest.approx(g), pytest.approx((g + b) / 2)]
+    # per list: the seeds' mean minus item-mean's: (g - b), (g+b)/2 - b, 0, (g+b)/2 - g
+    assert recipe["ndcg@10_diff"] == pytest.approx(((g - b) + (g - b) / 2 + 0 - (g - b) / 2) / 4)
+    assert table["llm-x-score"]["ndcg@10"] == pytest.approx(g)  # the best row is the luckier seed ...
+    assert "- llm-x-score over 2 seeds (NDCG@10 " in (tmp_path / "compare.md").read_text()  # ... the recipe is below it

@@ -53,6 +53,14 @@ def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> l
     return [b for b in baselines if b in names] + rankers
 
 
+def seeded(name: str, cfg: Config, seeds: Sequence[int]) -> list[tuple[str, Config]]:
+    """(row name, config) per train.seed: `name` for the first seed, `name-seed<s>` for the others
+    (results.seed_groups finds them again); no seeds: the config's own. Each runs as its row."""
+    rows = [(name if i == 0 else f"{name}-seed{s}", s) for i, s in enumerate(seeds)] or [(name, cfg.train.seed)]
+    return [(row, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s, run_name=slug(row))))
+            for row, s in rows]
+
+
 def variant(cfg: Config, name: str, data_dir: Path) -> Config:
     alpha, beta = WEIGHTS[name]
     loss = dataclasses.replace(cfg.loss, alpha=cfg.loss.alpha if alpha is None else alpha,
@@ -87,7 +95,7 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
                 baselines: Sequence[str] = CLASSICAL, bootstrap: Sequence[int] = (3, 5), mode: str = "generate",
                 few_shot: int = 2, limit: int | None = None, actors: int = 1,
                 fuse: Sequence[str] = (), fusion: str = "score", variants: dict[str, Config] | None = None,
-                merge: Sequence[str | Path] = ()) -> dict[str, dict]:
+                merge: Sequence[str | Path] = (), seeds: Sequence[int] = ()) -> dict[str, dict]:
     """The untrained rows, each of `variants` (name -> a config trained as it is and ranked in its
     train.eval_mode, e.g. a score head with data.hints), then the trained ladder, on the same test
     lists as the classical baselines. fuse: baselines to fuse every ranker row with (the weight
@@ -95,7 +103,8 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     compare.md (rank/results.py) after every row; returns the table. merge: earlier compare output
     directories on the same test lists whose rows join the table (this run's rows win a name
     clash; the lists are checked to be the same). With nothing to rank (no ladder, no variants)
-    the table holds the baselines and the merged rows: a way to put earlier runs' rows together."""
+    the table holds the baselines and the merged rows: a way to put earlier runs' rows together.
+    seeds: train every trained row once per train.seed (`seeded`), and table each recipe's mean."""
     from alro_ray.rank.batch_eval import run_evaluation
     from alro_ray.train.trainer import resolve_data, run_training
 
@@ -150,17 +159,19 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
             evaluate("zero-shot", base, [mode], train={"train_samples": 0})
         if "few-shot" in ladder:
             evaluate("few-shot", base, [mode], shots=few_shot, train={"train_samples": 0})
-    for name, vcfg in (variants or {}).items():
-        save_config(vcfg, out / f"config-{slug(name)}.yaml")
-        vdata = resolve_data(vcfg, out / "runs" / slug(name))
+    for vname, vcfg in (variants or {}).items():
+        vdata = resolve_data(vcfg, out / "runs" / slug(vname))
         same_lists(data, vdata)
-        vcfg = dataclasses.replace(vcfg, data=dataclasses.replace(vcfg.data, prepared=str(vdata)),
-                                   train=dataclasses.replace(vcfg.train, run_name=slug(name)))
-        final, cost = train(name, vcfg)
-        evaluate(name, final, [vcfg.train.eval_mode], data_dir=vdata, train=cost)
-    for name in (n for n in ladder if n in WEIGHTS):
-        final, cost = train(name, variant(cfg, name, data))
-        evaluate(name, final, [mode, *([f"bootstrap@{p}" for p in bootstrap] if name == "SFT" else [])], train=cost)
+        for name, scfg in seeded(vname, vcfg, seeds):
+            save_config(scfg, out / f"config-{slug(name)}.yaml")
+            scfg = dataclasses.replace(scfg, data=dataclasses.replace(scfg.data, prepared=str(vdata)))
+            final, cost = train(name, scfg)
+            evaluate(name, final, [scfg.train.eval_mode], data_dir=vdata, train=cost)
+    for step in (n for n in ladder if n in WEIGHTS):
+        for name, scfg in seeded(step, variant(cfg, step, data), seeds):
+            final, cost = train(name, scfg)
+            evaluate(name, final, [mode, *([f"bootstrap@{p}" for p in bootstrap] if step == "SFT" else [])],
+                     train=cost)
     if not table:  # nothing was ranked: the baselines on the merged rows' lists (or every test list)
         tabulate(set(next(iter(merged.values())).rankings) if merged else None, None)
     tracking.log_compare(run, table, out)

@@ -10,12 +10,14 @@ What `alro compare` writes (and docs/results/<dataset>/ keeps):
   compare.md           the same as a table, with the intervals
 
 Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `sasrec`; a ranker
-`llm-<variant>`; a ranker fused with a classical model `fused-<variant>-<baseline>`.
+`llm-<variant>`; a ranker fused with a classical model `fused-<variant>-<baseline>`; the same
+recipe trained with another train.seed (`alro compare --seeds`) `...<variant>-seed<s>...`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +31,7 @@ from alro_ray.rank.report import LISTS, TPQ, column, ndcg_table
 LLM, FUSED = "llm-", "fused-"
 # The targets of issue 11: the best ranker against item-mean, the best fused row against MF.
 REFERENCES = ((LLM, "item-mean"), (FUSED, "mf"))
+SEED_ROW = re.compile(r"-seed\d+(?=-|$)")  # what `--seeds` adds to the rows of the later seeds
 
 
 @dataclass
@@ -109,15 +112,43 @@ def intervals(results: dict[str, MethodResult], users: Sequence[str], table: dic
     return out
 
 
+def seed_groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """The rows of one recipe trained with several train.seeds (`alro compare --seeds`: the first
+    seed's row `llm-x-score`, the others' `llm-x-seed1-score`, ...), by the first seed's row."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(SEED_ROW.sub("", name, count=1), []).append(name)
+    return {base: rows for base, rows in groups.items() if len(rows) > 1 and base in rows}
+
+
+def seed_means(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict]) -> list[dict]:
+    """For each recipe with several seeds: its seeds' NDCG@10 (spread, mean) and the mean over its
+    seeds of each list's NDCG@10 minus the reference's, with a 95% paired bootstrap interval: the
+    recipe's level, where the best row (`intervals`) is its luckiest seed."""
+    out = []
+    for base, names in seed_groups(list(results)).items():
+        ref = next((r for prefix, r in REFERENCES if base.startswith(prefix)), None)
+        if ref not in results:
+            continue
+        per_seed, b = [results[n].ndcg(users) for n in names], results[ref].ndcg(users)
+        keep = [i for i in range(len(users)) if b[i] is not None and all(p[i] is not None for p in per_seed)]
+        diff, lo, hi = paired_bootstrap([sum(p[i] for p in per_seed) / len(names) for i in keep], [b[i] for i in keep])
+        scores = [table[n]["ndcg@10"] for n in names]
+        out.append({"recipe": base, "seeds": names, "ndcg@10": scores, "ndcg@10_mean": sum(scores) / len(scores),
+                    "reference": ref, "ndcg@10_diff": diff, "ci95": [lo, hi], "lists": len(keep)})
+    return out
+
+
 def write_results(out: Path, results: dict[str, MethodResult], header: str) -> dict[str, dict]:
     """compare.json, predictions.parquet, details.json and compare.md in `out`; returns the table."""
     users = common_users(results)
     table = metrics(results, users)
     gaps = intervals(results, users, table)
+    recipes = seed_means(results, users, table)
     (out / "compare.json").write_text(json.dumps(
         {n: {f"ndcg@{k}": m[f"ndcg@{k}"] for k in KS} for n, m in table.items()}, indent=2))
-    (out / "details.json").write_text(json.dumps({"users": len(users), "methods": table, "intervals": gaps},
-                                                 indent=2, default=float))
+    (out / "details.json").write_text(json.dumps({"users": len(users), "methods": table, "intervals": gaps,
+                                                  "seed_means": recipes}, indent=2, default=float))
     frame = pd.DataFrame([{"method": n, "user": u, "ranking": r.rankings[u], "ratings": r.ratings[u]}
                           for n, r in results.items() for u in users])
     frame.to_parquet(out / "predictions.parquet", index=False)
@@ -128,6 +159,12 @@ def write_results(out: Path, results: dict[str, MethodResult], header: str) -> d
              "Paired bootstrap over users (10000 resamples), NDCG@10 difference and 95% interval:", ""]
     lines += [f"- {'**best** ' if g['best'] else ''}{g['method']} - {g['reference']}: {g['ndcg@10_diff']:+.4f} "
               f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] ({g['lists']} lists)" for g in gaps]
+    if recipes:
+        lines += ["", "Recipes trained with several seeds (`--seeds`): the mean over the seeds of each list's NDCG@10 "
+                  "against the reference, 95% paired interval:", ""]
+        lines += [f"- {r['recipe']} over {len(r['seeds'])} seeds (NDCG@10 {min(r['ndcg@10']):.4f} to "
+                  f"{max(r['ndcg@10']):.4f}, mean {r['ndcg@10_mean']:.4f}) - {r['reference']}: {r['ndcg@10_diff']:+.4f} "
+                  f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] ({r['lists']} lists)" for r in recipes]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     return table
 
