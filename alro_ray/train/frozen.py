@@ -3,10 +3,10 @@
 With the LM frozen its hidden states at the candidate and history lines are the same in every
 epoch, so with `train.cache_frozen_states` (and no permuted pass, loss.beta 0) each worker runs
 the LM once over its share of the train split (shares.py, in (user, window) order: the same
-every run, so a seeded run repeats) and of the valid split, and every epoch then steps the head on those states: the
-losses, gradients and validation orders of recomputing them every step, for one forward per
-prompt in all instead of one per prompt per epoch (a head needs tens of epochs; docs/method.md,
-"A frozen LM"). The states are read as mode `score` reads them when ranking
+every run, so a seeded run repeats) and of the valid split, and every epoch then steps the head
+on those states: the losses, gradients and validation orders of recomputing them every step,
+for one forward per prompt in all instead of one per prompt per epoch (a head needs tens of
+epochs; docs/method.md, "A frozen LM"). The states are read as mode `score` reads them when ranking
 (`CandidateScorer.states` on one left-padded forward), by a forward that stops at the head's
 layer.
 """
