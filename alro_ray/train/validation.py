@@ -8,7 +8,8 @@ from alro_ray.data.dataset import PreparedStats
 
 
 def shard_rows(split: str) -> list[dict]:
-    """This worker's dataset shard of `split` (train: its part; valid: all of it), as rows."""
+    """The rows of the Ray Train dataset `split` as this worker sees it (a train share,
+    `shares.share_name(rank)`: this worker's rows; valid: all of them)."""
     import ray.train
 
     return [r for b in ray.train.get_dataset_shard(split).iter_batches(batch_size=256, batch_format="pandas")
