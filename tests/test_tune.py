@@ -9,6 +9,7 @@ Others: a study in which ASHA stops trials must finish and leave no placement gr
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,12 @@ def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_
     # CPU at all is free, even for its zero-CPU read tasks.)
     cfg = _cfg("tune.num_samples=1", "tune.max_concurrent=1", "tune.resource_timeout_s=5",
                "train.num_workers=2")
+    # An earlier test's Train worker group must be gone first: with it and the hog holding both
+    # CPUs the trial could never be placed, and the test would hang (seen once, session 12).
+    deadline = time.time() + 120
+    while _held_placement_groups(ray_local) and time.time() < deadline:
+        time.sleep(2)
+    assert _held_placement_groups(ray_local) == [], "an earlier run still holds its CPUs"
     hog = ray_local.util.placement_group([{"CPU": 1}])
     ray_local.get(hog.ready(), timeout=60)
     try:
