@@ -37,8 +37,9 @@ def train(code: Path, out: Path, config: str, overrides: list[str]) -> list[dict
     with open(log, "w") as f:  # `python -m` puts the current directory first on the path: run in `code`
         done = subprocess.run(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, stdout=f,
                               stderr=subprocess.STDOUT)
-    if done.returncode:
-        sys.exit(f"training at {code} failed (rc {done.returncode}); see {log}")
+    if done.returncode:  # the log goes with the temporary directory: show its end now
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        sys.exit(f"{tail}\ntraining at {code} failed (rc {done.returncode})")
     return json.loads((out / "history.json").read_text())
 
 
