@@ -289,11 +289,11 @@ def log_compare(run: Run | None, rows: dict[str, dict], out_dir: str | Path) -> 
     run.end()
 
 
-_TRIAL_END = {"stopped early": "KILLED", "failed": "FAILED"}  # tune_report's trial status -> MLflow's
+_TRIAL_END = {"stopped early": "KILLED", "failed": "FAILED"}  # tune/report.py's trial status -> MLflow's
 
 
 def log_study(run: Run | None, outcome) -> None:
-    """A study's outcome (`tune_report.TuneOutcome`) into its parent run: best trial, table, plot.
+    """A study's outcome (`tune.report.TuneOutcome`) into its parent run: best trial, table, plot.
     A study stopped early (it resumes when rerun) is marked KILLED, else FINISHED."""
     if run is None:
         return

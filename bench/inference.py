@@ -32,8 +32,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from alro_ray.cluster import ensure_ray
-    from alro_ray.rank.compare import untrained_ranker
-    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.evaluate.compare import untrained_ranker
+    from alro_ray.rank.ranker import load_ranker
     from alro_ray.rank.evaluation import prompt_ids
     from alro_ray.data.dataset import load_renderer, read_split
     from alro_ray.data.prepare import prepare

@@ -36,7 +36,7 @@ GENRES = ("Action", "Comedy", "Drama", "Horror", "Sci-Fi", "Romance", "Thriller"
 
 def make_checkpoint(model: str, candidates: int, history: int, out: Path) -> Path:
     from alro_ray.data.dataset import ranking_stats
-    from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.rank.ranker import save_ranker
     from alro_ray.config import load_config
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
     from alro_ray.data.tokenize import RankTokenizer

@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from alro_ray.data.dataset import read_split
-from alro_ray.rank.baselines import make_baseline, order_from_scores
-from alro_ray.rank.baselines.common import sorted_interactions
+from alro_ray.classical.registry import make_baseline, order_from_scores
+from alro_ray.classical.common import sorted_interactions
 from alro_ray.rank.evaluation import ranked_relevance
-from alro_ray.rank.fusion import choose_weight, fused_order
+from alro_ray.evaluate.fusion_fit import choose_weight
+from alro_ray.rank.fusion import fused_order
 from alro_ray.rank.metrics import ndcg_at_k, paired_bootstrap
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.checkpoint:
-        from alro_ray.model.checkpoint import load_ranker
+        from alro_ray.rank.ranker import load_ranker
 
         ranker = load_ranker(args.checkpoint)
         model, tok, name = ranker.model, ranker.tokenizer, f"ranker {args.checkpoint}"

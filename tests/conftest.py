@@ -33,7 +33,7 @@ def random_ranker(root, *overrides):
     from alro_ray.config import load_config
     from alro_ray.data.dataset import read_stats
     from alro_ray.data.prepare import prepare
-    from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.rank.ranker import save_ranker
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 
     cfg = load_config("configs/tiny.yaml", ["data.synthetic.users=40", "data.permutations=0", *overrides])

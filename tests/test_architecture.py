@@ -1,5 +1,6 @@
-"""The package's house rules (docs/architecture.md), checked: stage subpackages, modules of at most
-400 lines, and no import cycle, counting imports made inside functions."""
+"""The package's house rules (docs/architecture.md), checked: the packages depend in one declared
+direction (counting imports made inside functions), every import inside a function says why it is
+there, modules have at most 400 lines, and there is no import cycle."""
 
 import ast
 from pathlib import Path
@@ -8,12 +9,65 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alro_ray"
 MODULES = sorted(PACKAGE.rglob("*.py"))
+UNITS = [p for p in MODULES if p != PACKAGE / "__init__.py"]  # the package's own __init__ is no unit
 MAX_LINES = 400
+
+# The floors, bottom first: a unit (a subpackage or a top-level module of alro_ray) may import
+# only from its own floor or the floors below it. docs/architecture.md draws the same order.
+LAYERS = ["errors", "config", "cluster", "tracking", "classical", "model", "data", "compat", "rank", "train",
+          "tune", "evaluate", "serve", "cli"]
 
 
 def _name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def unit(module: str) -> str:
+    """alro_ray.train.trainer -> train; alro_ray.errors -> errors."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_imports(tree: ast.AST) -> list[tuple[ast.stmt, list[str], bool]]:
+    """Every import of an alro_ray module: (node, modules named, inside a function or class).
+    `from alro_ray import x` names alro_ray.x."""
+    top = {id(n) for n in getattr(tree, "body", [])}
+    out = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("alro_ray.")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "alro_ray":
+                names = [f"alro_ray.{a.name}" for a in node.names]
+            elif node.module.startswith("alro_ray."):
+                names = [node.module]
+        if names:
+            out.append((node, names, id(node) not in top))
+    return out
+
+
+def upward_imports(module: str, source: str) -> list[str]:
+    """The imports in `source` (the text of `module`) that climb to a higher floor."""
+    me = LAYERS.index(unit(module))
+    return [f"{module}:{node.lineno} imports {name} ({unit(name)} is above {unit(module)})"
+            for node, names, _ in package_imports(ast.parse(source)) for name in names
+            if LAYERS.index(unit(name)) > me]
+
+
+def unexplained_inner_imports(module: str, source: str) -> list[str]:
+    """Imports of package modules inside functions with no comment on their lines or just above."""
+    lines = source.splitlines()
+    bad = []
+    for node, _, inner in package_imports(ast.parse(source)):
+        if not inner:
+            continue
+        own = lines[node.lineno - 1: node.end_lineno]
+        above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+        if not any("#" in line for line in own) and not above.startswith("#"):
+            bad.append(f"{module}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return bad
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -55,9 +109,43 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_stage_subpackages_exist():
-    stages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert stages >= {"data", "model", "train", "rank", "serve"}
+def test_every_unit_has_a_floor():
+    units = {unit(_name(p)) for p in UNITS}
+    assert units <= set(LAYERS), f"units without a floor in LAYERS: {sorted(units - set(LAYERS))}"
+    assert set(LAYERS) <= units, f"floors with no code: {sorted(set(LAYERS) - units)}"
+
+
+def test_packages_depend_in_one_direction_counting_imports_inside_functions():
+    bad = [line for p in UNITS for line in upward_imports(_name(p), p.read_text())]
+    assert not bad, "imports against the declared order (tests/test_architecture.py LAYERS):\n" + "\n".join(bad)
+
+
+def test_every_import_inside_a_function_says_why():
+    bad = [line for p in MODULES for line in unexplained_inner_imports(_name(p), p.read_text())]
+    assert not bad, ("imports inside functions without a one-line reason (a comment on the line or "
+                     "just above); or move them to the module top:\n" + "\n".join(bad))
+
+
+def test_the_order_check_finds_planted_backward_imports():
+    inner = "def f():\n    from alro_ray.train.trainer import run_training  # lazy\n    return run_training\n"
+    assert upward_imports("alro_ray.data.prepare", inner) == [
+        "alro_ray.data.prepare:2 imports alro_ray.train.trainer (train is above data)"]
+    assert upward_imports("alro_ray.model.loading", "from alro_ray import rank\n") == [
+        "alro_ray.model.loading:1 imports alro_ray.rank (rank is above model)"]
+    assert upward_imports("alro_ray.serve.app", inner) == []  # serve is above train: allowed
+    assert upward_imports("alro_ray.data.hints", "from alro_ray.data import prompts\n") == []  # its own floor
+
+
+def test_the_reason_check_finds_a_bare_inner_import():
+    bare = "def f():\n    from alro_ray.rank.ranking import rank_batch\n    return rank_batch\n"
+    assert unexplained_inner_imports("alro_ray.x", bare) == [
+        "alro_ray.x:2: from alro_ray.rank.ranking import rank_batch"]
+    said = bare.replace("rank_batch\n    return", "rank_batch  # imports torch\n    return")
+    above = "def f():\n    # imports torch\n    from alro_ray.rank.ranking import rank_batch\n"
+    top = "from alro_ray.rank.ranking import rank_batch\n"
+    assert unexplained_inner_imports("alro_ray.x", said) == []
+    assert unexplained_inner_imports("alro_ray.x", above) == []
+    assert unexplained_inner_imports("alro_ray.x", top) == []
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))

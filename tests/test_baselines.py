@@ -6,13 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from alro_ray.rank.baselines import (
-    BASELINES,
-    evaluate_baselines,
-    make_baseline,
-    order_from_scores,
-    baseline_orders,
-)
+from alro_ray.classical.registry import BASELINES, baseline_orders, make_baseline, order_from_scores
+from alro_ray.evaluate.baselines import evaluate_baselines
 from alro_ray.rank.metrics import mean_ndcg
 
 

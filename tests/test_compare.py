@@ -5,8 +5,8 @@ import json
 import pytest
 
 from alro_ray.cli import main
-from alro_ray.rank.compare import table_order
-from alro_ray.rank.results import ndcg_from_predictions, read_predictions
+from alro_ray.evaluate.compare import table_order
+from alro_ray.evaluate.results import ndcg_from_predictions, read_predictions
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_a_variant_must_rank_the_same_lists(tmp_path):
     from alro_ray.config import load_config
     from alro_ray.data.prepare import prepare
     from alro_ray.errors import AlroError
-    from alro_ray.rank.compare import same_lists
+    from alro_ray.evaluate.compare import same_lists
 
     base = ["data.synthetic.users=30", "data.permutations=0"]
     prepare(load_config("configs/tiny.yaml", base), tmp_path / "a")
@@ -101,9 +101,9 @@ def test_seeds_name_their_rows_and_the_table_gives_each_recipe_its_mean_over_see
     """--seeds: each trained row once per train.seed (`-seed<s>` after the first), and the recipe's
     level: the seeds' per-list mean against the reference, worked by hand on 4 planted lists."""
     from alro_ray.config import load_config
-    from alro_ray.rank.compare import seeded
+    from alro_ray.evaluate.compare import seeded
     from alro_ray.rank.metrics import ndcg_at_k
-    from alro_ray.rank.results import MethodResult, seed_groups, write_results
+    from alro_ray.evaluate.results import MethodResult, seed_groups, write_results
 
     cfg = load_config("configs/tiny.yaml")
     rows = seeded("w/o SLL", cfg, [3, 0, 7])

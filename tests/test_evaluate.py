@@ -7,8 +7,8 @@ import pytest
 from conftest import random_ranker
 import torch
 
-from alro_ray.rank.batch_eval import parse_modes, run_evaluation
-from alro_ray.model.checkpoint import load_ranker, save_ranker
+from alro_ray.evaluate.batch_eval import parse_modes, run_evaluation
+from alro_ray.rank.ranker import load_ranker, save_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids

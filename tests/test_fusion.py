@@ -9,8 +9,8 @@ import pytest
 from conftest import random_ranker
 
 from alro_ray.errors import AlroError
-from alro_ray.rank.fusion import (choose_weight, fuse, fuse_predictions, fused_order, normalise,
-                                  read_fusion_defaults, save_fusion_defaults)
+from alro_ray.evaluate.fusion_fit import choose_weight, fuse_predictions
+from alro_ray.rank.fusion import fuse, fused_order, normalise, read_fusion_defaults, save_fusion_defaults
 from alro_ray.rank.metrics import paired_bootstrap
 
 
@@ -102,8 +102,8 @@ def hinted_ranker(ray_local, tmp_path_factory):
 @pytest.mark.slow  # ~90 s on 2 CPUs: a prepare and an evaluation of two splits
 def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_path):
     from alro_ray.data.dataset import read_split
-    from alro_ray.model.checkpoint import load_ranker
-    from alro_ray.rank.batch_eval import run_evaluation
+    from alro_ray.rank.ranker import load_ranker
+    from alro_ray.evaluate.batch_eval import run_evaluation
 
     root = hinted_ranker
     ranker = load_ranker(root / "ranker")
@@ -141,7 +141,7 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
     """The ranker deployment's batch path in-process (no Serve started): a request's `fusion`
     mixes the ranker's scores with MF's or item-mean's, from the request's hints, else the
     checkpoint's fit by id (an unknown id gets the known ones' mean); nothing to fuse with is a 422."""
-    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.rank.ranker import load_ranker
     from alro_ray.serve.deployments import RankerDeployment
     from alro_ray.serve.registry import load_registry
     from alro_ray.serve.schemas import make_schemas
@@ -185,7 +185,7 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
             schema(**body, fusion=bad)
 
     # --save-fusion without --fuse is refused before any ranking
-    from alro_ray.rank.batch_eval import run_evaluation
+    from alro_ray.evaluate.batch_eval import run_evaluation
 
     with pytest.raises(AlroError, match="give --fuse mf"):
         run_evaluation(root / "ranker", tmp_path / "ev", modes="one-pass", save_fusion=True)

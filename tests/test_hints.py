@@ -260,7 +260,7 @@ def test_prompts_show_their_fold_and_re_render_identically(planted):
 
 
 def test_ranker_hint_notes_prefer_request_values_then_the_saved_fit():
-    from alro_ray.model.checkpoint import Ranker
+    from alro_ray.rank.ranker import Ranker
 
     m = HintModel(["item_mean", "popularity_rank"], ["x"], np.array([4.25]), np.array([5]), np.array([2]),
                   np.zeros(1), np.zeros((1, 0)))
@@ -274,7 +274,7 @@ def test_ranker_hint_notes_prefer_request_values_then_the_saved_fit():
 
 
 def test_ranker_mf_rank_places_request_and_fitted_scores_in_one_list():
-    from alro_ray.model.checkpoint import Ranker
+    from alro_ray.rank.ranker import Ranker
 
     m = _mf_model()
     m.names = ["mf_rank"]

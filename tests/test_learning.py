@@ -5,7 +5,7 @@ NDCG@10 0.867 after epoch 1, 0.961 after epoch 2; test 0.951 vs random 0.837).""
 import pytest
 
 from alro_ray.config import load_config
-from alro_ray.rank.batch_eval import run_evaluation
+from alro_ray.evaluate.batch_eval import run_evaluation
 from alro_ray.train.trainer import run_training
 
 MARGIN = 0.05  # NDCG@10 over random; ~2.5 standard errors on 60 lists of 4 candidates

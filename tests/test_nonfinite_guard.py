@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.train import guard
-from alro_ray.train.trainer import check_writable, make_scheduler
+from alro_ray.train.trainer import check_writable
+from alro_ray.train.worker import make_scheduler
 
 
 def _free_port() -> int:

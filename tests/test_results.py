@@ -1,4 +1,4 @@
-"""rank/results.py: the comparison's files, names, same-lists check and intervals on a worked example."""
+"""evaluate/results.py: the comparison's files, names, same-lists check and intervals on a worked example."""
 
 import json
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from alro_ray.errors import AlroError
-from alro_ray.rank.results import (MethodResult, ndcg_from_predictions, ranker_results, read_predictions,
+from alro_ray.evaluate.results import (MethodResult, ndcg_from_predictions, ranker_results, read_predictions,
                                    read_results, write_results)
 
 RATINGS = {"u1": {"a": 5.0, "b": 3.0, "c": 1.0}, "u2": {"a": 1.0, "b": 4.0, "c": 2.0}}

@@ -135,7 +135,7 @@ def test_forged_titles_are_neutralised_in_history_and_candidates():
 
 def test_forged_titles_are_neutralised_as_serve_renders_them(smollm2_tokenizer):
     """Serve builds `Item(title, attributes)` from the request and calls `Ranker.prompt_ids`."""
-    from alro_ray.model.checkpoint import Ranker
+    from alro_ray.rank.ranker import Ranker
     from alro_ray.model.ranker_info import RankerInfo
 
     ranker = Ranker(model=None, tokenizer=smollm2_tokenizer, rank_tokenizer=RankTokenizer(smollm2_tokenizer, 3),

@@ -16,7 +16,7 @@ from alro_ray.data.dataset import ranking_stats
 from alro_ray.data.prompts import LETTERS, Item, render_prefix, render_suffix
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.errors import NonFiniteError
-from alro_ray.model.checkpoint import load_ranker, save_ranker
+from alro_ray.rank.ranker import load_ranker, save_ranker
 from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 from alro_ray.model.score_head import HistoryLines, ScoreHead, attach_head, build_head, head_of, scorer_of
 from alro_ray.rank.metrics import ndcg_at_k
@@ -600,7 +600,7 @@ def test_score_head_beats_item_mean_on_per_user_tastes(ray_local, tmp_path):
     fitted on cached states. 2026-11-23: 0.925 against item-mean 0.857 and random 0.857 (+0.068
     [+0.034, +0.102]), 6.6 min. Its candidate-only forerunner never passed (valid 0.848 after a
     LoRA epoch; docs/method.md, "What the score head cannot see")."""
-    from alro_ray.rank.batch_eval import run_evaluation
+    from alro_ray.evaluate.batch_eval import run_evaluation
     from alro_ray.train.trainer import run_training
 
     outcome = run_training(load_config("configs/planted_score.yaml"), tmp_path)

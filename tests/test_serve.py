@@ -23,7 +23,7 @@ def _make_checkpoint(out_dir, perturb_seed=None):
     import torch
 
     from alro_ray.data.dataset import ranking_stats
-    from alro_ray.model.checkpoint import save_ranker
+    from alro_ray.rank.ranker import save_ranker
     from alro_ray.config import load_config
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
     from alro_ray.data.tokenize import RankTokenizer
@@ -108,7 +108,7 @@ def make_request(n_candidates=3, n_history=3, seed=0, **extra):
 
 def _local_answer(path, req, mode):
     """What the checkpoint ranks when loaded in this process, with the training template."""
-    from alro_ray.model.checkpoint import load_ranker
+    from alro_ray.rank.ranker import load_ranker
     from alro_ray.data.prompts import Item
 
     def attrs(a):

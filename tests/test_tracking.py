@@ -118,7 +118,7 @@ def test_evaluate_takes_only_tracking_overrides(tmp_path, capsys):
 def test_study_end_closes_trials_that_tune_killed(tmp_path):
     """Tune kills a trial that ASHA stops or that fails before its Train run can close its MLflow
     run: the study's end marks them (runs made here as run_training makes a trial's)."""
-    from alro_ray.train.tune_report import TuneOutcome
+    from alro_ray.tune.report import TuneOutcome
 
     t = TrackingConfig(mlflow=(tmp_path / "mlruns").as_uri())
     study = tracking.start_run(t, "study", run_dir=tmp_path, tags={"alro.command": "tune"})
@@ -141,7 +141,7 @@ def test_study_end_closes_trials_that_tune_killed(tmp_path):
 
 @pytest.mark.slow  # two Tune trials, each a Ray Train run: 3-5 min on 2 busy CPUs
 def test_tune_study_logs_a_parent_run_and_one_nested_run_per_trial(ray_local, tmp_path):
-    from alro_ray.train.tuning import run_tune
+    from alro_ray.tune.study import run_tune
 
     uri = (tmp_path / "mlruns").as_uri()
     cfg = load_config(REPO / "configs" / "tune_tiny.yaml", ["tune.num_samples=2", f"tracking.mlflow={uri}"])

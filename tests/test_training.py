@@ -15,7 +15,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from alro_ray.model.checkpoint import load_ranker
+from alro_ray.rank.ranker import load_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from alro_ray.train import tune_report, tuning
+from alro_ray.tune import report as tune_report, study as tuning
 from alro_ray.cli import main as cli_main
 from alro_ray.config import load_config
 from alro_ray.train.trainer import run_training
-from alro_ray.train.tune_space import NDCG_KEYS, PAPER_POINT
+from alro_ray.tune.space import NDCG_KEYS, PAPER_POINT
 
 REPO = Path(__file__).resolve().parents[1]
 

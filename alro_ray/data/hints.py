@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alro_ray.classical.simple import ItemMeanBaseline, PopularityBaseline
 from alro_ray.config import HINTS
 from alro_ray.errors import ConfigError, DataError
 
@@ -191,9 +192,7 @@ class HintModel:
 
 def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -> HintModel:
     """Fit the hints on `interactions` with the baselines' own fits."""
-    # Lazy: rank.baselines loads torch (its learned models); readers of a fitted HintModel need neither.
-    from alro_ray.rank.baselines.learned import MFBaseline
-    from alro_ray.rank.baselines.simple import ItemMeanBaseline, PopularityBaseline
+    from alro_ray.classical.learned import MFBaseline  # imports torch: readers of a fitted HintModel need none
 
     names = check_names(names)
     if interactions.empty:

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alro_ray.cluster import ensure_ray, quiet_ray_data
 from alro_ray.config import Config, save_config, to_dict
 from alro_ray.errors import DataError
 from alro_ray.model.loading import load_tokenizer
@@ -141,8 +142,6 @@ class RenderTokenize:
 def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
     """Run the whole pipeline; returns the stats also written to out_dir/stats.json."""
     import ray
-
-    from alro_ray.cluster import ensure_ray, quiet_ray_data
 
     d = cfg.data
     out = Path(out_dir)

@@ -2,7 +2,7 @@
 
 Everything that ranks with a checkpoint (evaluate, compare, Serve) reads it through
 `read_ranker_info`, which also checks the directory holds the files a ranker needs; the layout
-is described in model/checkpoint.py.
+is described in rank/ranker.py.
 """
 
 from __future__ import annotations

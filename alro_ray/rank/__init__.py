@@ -1,1 +1,2 @@
-"""Stage 3, ranking and evaluation: decoding, ranking modes, metrics, baselines, the batch job, reports."""
+"""The inference library that training, evaluation and Serve share: a loaded ranker (`ranker`),
+the ranking modes (`modes`, `ranking`, `decoding`), metrics, evaluation helpers and score fusion."""

@@ -21,7 +21,7 @@ from alro_ray.compat import check_ranker_tokenizer
 from alro_ray.data.prompts import Item
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.errors import NonFiniteError
-from alro_ray.model.checkpoint import FUSION_FITS, FUSION_HINTS, Ranker, load_hints
+from alro_ray.rank.ranker import FUSION_FITS, FUSION_HINTS, Ranker, load_hints
 from alro_ray.rank.fusion import fuse, fused_order
 from alro_ray.serve.http import make_fastapi_app, nonfinite_scores
 from alro_ray.serve.registry import AdapterEntry

@@ -1,5 +1,6 @@
-"""Ray Train checkpoints of a training run: finding and loading the one to resume from, saving
-one, and setting an earlier run's final ranker aside when a run fails.
+"""Ray Train checkpoints of a training run, the torch-free part: which one to resume from, and
+setting an earlier run's final ranker aside when a run fails (saving and loading them runs in the
+workers: train/worker.py).
 
 Each epoch every worker saves its part of a DeepSpeed checkpoint (ZeRO-2 shards the optimizer
 state, one file per rank) and rank 0 adds the ranker (adapter, tokenizer, config) and
@@ -11,17 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
-from alro_ray.config import Config
-from alro_ray.data.dataset import PreparedStats
 from alro_ray.errors import AlroError
-from alro_ray.train.guard import check_weights
-
-if TYPE_CHECKING:  # the driver imports this module for resume checks: no torch there
-    from alro_ray.train.averaging import WeightAverage
 
 DS_TAG = "ds"
 
@@ -66,53 +59,6 @@ def resume_dir(checkpoint, run_dir: Path, world: int):
     with checkpoint.as_directory() as d:
         registered = Path(d)
         yield on_disk if _epoch_of(on_disk) > _epoch_of(registered) else registered
-
-
-def resume(engine, average: WeightAverage, run_dir: Path, world: int,
-           say: Callable[[str], None] | None) -> tuple[int, list[dict]]:
-    """Load the checkpoint to resume from (`resume_dir`) into the DeepSpeed engine and the weight
-    average: (the epoch to start at, the history so far), or (0, []) when there is none. `say`:
-    where to report it (rank 0), or None."""
-    import ray.train
-
-    from alro_ray.train.averaging import AVERAGE_FILE
-
-    with resume_dir(ray.train.get_checkpoint(), run_dir, world) as d:
-        if d is None:
-            return 0, []
-        engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
-        state = json.loads((d / "state.json").read_text())
-        averaged = average.load(d / AVERAGE_FILE)
-    if say is not None:
-        say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
-        if average.active and not averaged:
-            say(f"the checkpoint has no weight average with decay {average.decay}: averaging from here")
-    return state["epoch"] + 1, state["history"]
-
-
-def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_dir: str, history: list[dict],
-                    epoch: int, rank: int, metrics: dict, average: WeightAverage) -> None:
-    """DeepSpeed's state holds the trained weights (a resume steps on from them), the ranker the
-    weight average's (`train.ema_decay`; the weights themselves at 0)."""
-    # Worker-only: runs inside a Ray Train worker (the driver imports this module for resume checks).
-    import ray.train
-    from ray.train import Checkpoint
-
-    from alro_ray.model.checkpoint import save_ranker
-    from alro_ray.train.averaging import AVERAGE_FILE
-
-    check_weights(engine.module, epoch + 1)  # never a checkpoint of NaN weights
-    with tempfile.TemporaryDirectory(prefix="alro-ckpt-") as tmp:
-        # Every rank saves its optimizer shard; frozen base weights are not saved (LoRA only).
-        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            with average.applied():
-                save_ranker(Path(tmp) / "ranker", engine.module, tokenizer, cfg, stats, data_dir, history)
-            if average.active:
-                average.save(Path(tmp) / AVERAGE_FILE)
-            (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
 
 
 def set_aside_final(out: Path) -> str:

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from alro_ray.config import Config
 from alro_ray.model.padding import left_pad, positions
-from alro_ray.model.score_head import HistoryLines, ScoreHead
+from alro_ray.model.score_head import HistoryLines, ScoreHead, scorer_of
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.train.losses import LossTerms, score_rank_loss
 
@@ -249,8 +249,6 @@ def read_states(model, rank_tok, rows: Sequence[dict], pad_id: int, rank: int, s
     before from the same weights, layer and prompts (`states_key`) are loaded from there instead,
     and states read now are saved there. A process that finds another one reading the same states
     (a concurrent Tune trial) waits for its file instead of reading them a second time."""
-    from alro_ray.model.score_head import scorer_of
-
     scorer = scorer_of(model, rank_tok)
     if store is None:
         return _extract(model, scorer, rows, pad_id, rank, say, split, every_s)

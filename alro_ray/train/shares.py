@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from alro_ray.data.dataset import read_split_table
 from alro_ray.data.samples import stable_hash
 
 BLOCK_ROWS = 1024  # rows per row group of a share's file
@@ -44,8 +45,6 @@ def share_datasets(data_dir: str | Path, world: int, out: Path) -> dict:
     (under Tune other trials' workers may hold every CPU; `from_arrow` would start 1-CPU tasks)."""
     import pyarrow.parquet as pq
     import ray.data
-
-    from alro_ray.data.dataset import read_split_table
 
     out.mkdir(parents=True, exist_ok=True)
     datasets = {}

@@ -1,17 +1,22 @@
 """Validation during training: NDCG@k on each worker's share of the valid split, gathered over
-the workers, each epoch (`train.eval_mode`, `train.eval_users`)."""
+the workers, each epoch (`train.eval_mode`, `train.eval_users`). Worker-side (imports torch)."""
 
 from __future__ import annotations
 
+import ray.train
+import torch
+import torch.distributed as dist
+
 from alro_ray.config import Config
 from alro_ray.data.dataset import PreparedStats
+from alro_ray.model.score_head import head_of, scorer_of
+from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
+from alro_ray.rank.ranking import refuse_nonfinite
 
 
 def shard_rows(split: str) -> list[dict]:
     """The rows of the Ray Train dataset `split` as this worker sees it (a train share,
     `shares.share_name(rank)`: this worker's rows; valid: all of them)."""
-    import ray.train
-
     return [r for b in ray.train.get_dataset_shard(split).iter_batches(batch_size=256, batch_format="pandas")
             for r in b.to_dict("records")]
 
@@ -36,13 +41,6 @@ def validate(model, cfg: Config, stats: PreparedStats, rank_tok, pad_id: int, ra
              cached=None) -> dict:
     """NDCG on this worker's share of the valid split, gathered over all workers. `cached`: that
     share's states read by the frozen model (train/frozen.py), ranked by the head alone."""
-    import torch
-    import torch.distributed as dist
-
-    from alro_ray.model.score_head import head_of, scorer_of
-    from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
-    from alro_ray.rank.ranking import refuse_nonfinite
-
     rows = cached.rows if cached is not None else valid_rows(cfg, stats, rank, world)
     mine: list[list[float]] = []
     if rows:

@@ -1,19 +1,9 @@
-"""Classical baselines for the ranking table (spec §6): random, popularity, item mean rating,
-biased matrix factorization, GRU4Rec and SASRec.
+"""The classical baselines (alro_ray/classical/) fitted and run on a prepared split: the rows of
+the ranking table beside the LLM's.
 
 Every baseline is fitted on `fit_interactions.parquet` (columns user, item, rating, timestamp),
-which `alro prepare` writes without any valid/test candidate window, and then scores one prepared
-row's candidates (higher = better). `baseline_orders` turns scores into orders of prompt positions, best
-first; ties keep prompt-position order (a stable sort), so every order is deterministic.
-
-The three learned models are small torch (CPU) re-implementations, not RecBole: RecBole 1.2.1 (its
-latest release) stops in `Config()` under numpy 2 (`np.float_`), its pinned ray 2.6.3 needs the
-removed `pkg_resources`, and under pandas 3 its in-place `fillna` calls silently do nothing. They
-are seeded inside a forked torch RNG, so fitting one leaves the caller's random state alone.
-
-GRU4Rec and SASRec are next-item models: they predict *which* item a user will interact with, not
-how highly she will rate it, so on graded NDCG over a window the user did watch they need not beat
-the item-mean order.
+which `alro prepare` writes without any valid/test candidate window, and then orders each
+prepared row's candidates.
 """
 
 from __future__ import annotations
@@ -23,48 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
+from alro_ray.classical.registry import BASELINES, baseline_orders, check_names, make_baseline
 from alro_ray.data.dataset import read_split
-from alro_ray.rank.baselines.common import Baseline
-from alro_ray.rank.baselines.learned import GRU4RecBaseline, MFBaseline, SASRecBaseline
-from alro_ray.rank.baselines.simple import ItemMeanBaseline, PopularityBaseline, RandomBaseline
 from alro_ray.rank.metrics import KS, mean_ndcg
-
-BASELINES: dict[str, type] = {
-    "random": RandomBaseline,
-    "popularity": PopularityBaseline,
-    "item-mean": ItemMeanBaseline,
-    "mf": MFBaseline,
-    "gru4rec": GRU4RecBaseline,
-    "sasrec": SASRecBaseline,
-}
-
-
-def make_baseline(name: str, seed: int = 0, **kw) -> Baseline:
-    """A fresh, unfitted baseline; kw go to its constructor (e.g. k for item-mean, epochs)."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
-    return BASELINES[name](seed=seed, **kw)
-
-
-def _rows(rows) -> list:
-    return rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
-
-
-def order_from_scores(scores) -> list[int]:
-    """Prompt positions by score, highest first; equal scores keep prompt order."""
-    s = np.asarray(scores, dtype=np.float64)
-    if not np.all(np.isfinite(s)):
-        raise ValueError("baseline scores must be finite")
-    return np.argsort(-s, kind="stable").tolist()
-
-
-def baseline_orders(baseline: Baseline, rows) -> list[list[int]]:
-    """Orders (candidate prompt positions, best first) of prepared rows (DataFrame or dicts)."""
-    return [order_from_scores(baseline.score(r)) for r in _rows(rows)]
-
 
 ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_ids", "candidate_ratings"]
 
@@ -85,9 +38,7 @@ def run_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str 
     `users`' rows when given: the lists a ranker was scored on). options: {name: {constructor
     options}}. On split "train" the fitted baselines have seen the candidates' ratings: only
     valid/test numbers are fair."""
-    for name in names:  # fail before any fitting
-        if name not in BASELINES:
-            raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    check_names(names)  # fail before any fitting
     import torch._dynamo  # noqa: F401  torch imports its compiler lazily at the first optimizer
     # step (seconds): done here, so that cost is not charged to the first learned model's fit time.
 

@@ -112,7 +112,7 @@ class Ranker:
     def rank(self, prompts: Sequence[Sequence[int]], mode: str, c: int | None = None
              ) -> tuple[list[list[int]], list[list[float]]]:
         """Rank prompts that each show `c` candidates (default: the trained C)."""
-        from alro_ray.rank.ranking import rank_batch
+        from alro_ray.rank.ranking import rank_batch  # imports torch: Serve's ingress imports this module
 
         c = c or self.candidates
         return rank_batch(self.model, prompts, self.rank_tokenizer.identifier_ids[:c], mode,
@@ -125,8 +125,8 @@ def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from alro_ray.model.loading import load_base_model
-    from alro_ray.model.score_head import load_scorer
+    from alro_ray.model.loading import load_base_model  # imports torch, as above
+    from alro_ray.model.score_head import load_scorer  # imports torch, as above
 
     info = read_ranker_info(path)
     path = Path(path)

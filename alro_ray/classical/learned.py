@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from alro_ray.rank.baselines.common import candidate_ids, sorted_interactions
+from alro_ray.classical.common import candidate_ids, sorted_interactions
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from alro_ray.rank.baselines.common import candidate_ids, lookup
+from alro_ray.classical.common import candidate_ids, lookup
 
 
 class RandomBaseline:

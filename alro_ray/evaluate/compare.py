@@ -9,7 +9,7 @@ Classical baselines, then the LLM ladder on exactly the same test candidate list
 then any named variants (`--variant score=configs/ml100k_score.yaml`: a config trained as it is,
 e.g. a score head with prompt hints, checked to rank the same lists). Every trained variant is a
 full `run_training` into OUTPUT/runs/<name>; every ranker is scored by the batch evaluation job
-into OUTPUT/eval/<name>. Rows are named as rank/results.py says (`mf`, `llm-alro-generate`,
+into OUTPUT/eval/<name>. Rows are named as evaluate/results.py says (`mf`, `llm-alro-generate`,
 `fused-score-mf`); the table, per-user rankings and paired intervals go to OUTPUT (results.py).
 """
 
@@ -27,7 +27,11 @@ from alro_ray import tracking
 from alro_ray.config import Config, save_config
 from alro_ray.data.dataset import read_split, read_stats
 from alro_ray.errors import AlroError
-from alro_ray.rank.results import MethodResult, baseline_results, ranker_results, read_results, write_results
+from alro_ray.evaluate.batch_eval import run_evaluation
+from alro_ray.evaluate.results import MethodResult, baseline_results, ranker_results, read_results, write_results
+from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+from alro_ray.rank.ranker import save_ranker
+from alro_ray.train.trainer import resolve_data, run_training
 
 LADDER = ("zero-shot", "few-shot", "SFT", "w/o SLL", "w/o PSL", "ALRO")
 CLASSICAL = ("random", "popularity", "item-mean", "mf", "gru4rec", "sasrec")
@@ -72,9 +76,6 @@ def variant(cfg: Config, name: str, data_dir: Path) -> Config:
 
 def untrained_ranker(cfg: Config, data_dir: Path, out: Path) -> Path:
     """The base model as a ranker: PEFT initialises LoRA B to zero, so the adapter is a no-op."""
-    from alro_ray.model.checkpoint import save_ranker
-    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-
     model = add_lora(load_base_model(cfg.model), cfg.model)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
     return save_ranker(out, model, tok, cfg, read_stats(data_dir), data_dir)
@@ -100,14 +101,11 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     train.eval_mode, e.g. a score head with data.hints), then the trained ladder, on the same test
     lists as the classical baselines. fuse: baselines to fuse every ranker row with (the weight
     chosen on the valid split). Writes OUTPUT/compare.json, predictions.parquet, details.json and
-    compare.md (rank/results.py) after every row; returns the table. merge: earlier compare output
+    compare.md (evaluate/results.py) after every row; returns the table. merge: earlier compare output
     directories on the same test lists whose rows join the table (this run's rows win a name
     clash; the lists are checked to be the same). With nothing to rank (no ladder, no variants)
     the table holds the baselines and the merged rows: a way to put earlier runs' rows together.
     seeds: train every trained row once per train.seed (`seeded`), and table each recipe's mean."""
-    from alro_ray.rank.batch_eval import run_evaluation
-    from alro_ray.train.trainer import resolve_data, run_training
-
     unknown = [n for n in ladder if n not in LADDER]
     if unknown:
         raise AlroError(f"unknown ladder step(s) {unknown}; choose from {list(LADDER)}")

@@ -9,7 +9,7 @@ ASHA scheduler and the Optuna searcher. The trial function asks Tune for no CPU;
 workers ask for `train.num_workers` x `train.cpus_per_worker` (and GPUs), so `tune.max_concurrent`
 trials share the cluster (on a local Ray, no more than fit at once). A trial that ends, however it
 ends, gives its Train placement group back, and one whose workers cannot get their resources within
-`tune.resource_timeout_s` fails (see `tune_resources`).
+`tune.resource_timeout_s` fails (see `tune/resources.py`).
 
 The first trial evaluates the paper's values (α=0.1, β=0.01, γ=2). A study interrupted (Ctrl-C,
 a lost driver, `--stop-after-trials`) resumes when the same command runs again: Tune restores the
@@ -29,23 +29,26 @@ Output directory layout (OUTPUT = --output-dir, default train.output_dir/tune.na
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from alro_ray import tracking
+from alro_ray.cluster import ensure_ray
 from alro_ray.compat import check_training
 from alro_ray.config import Config, ConfigError, from_dict, save_config, to_dict
 from alro_ray.data.dataset import read_stats
 from alro_ray.errors import AlroError
-from alro_ray.train.tune_report import TuneOutcome, fmt, report_study
-from alro_ray.train.tune_space import absolute_paths, check_tune_config, first_point, search_space, trial_config
+from alro_ray.train.trainer import resolve_data, run_training
+from alro_ray.tune.interrupt import ACTIVE, InterruptAfter
+from alro_ray.tune.report import TuneOutcome, report_study
+from alro_ray.tune.resources import (START_TIMEOUT_ENV, ReleaseTrainResources, TrainResourceGuard, concurrent_trials,
+                                     release_all, trial_resources)
+from alro_ray.tune.space import absolute_paths, check_tune_config, first_point, search_space, trial_config
 
 log = logging.getLogger("alro_ray")
 
@@ -60,13 +63,10 @@ TRIAL_MEMORY = 256 * 1024**2  # bytes reserved for a trial's driver process (a R
 def _train_trial(config: dict, base: dict, output_dir: str, tracking_parent: str | None = None) -> None:
     """One Tune trial (runs in a Tune actor): a full Train run whose epoch reports go to Tune
     (and, with tracking on, to an MLflow run nested under the study's `tracking_parent`)."""
-    # Worker-only imports: Ray Tune and Train (the CLI imports this module).
+    # Ray Tune's own: only inside a trial.
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from alro_ray.train.trainer import run_training
-    from alro_ray.train.tune_resources import START_TIMEOUT_ENV, TrainResourceGuard, trial_resources
 
     cfg = trial_config(from_dict(Config, base), config)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -138,15 +138,10 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     """Run (or resume) the study that `cfg.tune` describes; write the trial table, best.yaml and
     the plot into the output directory. `stop_after_trials`: end this session, resumably, once
     that many trials have ended (the study resumes when run again)."""
-    # Heavy: Ray Tune, Optuna, the data pipeline (the CLI imports this module).
+    # Ray Tune and Optuna: only when a study runs.
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
-
-    from alro_ray.cluster import ensure_ray
-    from alro_ray.train.trainer import resolve_data
-    from alro_ray.train.tune_interrupt import ACTIVE, InterruptAfter
-    from alro_ray.train.tune_resources import ReleaseTrainResources, concurrent_trials, release_all
 
     check_tune_config(cfg)
     if stop_after_trials is not None and stop_after_trials < 1:
@@ -236,44 +231,3 @@ def run_tune(cfg: Config, output_dir: str | Path | None = None, *,
     outcome = report_study(cfg, out, data_dir, exp_dir)
     tracking.log_study(study_run, outcome)
     return outcome
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: `alro tune` (cli.py registers add_tune_args + cmd_tune) and jobs/tune.py (main).
-
-
-def add_tune_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-samples", type=int, metavar="N", help="trials in the study (sets tune.num_samples)")
-    parser.add_argument("--max-concurrent", type=int, metavar="M",
-                        help="trials running at once (sets tune.max_concurrent)")
-    parser.add_argument("--output-dir", help="study directory (default: train.output_dir/tune.name)")
-    parser.add_argument("--stop-after-trials", type=int, metavar="K",
-                        help="end this session once K trials have ended; rerun the command to resume")
-
-
-def cmd_tune(args: argparse.Namespace, cfg: Config) -> int:
-    if args.num_samples is not None:
-        cfg.tune.num_samples = args.num_samples
-    if args.max_concurrent is not None:
-        cfg.tune.max_concurrent = args.max_concurrent
-    check_tune_config(cfg)  # a ConfigError here exits 2 before anything starts
-    outcome = run_tune(cfg, args.output_dir, stop_after_trials=args.stop_after_trials)
-    print(f"\nStudy {cfg.tune.name!r} ({cfg.tune.metric}, last reported epoch; * best):")
-    print(outcome.table)
-    print("\nparameter importances: " + (", ".join(f"{k} {v:.3f}" for k, v in outcome.importances.items())
-                                          or outcome.importance_note))
-    print(f"trial table: {outcome.output_dir / 'trials.md'} and trials.json")
-    print(f"plot:        {outcome.plot}")
-    if outcome.best:
-        b = outcome.best
-        print(f"best trial:  {b['trial_id']} " + ", ".join(f"{k}={fmt(v)}" for k, v in b["params"].items())
-              + f" -> {cfg.tune.metric} {b[cfg.tune.metric]:.4f}")
-        print(f"best config: {outcome.best_yaml}  (alro train --config {outcome.best_yaml})")
-        print(f"best ranker: {outcome.best_checkpoint}")
-    if not outcome.complete:
-        print("\nthe study stopped before its last trial ended: rerun the same command to resume it")
-        return EXIT_INTERRUPTED
-    if not outcome.best:
-        print("\nno trial finished an epoch: see the failed trials' errors above", file=sys.stderr)
-        return 1
-    return 0

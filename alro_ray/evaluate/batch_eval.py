@@ -21,14 +21,23 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from alro_ray.cluster import ensure_ray, quiet_ray_data
 from alro_ray.compat import check_ranker_on_data
 from alro_ray.data.dataset import load_renderer, read_split, read_stats
+from alro_ray.data.samples import stable_hash
 from alro_ray.errors import AlroError, NonFiniteError
+from alro_ray.evaluate.baselines import evaluate_baselines
+from alro_ray.evaluate.fusion_fit import fuse_predictions
+from alro_ray.evaluate.report import write_report
 from alro_ray.model.ranker_info import read_ranker_info
-from alro_ray.rank.evaluation import ndcg_summary, with_users
+from alro_ray.rank.evaluation import ndcg_summary, prompt_ids, with_users
+from alro_ray.rank.fusion import save_fusion_defaults
 from alro_ray.rank.metrics import position_bias
 from alro_ray.rank.modes import parse_mode
+from alro_ray.rank.ranker import load_ranker
+from alro_ray.rank.ranking import bootstrap_orders, free_batch
 
 log = logging.getLogger("alro_ray")
 
@@ -64,11 +73,6 @@ class RankActor:
 
     def __init__(self, checkpoint: str, data_dir: str, modes: list[str], seed: int, use_gpu: bool,
                  few_shot: int = 0):
-        # Actor-only: the model stack loads in the Ray Data actor, not in the driver.
-        import torch
-
-        from alro_ray.model.checkpoint import load_ranker
-
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.ranker = load_ranker(checkpoint, device=device,
                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -79,10 +83,6 @@ class RankActor:
 
     def _rank(self, mode: str, rows: list[dict]) -> tuple[list[list[int]], list[bool], list | None]:
         """Orders, repair flags, and per-candidate scores where the mode has them (else None)."""
-        from alro_ray.rank.evaluation import prompt_ids
-        from alro_ray.rank.ranking import bootstrap_orders, free_batch
-        from alro_ray.data.samples import stable_hash
-
         r = self.ranker
         c = r.candidates
         kind, p = parse_mode(mode)
@@ -172,12 +172,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     """Rank `split` in every mode; with `fuse` (baseline names) also the valid split, and add rows
     fused-<mode>-<baseline> (rank/fusion.py: weight chosen on valid, method `fusion`). With
     `save_fusion` the chosen weights also go into the checkpoint's fusion.json (Serve's defaults)."""
-    # Ray and the baselines (torch): only when an evaluation runs, not when the CLI imports this.
     import ray
-
-    from alro_ray.rank.baselines import evaluate_baselines
-    from alro_ray.cluster import ensure_ray, quiet_ray_data
-    from alro_ray.rank.report import write_report
 
     modes = parse_modes(modes)
     info, data, stats = check_inputs(checkpoint, data_dir)
@@ -229,8 +224,6 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     log.info("ranked %d queries x %d modes in %.1f s", predictions["user"].nunique(), len(modes), time.time() - t0)
     fusion_info = {}
     if fuse:
-        from alro_ray.rank.fusion import fuse_predictions
-
         valid = predictions[predictions["split"] == "valid"]
         predictions = predictions[predictions["split"] == split]
         fused, fusion_info = fuse_predictions(data, valid, predictions, fuse, fusion, split, seed)
@@ -246,8 +239,6 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     if fusion_info:
         metrics["fusion"] = fusion_info
     if save_fusion:
-        from alro_ray.rank.fusion import save_fusion_defaults
-
         path = save_fusion_defaults(checkpoint, fusion_info, str(out.resolve()))
         metrics["fusion_saved"] = str(path)
         log.info("fusion weights saved in %s (Serve's default when a request names no weight)", path)

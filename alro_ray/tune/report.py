@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from alro_ray.config import Config, to_dict
-from alro_ray.train.tune_space import NDCG_KEYS, trial_config
+from alro_ray.tune.space import NDCG_KEYS, trial_config
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TuneOutcome:
     complete: bool  # False: the study stopped before its last trial ended; rerun to resume
     best: dict | None = None  # the best trial's record
     best_yaml: Path | None = None
-    best_checkpoint: Path | None = None  # the best trial's ranker directory (checkpoint.py format)
+    best_checkpoint: Path | None = None  # the best trial's ranker directory (rank/ranker.py format)
     plot: Path | None = None
     importances: dict[str, float] = field(default_factory=dict)
     importance_note: str = ""

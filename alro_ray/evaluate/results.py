@@ -26,7 +26,7 @@ import pandas as pd
 
 from alro_ray.errors import AlroError
 from alro_ray.rank.metrics import KS, mean_ndcg, ndcg_at_k, paired_bootstrap
-from alro_ray.rank.report import LISTS, TPQ, column, ndcg_table
+from alro_ray.evaluate.report import LISTS, TPQ, column, ndcg_table
 
 LLM, FUSED = "llm-", "fused-"
 # The targets of issue 11: the best ranker against item-mean, the best fused row against MF.
@@ -49,7 +49,7 @@ class MethodResult:
 def baseline_results(data_dir: str | Path, names: Sequence[str], split: str = "test", seed: int = 0,
                      users: set | None = None) -> dict[str, MethodResult]:
     """Each classical baseline's rankings of DIR/<split> (`baselines.run_baselines`)."""
-    from alro_ray.rank.baselines import run_baselines  # loads torch: only where baselines are fitted
+    from alro_ray.evaluate.baselines import run_baselines  # imports torch: only where baselines are fitted
 
     out = {}
     for name, run in run_baselines(data_dir, names, split, seed, users=users).items():
