@@ -7,7 +7,7 @@ import pytest
 from conftest import random_ranker
 import torch
 
-from alro_ray.evaluate.batch_eval import parse_modes, run_evaluation
+from alro_ray.evaluate.batch_eval import EvalSettings, parse_modes, run_evaluation
 from alro_ray.rank.ranker import load_ranker, save_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
@@ -59,8 +59,8 @@ def test_bootstrap_copies_use_their_own_orders(ranker_dir):
 
 
 def test_evaluation_job_writes_predictions_metrics_and_report(ranker_dir, tmp_path):
-    metrics = run_evaluation(ranker_dir / "ranker", tmp_path, modes="generate,one-pass,free,bootstrap@2",
-                             baselines=["random", "popularity"], batch_size=3)
+    metrics = run_evaluation(ranker_dir / "ranker", tmp_path, settings=EvalSettings(
+        modes="generate,one-pass,free,bootstrap@2", baselines=["random", "popularity"], batch_size=3))
     import pandas as pd
 
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
@@ -87,7 +87,8 @@ def test_an_actor_pool_holding_every_cpu_still_gets_its_rows(ranker_dir, tmp_pat
 
     done = {}
     job = threading.Thread(daemon=True, target=lambda: done.setdefault("m", run_evaluation(
-        ranker_dir / "ranker", tmp_path, modes=["one-pass"], baselines=[], actors=2, fuse=["item-mean"])))
+        ranker_dir / "ranker", tmp_path, settings=EvalSettings(modes=["one-pass"], baselines=[], actors=2,
+                                                               fuse=["item-mean"]))))
     job.start()
     job.join(timeout=300)
     assert "m" in done, "the evaluation with 2 actors on 2 CPUs did not finish in 5 minutes"

@@ -103,7 +103,7 @@ def hinted_ranker(ray_local, tmp_path_factory):
 def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_path):
     from alro_ray.data.dataset import read_split
     from alro_ray.rank.ranker import load_ranker
-    from alro_ray.evaluate.batch_eval import run_evaluation
+    from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
 
     root = hinted_ranker
     ranker = load_ranker(root / "ranker")
@@ -115,8 +115,9 @@ def test_evaluate_fuse_adds_rows_with_a_valid_chosen_weight(hinted_ranker, tmp_p
     assert all(n.startswith("mean rating: ") and "popularity rank: " in n for n in notes)
     assert f" {notes[0]}\n" in row["prompt"]
 
-    metrics = run_evaluation(root / "ranker", tmp_path, modes="one-pass,generate", baselines=["item-mean"],
-                             fuse=["item-mean"], fusion="score", batch_size=4, save_fusion=True)
+    metrics = run_evaluation(root / "ranker", tmp_path, settings=EvalSettings(
+        modes="one-pass,generate", baselines=["item-mean"], fuse=["item-mean"], fusion="score", batch_size=4,
+        save_fusion=True))
     saved = read_fusion_defaults(root / "ranker")  # Serve's defaults, the weights chosen here
     assert {k: v["weight"] for k, v in saved.items()} == {
         f"{m}/item-mean": metrics["fusion"][f"fused-{m}-item-mean"]["weight"] for m in ("one-pass", "generate")}
@@ -185,10 +186,10 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
             schema(**body, fusion=bad)
 
     # --save-fusion without --fuse is refused before any ranking
-    from alro_ray.evaluate.batch_eval import run_evaluation
+    from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
 
     with pytest.raises(AlroError, match="give --fuse mf"):
-        run_evaluation(root / "ranker", tmp_path / "ev", modes="one-pass", save_fusion=True)
+        run_evaluation(root / "ranker", tmp_path / "ev", settings=EvalSettings(modes="one-pass", save_fusion=True))
 
 
 def test_saved_fusion_weights_round_trip_and_fill_requests(tmp_path):

@@ -482,6 +482,23 @@ def test_alro_loss_weights_and_missing_terms():
         alro_loss(sft, rank, None, alpha=0.1, beta=0.01)
 
 
+def test_alro_loss_weights_sft_as_the_score_objective_does():
+    sft, rank, perm = t(2.0), t(3.0), t(5.0)
+    # loss.sft_weight 0.5 with the score objective: 0.5*2 + 1*3 + 0.01*5
+    assert alro_loss(sft, rank, perm, alpha=1.0, beta=0.01, sft_weight=0.5).total.item() == pytest.approx(4.05)
+    # The frozen-LM path: no SFT at all (None), a NaN SFT would be left out as well.
+    frozen = alro_loss(None, rank, None, alpha=0.5, beta=0.0, sft_weight=0.0)
+    assert frozen.total.item() == 1.5 and frozen.sft.item() == 0.0
+    assert alro_loss(t(float("nan")), rank, None, alpha=1.0, beta=0.0, sft_weight=0.0).total.item() == 3.0
+    with pytest.raises(ValueError, match="sft_weight"):
+        alro_loss(None, rank, None, alpha=1.0, beta=0.0)
+    # Every weight 0: a zero total that still back-propagates (the engine's backward needs a graph).
+    r = torch.tensor(3.0, dtype=D64, requires_grad=True)
+    zero = alro_loss(None, r, None, alpha=0.0, beta=0.0, sft_weight=0.0).total
+    zero.backward()
+    assert zero.item() == 0.0 and r.grad.item() == 0.0
+
+
 def test_full_objective_backpropagates_to_logits():
     # End to end on a toy batch: every term sends gradient into the logits.
     g = torch.Generator().manual_seed(7)

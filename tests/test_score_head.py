@@ -600,12 +600,12 @@ def test_score_head_beats_item_mean_on_per_user_tastes(ray_local, tmp_path):
     fitted on cached states. 2026-11-23: 0.925 against item-mean 0.857 and random 0.857 (+0.068
     [+0.034, +0.102]), 6.6 min. Its candidate-only forerunner never passed (valid 0.848 after a
     LoRA epoch; docs/method.md, "What the score head cannot see")."""
-    from alro_ray.evaluate.batch_eval import run_evaluation
+    from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
     from alro_ray.train.trainer import run_training
 
     outcome = run_training(load_config("configs/planted_score.yaml"), tmp_path)
-    metrics = run_evaluation(outcome.final_dir, tmp_path / "eval", data_dir=outcome.data_dir,
-                             modes=["score"], baselines=("random", "item-mean"))
+    metrics = run_evaluation(outcome.final_dir, tmp_path / "eval", outcome.data_dir,
+                             EvalSettings(modes=["score"], baselines=("random", "item-mean")))
     ranker, item_mean = metrics["modes"]["score"], metrics["baselines"]["item-mean"]
     print(outcome.history[-1], ranker, item_mean, metrics["baselines"]["random"])
     assert ranker["lists"] >= 50

@@ -31,7 +31,7 @@ def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.evaluate.batch_eval import run_evaluation  # a stage loads on use
+    from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation  # a stage loads on use
     from alro_ray.train.trainer import run_training  # a stage loads on use
 
     outcome = run_training(cfg, args.output_dir)
@@ -41,8 +41,7 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     if not args.no_test_summary:
         # The evaluation job's own path (Ray Data actor pool), on the held-out test users.
         eval_dir = outcome.output_dir / "eval"
-        metrics = run_evaluation(outcome.final_dir, eval_dir, data_dir=outcome.data_dir,
-                                 modes=[cfg.train.eval_mode])
+        metrics = run_evaluation(outcome.final_dir, eval_dir, outcome.data_dir, EvalSettings(modes=[cfg.train.eval_mode]))
         print(f"\nHeld-out test users ({cfg.train.eval_mode} ranking):")
         print(metrics_table(metrics))
         print(f"report: {eval_dir / 'report.md'}")
@@ -55,7 +54,7 @@ HISTORY_COLUMNS = ("train_loss", "train_sft", "train_rank", "train_perm", "valid
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.evaluate.batch_eval import run_evaluation  # a stage loads on use
+    from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation  # a stage loads on use
 
     ckpt = Path(args.checkpoint)
     settings = dict(data=args.data, modes=args.modes, baselines=args.baselines, split=args.split, limit=args.limit,
@@ -63,12 +62,11 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     # The MLflow run (if tracking.mlflow is set) starts first: a bad store fails before any scoring.
     with tracked(cfg.tracking, f"evaluate {ckpt.resolve().parent.name}/{ckpt.name}",
                  params=evaluation_params(ckpt, **settings), tags={"alro.command": "evaluate"}) as run:
-        metrics = run_evaluation(args.checkpoint, args.out, data_dir=args.data, modes=args.modes,
-                                 baselines=[b for b in args.baselines.split(",") if b], split=args.split,
-                                 actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed,
-                                 use_gpu=args.gpu, few_shot=args.few_shot,
-                                 fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
-                                 save_fusion=args.save_fusion)
+        metrics = run_evaluation(args.checkpoint, args.out, args.data, EvalSettings(
+            modes=args.modes, baselines=[b for b in args.baselines.split(",") if b], split=args.split,
+            actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed, use_gpu=args.gpu,
+            few_shot=args.few_shot, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
+            save_fusion=args.save_fusion))
         log_evaluation(run, metrics, args.out)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
@@ -76,7 +74,7 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.evaluate.compare import run_compare  # a stage loads on use
+    from alro_ray.evaluate.compare import CompareSettings, run_compare  # a stage loads on use
 
     variants = {}
     for spec in args.variant or []:
@@ -90,11 +88,12 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
     if not all(x.isdigit() for x in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {args.seeds!r}: expected distinct comma-separated integers >= 0, or ''")
-    run_compare(cfg, args.output_dir, ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
-                baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
-                bootstrap=[int(p) for p in bootstrap], limit=args.limit,
-                actors=args.actors, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
-                variants=variants, merge=args.merge or [], seeds=[int(x) for x in seeds])
+    run_compare(cfg, args.output_dir, CompareSettings(
+        ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
+        baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
+        bootstrap=[int(p) for p in bootstrap], limit=args.limit, actors=args.actors,
+        fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion, variants=variants, merge=args.merge or [],
+        seeds=[int(x) for x in seeds]))
     print((Path(args.output_dir) / "compare.md").read_text())
     if args.results:  # the files docs/results/<dataset>/ keeps (not the runs and evaluations)
         dest = Path(args.results)

@@ -29,6 +29,8 @@ from alro_ray.config.loading import (
     to_dict,
 )
 from alro_ray.config.sections import (
+    RANK_MODES,
+    SCORE_LOSSES,
     TUNABLE,
     Config,
     HeadConfig,
@@ -44,6 +46,8 @@ from alro_ray.config.sections import (
 from alro_ray.errors import ConfigError  # noqa: F401  (raised by everything above)
 
 __all__ = [
+    "RANK_MODES",
+    "SCORE_LOSSES",
     "DATASETS",
     "HINTS",
     "MAX_CANDIDATES",

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from alro_ray.config.data import DataConfig
 from alro_ray.errors import ConfigError
+
+
+# Names that later stages list too take them from here, the lowest floor: one source each.
+ScoreLoss = Literal["lambda", "listnet", "plackett_luce"]  # train/losses.score_rank_loss
+RankMode = Literal["one-pass", "generate", "score"]  # rank/modes.MODES: the modes that rank ready prompts
+SCORE_LOSSES: tuple[str, ...] = get_args(ScoreLoss)
+RANK_MODES: tuple[str, ...] = get_args(RankMode)
 
 
 @dataclass
@@ -81,7 +88,7 @@ class LossConfig:
     # generative: sft + alpha*rank(slots) + beta*perm (eq. 7). score: sft_weight*sft +
     # alpha*score_loss(head scores) + beta*score consistency between the original and permuted prompt.
     objective: Literal["generative", "score"] = "generative"
-    score_loss: Literal["lambda", "listnet", "plackett_luce"] = "lambda"
+    score_loss: ScoreLoss = "lambda"
     sft_weight: float = 0.0  # the generative SFT as an auxiliary of the score objective
     # Share of micro-batches that run the permuted pass (weighted beta / rate there, so the expected
     # gradient is unchanged); 1.0 (the paper) runs it on every one. Below 1 it trades variance of
@@ -130,7 +137,7 @@ class TrainConfig:
     # ... and keep those states under the model cache ($ALRO_CACHE/frozen-states), keyed by the
     # weights, layer and prompts, for a later run to read back (another seed, a Tune trial, a resume).
     reuse_frozen_states: bool = True
-    eval_mode: Literal["one-pass", "generate", "score"] = "one-pass"  # score: the score head
+    eval_mode: RankMode = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None: all
     # The final ranker: the last epoch's, or the epoch with the best valid NDCG@10 (ties: the
     # earliest); a head fitted for tens of epochs on a few hundred lists overfits (docs/method.md).

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -164,52 +165,95 @@ def summarize(predictions: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
-                   modes: Sequence[str] = DEFAULT_MODES, baselines: Sequence[str] = ("random", "popularity", "item-mean"),
-                   split: str = "test", actors: int = 1, batch_size: int = 8, limit: int | None = None,
-                   seed: int = 0, use_gpu: bool = False, few_shot: int = 0,
-                   fuse: Sequence[str] = (), fusion: str = "score", save_fusion: bool = False) -> dict:
-    """Rank `split` in every mode; with `fuse` (baseline names) also the valid split, and add rows
-    fused-<mode>-<baseline> (rank/fusion.py: weight chosen on valid, method `fusion`). With
-    `save_fusion` the chosen weights also go into the checkpoint's fusion.json (Serve's defaults)."""
-    import ray
+@dataclass
+class EvalSettings:
+    """How `run_evaluation` ranks a split (the options of `alro evaluate`)."""
 
-    modes = parse_modes(modes)
+    modes: Sequence[str] = DEFAULT_MODES  # generate, one-pass, free, score, bootstrap@p
+    baselines: Sequence[str] = ("random", "popularity", "item-mean")  # scored on the same lists
+    split: str = "test"
+    actors: int = 1  # ranker actors, one model each
+    batch_size: int = 8
+    limit: int | None = None  # only the first N rows
+    seed: int = 0  # bootstrap orders, random baselines
+    use_gpu: bool = False  # one GPU per actor
+    few_shot: int = 0  # k training samples before every prompt
+    fuse: Sequence[str] = ()  # baselines to fuse each mode with (weight chosen on valid)
+    fusion: str = "score"  # rank/fusion.py METHODS
+    save_fusion: bool = False  # the chosen weights into the checkpoint's fusion.json (Serve's defaults)
+
+
+def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
+                   settings: EvalSettings | None = None) -> dict:
+    """Rank `settings.split` in every mode; with `fuse` (baseline names) also the valid split, and
+    add rows fused-<mode>-<baseline> (evaluate/fusion_fit.py: weight chosen on valid). With
+    `save_fusion` the chosen weights also go into the checkpoint's fusion.json (Serve's defaults)."""
+    s = settings or EvalSettings()
+    modes = parse_modes(s.modes)
     info, data, stats = check_inputs(checkpoint, data_dir)
     if "score" in modes and not info.head:
         raise AlroError(f"{checkpoint} has no score head, so it cannot rank in mode 'score': train one with "
                         f"model.head.kind linear or mlp and loss.objective score, or drop that mode")
-    if not stats.rows.get(split):
-        raise AlroError(f"{data} has no {split} rows")
-    if save_fusion and not fuse:
+    if not stats.rows.get(s.split):
+        raise AlroError(f"{data} has no {s.split} rows")
+    if s.save_fusion and not s.fuse:
         raise AlroError("--save-fusion saves the weights --fuse chooses: give --fuse mf (or item-mean) too")
+    if s.fuse and (s.split == "valid" or not stats.rows.get("valid")):
+        raise AlroError(f"--fuse chooses its weight on the valid split: {data} has no valid rows, or "
+                        f"the split scored is valid itself")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    predictions = rank_split(checkpoint, data, modes, s)
+    fusion_info = {}
+    if s.fuse:  # the fusion weight is chosen on the valid split, ranked in the same modes
+        valid = predictions[predictions["split"] == "valid"]
+        predictions = predictions[predictions["split"] == s.split]
+        fused, fusion_info = fuse_predictions(data, valid, predictions, s.fuse, s.fusion, s.split, s.seed)
+        predictions = pd.concat([predictions, fused], ignore_index=True)
+        write_frame(valid, out / "valid_predictions.parquet")
+    write_frame(predictions, out / "predictions.parquet")
+
+    metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": s.split, "few_shot": s.few_shot,
+               "modes": summarize(predictions),
+               "baselines": evaluate_baselines(data, s.baselines, s.split, s.seed, users=set(predictions["user"]))}
+    if fusion_info:
+        metrics["fusion"] = fusion_info
+    if s.save_fusion:
+        path = save_fusion_defaults(checkpoint, fusion_info, str(out.resolve()))
+        metrics["fusion_saved"] = str(path)
+        log.info("fusion weights saved in %s (Serve's default when a request names no weight)", path)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(metrics, out, history_path=Path(checkpoint) / "history.json")
+    return metrics
+
+
+def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSettings) -> pd.DataFrame:
+    """Every row of the split (and of valid, to fuse) ranked in every mode by a pool of
+    `RankActor`s: one prediction row per (user, mode)."""
+    import ray  # Ray loads when an evaluation runs, not when the CLI imports this module
+
     ensure_ray()
     quiet_ray_data(progress=True)
-    ds = ray.data.read_parquet(str(data / split))
-    if limit:
-        ds = ds.limit(limit)
-    if fuse:  # the fusion weight is chosen on the valid split, ranked in the same modes
-        if split == "valid" or not stats.rows.get("valid"):
-            raise AlroError(f"--fuse chooses its weight on the valid split: {data} has no valid rows, or "
-                            f"the split scored is valid itself")
+    ds = ray.data.read_parquet(str(data / s.split))
+    if s.limit:
+        ds = ds.limit(s.limit)
+    if s.fuse:
         valid_ds = ray.data.read_parquet(str(data / "valid"))
-        ds = ds.union(valid_ds.limit(limit) if limit else valid_ds)
+        ds = ds.union(valid_ds.limit(s.limit) if s.limit else valid_ds)
     # Read before the actors start: an actor pool that holds every CPU (--actors = the cluster's
     # CPUs) leaves Ray Data no budget for read tasks, even zero-CPU ones, and the job would wait
     # forever. The lists are small (rows of token ids), so they are held in the object store.
     # A few blocks per actor: a split is read as one block per file, and the actors share blocks,
     # not rows (ML-100K's test + valid, 2 blocks, kept one of 2 actors idle half the time).
-    ds = ds.repartition(4 * actors).materialize()
+    ds = ds.repartition(4 * s.actors).materialize()
     t0 = time.time()
     ranked = ds.map_batches(
         RankActor,
         fn_constructor_kwargs=dict(checkpoint=str(Path(checkpoint).resolve()), data_dir=str(data),
-                                   modes=list(modes), seed=seed, use_gpu=use_gpu, few_shot=few_shot),
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0,
-        batch_size=batch_size,
+                                   modes=list(modes), seed=s.seed, use_gpu=s.use_gpu, few_shot=s.few_shot),
+        compute=ray.data.ActorPoolStrategy(size=s.actors),
+        num_gpus=1 if s.use_gpu else 0,
+        batch_size=s.batch_size,
         batch_format="pandas",
     )
     # Through Arrow, without Ray's pandas metadata, so plain pandas/pyarrow read the file back.
@@ -222,26 +266,9 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         raise NonFiniteError(f"{checkpoint}: evaluation stopped, no metrics written: {message}") from None
     predictions = table.to_pandas()
     log.info("ranked %d queries x %d modes in %.1f s", predictions["user"].nunique(), len(modes), time.time() - t0)
-    fusion_info = {}
-    if fuse:
-        valid = predictions[predictions["split"] == "valid"]
-        predictions = predictions[predictions["split"] == split]
-        fused, fusion_info = fuse_predictions(data, valid, predictions, fuse, fusion, split, seed)
-        predictions = pd.concat([predictions, fused], ignore_index=True)
-        pq.write_table(pa.Table.from_pandas(valid, preserve_index=False).replace_schema_metadata(None),
-                       out / "valid_predictions.parquet")
-        table = pa.Table.from_pandas(predictions, preserve_index=False).replace_schema_metadata(None)
-    pq.write_table(table, out / "predictions.parquet")
+    return predictions
 
-    metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "few_shot": few_shot,
-               "modes": summarize(predictions),
-               "baselines": evaluate_baselines(data, baselines, split, seed, users=set(predictions["user"]))}
-    if fusion_info:
-        metrics["fusion"] = fusion_info
-    if save_fusion:
-        path = save_fusion_defaults(checkpoint, fusion_info, str(out.resolve()))
-        metrics["fusion_saved"] = str(path)
-        log.info("fusion weights saved in %s (Serve's default when a request names no weight)", path)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_report(metrics, out, history_path=Path(checkpoint) / "history.json")
-    return metrics
+
+def write_frame(frame: pd.DataFrame, path: Path) -> None:
+    """A predictions frame as Parquet without pandas metadata, so plain pyarrow reads it back."""
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None), path)

@@ -16,6 +16,7 @@ into OUTPUT/eval/<name>. Rows are named as evaluate/results.py says (`mf`, `llm-
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from alro_ray import tracking
 from alro_ray.config import Config, save_config
 from alro_ray.data.dataset import read_split, read_stats
 from alro_ray.errors import AlroError
-from alro_ray.evaluate.batch_eval import run_evaluation
+from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
 from alro_ray.evaluate.results import MethodResult, baseline_results, ranker_results, read_results, write_results
 from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 from alro_ray.rank.ranker import save_ranker
@@ -92,21 +93,84 @@ def same_lists(a: Path, b: Path, split: str = "test") -> None:
                         f"rendered, not the data's users, windows or split (data.seed, history, candidates)")
 
 
-def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LADDER,
-                baselines: Sequence[str] = CLASSICAL, bootstrap: Sequence[int] = (3, 5), mode: str = "generate",
-                few_shot: int = 2, limit: int | None = None, actors: int = 1,
-                fuse: Sequence[str] = (), fusion: str = "score", variants: dict[str, Config] | None = None,
-                merge: Sequence[str | Path] = (), seeds: Sequence[int] = ()) -> dict[str, dict]:
-    """The untrained rows, each of `variants` (name -> a config trained as it is and ranked in its
-    train.eval_mode, e.g. a score head with data.hints), then the trained ladder, on the same test
-    lists as the classical baselines. fuse: baselines to fuse every ranker row with (the weight
-    chosen on the valid split). Writes OUTPUT/compare.json, predictions.parquet, details.json and
-    compare.md (evaluate/results.py) after every row; returns the table. merge: earlier compare output
-    directories on the same test lists whose rows join the table (this run's rows win a name
-    clash; the lists are checked to be the same). With nothing to rank (no ladder, no variants)
-    the table holds the baselines and the merged rows: a way to put earlier runs' rows together.
-    seeds: train every trained row once per train.seed (`seeded`), and table each recipe's mean."""
-    unknown = [n for n in ladder if n not in LADDER]
+@dataclass
+class CompareSettings:
+    """What `run_compare` ranks besides the baselines (the options of `alro compare`)."""
+
+    ladder: Sequence[str] = LADDER  # the paper's rows, trained from the config
+    baselines: Sequence[str] = CLASSICAL
+    bootstrap: Sequence[int] = (3, 5)  # the SFT model's bootstrap@p rows
+    mode: str = "generate"  # every ladder row's ranking mode
+    few_shot: int = 2  # demonstrations of the few-shot row
+    limit: int | None = None  # only the first N test users
+    actors: int = 1
+    fuse: Sequence[str] = ()  # baselines to fuse every ranker row with (weight chosen on valid)
+    fusion: str = "score"
+    # name -> a config trained as it is and ranked in its train.eval_mode (e.g. a score head with hints)
+    variants: dict[str, Config] = field(default_factory=dict)
+    merge: Sequence[str | Path] = ()  # earlier compare outputs on the same test lists whose rows join
+    seeds: Sequence[int] = ()  # train every trained row once per train.seed; table each recipe's mean
+
+
+@dataclass
+class Comparison:
+    """One comparison's table as it grows: every row is written out as soon as it is ranked."""
+
+    cfg: Config
+    out: Path
+    data: Path
+    settings: CompareSettings
+    run: object  # the MLflow run (tracking.start_run), or None
+    results: dict[str, MethodResult] = field(default_factory=dict)
+    merged: dict[str, MethodResult] = field(default_factory=dict)
+    table: dict[str, dict] = field(default_factory=dict)
+
+    def merge(self) -> None:
+        """Read the merged rows before any training: a wrong directory fails now, not after an hour."""
+        for d in self.settings.merge:
+            self.merged.update({k: v for k, v in read_results(d).items() if k not in self.merged})
+            for f in Path(d).glob("config-*.yaml"):
+                if not (self.out / f.name).exists():
+                    shutil.copy2(f, self.out / f.name)
+
+    def train(self, name: str, variant_cfg: Config) -> tuple[Path, dict]:
+        t0 = time.time()
+        outcome = run_training(variant_cfg, self.out / "runs" / slug(name),
+                               tracking_parent=self.run.run_id if self.run else None)
+        samples = sum(int(h.get("train_samples", 0)) for h in outcome.history)
+        return outcome.final_dir, {"train_samples": samples, "train_seconds": time.time() - t0}
+
+    def evaluate(self, name: str, checkpoint: Path, modes: list[str], data_dir: Path | None = None, shots: int = 0,
+                 train: dict | None = None) -> None:
+        s, where = self.settings, self.out / "eval" / slug(name)
+        m = run_evaluation(checkpoint, where, data_dir or self.data, EvalSettings(
+            modes=modes, baselines=[], limit=s.limit, actors=s.actors, few_shot=shots, fuse=s.fuse, fusion=s.fusion))
+        predictions = pd.read_parquet(where / "predictions.parquet")
+        self.results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
+        self.tabulate(set(predictions["user"]), s.limit)
+
+    def tabulate(self, users: set | None, first: int | None) -> None:
+        """Write the table so far; the baselines are fitted once, on `users` (the first ranked lists)."""
+        s = self.settings
+        if s.baselines and s.baselines[0] not in self.results:
+            self.results.update(baseline_results(self.data, s.baselines, users=users))
+        rows = {**self.results, **{k: v for k, v in self.merged.items() if k not in self.results}}
+        ordered = {name: rows[name] for name in table_order(list(rows), s.baselines)}
+        header = _header(self.cfg, s.mode, first) + (
+            f" Rows merged from {', '.join(map(str, s.merge))} (their settings: details.json, config-*.yaml)."
+            if s.merge else "")
+        self.table = write_results(self.out, ordered, header)
+
+
+def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings | None = None) -> dict[str, dict]:
+    """The untrained rows, each of the variants, then the trained ladder, on the same test lists
+    as the classical baselines. Writes OUTPUT/compare.json, predictions.parquet, details.json and
+    compare.md (evaluate/results.py) after every row; returns the table. Merged rows come from
+    earlier compare outputs on the same test lists (this run's rows win a name clash; the lists are
+    checked to be the same). With nothing to rank (no ladder, no variants) the table holds the
+    baselines and the merged rows: a way to put earlier runs' rows together."""
+    s = settings or CompareSettings()
+    unknown = [n for n in s.ladder if n not in LADDER]
     if unknown:
         raise AlroError(f"unknown ladder step(s) {unknown}; choose from {list(LADDER)}")
     out = Path(output_dir).resolve()
@@ -116,64 +180,31 @@ def run_compare(cfg: Config, output_dir: str | Path, ladder: Sequence[str] = LAD
     # MLflow (if tracking.mlflow is set): the table's rows in one run, the trained variants nested under it.
     run = tracking.start_run(cfg.tracking, f"compare {out.name}", run_dir=out, params=tracking.config_params(cfg),
                              tags={"alro.command": "compare"})
-    results: dict[str, MethodResult] = {}
-    table: dict[str, dict] = {}
-    merged: dict[str, MethodResult] = {}
-    for d in merge:  # read before any training: a wrong directory fails now, not after an hour
-        merged.update({k: v for k, v in read_results(d).items() if k not in merged})
-        for f in Path(d).glob("config-*.yaml"):
-            if not (out / f.name).exists():
-                shutil.copy2(f, out / f.name)
-
-    def evaluate(name: str, checkpoint: Path, modes: list[str], data_dir: Path = data, shots: int = 0,
-                 train: dict | None = None) -> None:
-        where = out / "eval" / slug(name)
-        m = run_evaluation(checkpoint, where, data_dir=data_dir, modes=modes, baselines=[], limit=limit,
-                           actors=actors, few_shot=shots, fuse=fuse, fusion=fusion)
-        predictions = pd.read_parquet(where / "predictions.parquet")
-        results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
-        tabulate(set(predictions["user"]), limit)
-
-    def tabulate(users: set | None, first: int | None) -> None:
-        """Write the table so far; the baselines are fitted once, on `users` (the first ranked lists)."""
-        nonlocal table
-        if baselines and baselines[0] not in results:
-            results.update(baseline_results(data, baselines, users=users))
-        rows = {**results, **{k: v for k, v in merged.items() if k not in results}}
-        ordered = {name: rows[name] for name in table_order(list(rows), baselines)}
-        header = _header(cfg, mode, first) + (f" Rows merged from {', '.join(map(str, merge))} (their settings: "
-                                              f"details.json, config-*.yaml)." if merge else "")
-        table = write_results(out, ordered, header)
-
-    def train(name: str, variant_cfg: Config) -> tuple[Path, dict]:
-        t0 = time.time()
-        outcome = run_training(variant_cfg, out / "runs" / slug(name), tracking_parent=run.run_id if run else None)
-        samples = sum(int(h.get("train_samples", 0)) for h in outcome.history)
-        return outcome.final_dir, {"train_samples": samples, "train_seconds": time.time() - t0}
-
-    if "zero-shot" in ladder or "few-shot" in ladder:
+    c = Comparison(cfg, out, data, s, run)
+    c.merge()
+    if "zero-shot" in s.ladder or "few-shot" in s.ladder:
         base = untrained_ranker(cfg, data, out / "runs" / "base")
-        if "zero-shot" in ladder:
-            evaluate("zero-shot", base, [mode], train={"train_samples": 0})
-        if "few-shot" in ladder:
-            evaluate("few-shot", base, [mode], shots=few_shot, train={"train_samples": 0})
-    for vname, vcfg in (variants or {}).items():
+        if "zero-shot" in s.ladder:
+            c.evaluate("zero-shot", base, [s.mode], train={"train_samples": 0})
+        if "few-shot" in s.ladder:
+            c.evaluate("few-shot", base, [s.mode], shots=s.few_shot, train={"train_samples": 0})
+    for vname, vcfg in s.variants.items():
         vdata = resolve_data(vcfg, out / "runs" / slug(vname))
         same_lists(data, vdata)
-        for name, scfg in seeded(vname, vcfg, seeds):
+        for name, scfg in seeded(vname, vcfg, s.seeds):
             save_config(scfg, out / f"config-{slug(name)}.yaml")
             scfg = dataclasses.replace(scfg, data=dataclasses.replace(scfg.data, prepared=str(vdata)))
-            final, cost = train(name, scfg)
-            evaluate(name, final, [scfg.train.eval_mode], data_dir=vdata, train=cost)
-    for step in (n for n in ladder if n in WEIGHTS):
-        for name, scfg in seeded(step, variant(cfg, step, data), seeds):
-            final, cost = train(name, scfg)
-            evaluate(name, final, [mode, *([f"bootstrap@{p}" for p in bootstrap] if step == "SFT" else [])],
-                     train=cost)
-    if not table:  # nothing was ranked: the baselines on the merged rows' lists (or every test list)
-        tabulate(set(next(iter(merged.values())).rankings) if merged else None, None)
-    tracking.log_compare(run, table, out)
-    return table
+            final, cost = c.train(name, scfg)
+            c.evaluate(name, final, [scfg.train.eval_mode], data_dir=vdata, train=cost)
+    for step in (n for n in s.ladder if n in WEIGHTS):
+        for name, scfg in seeded(step, variant(cfg, step, data), s.seeds):
+            final, cost = c.train(name, scfg)
+            c.evaluate(name, final, [s.mode, *([f"bootstrap@{p}" for p in s.bootstrap] if step == "SFT" else [])],
+                       train=cost)
+    if not c.table:  # nothing was ranked: the baselines on the merged rows' lists (or every test list)
+        c.tabulate(set(next(iter(c.merged.values())).rankings) if c.merged else None, None)
+    tracking.log_compare(run, c.table, out)
+    return c.table
 
 
 def _header(cfg: Config, mode: str, limit: int | None) -> str:

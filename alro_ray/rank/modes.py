@@ -3,7 +3,9 @@ with them and never loads a model (ranking.py documents the modes)."""
 
 from __future__ import annotations
 
-MODES = ("one-pass", "generate", "score")  # the modes rank_batch runs on ready prompts
+from alro_ray.config import RANK_MODES
+
+MODES = RANK_MODES  # the modes rank_batch runs on ready prompts (train.eval_mode takes them too)
 
 
 def parse_mode(mode: str) -> tuple[str, int]:

@@ -32,7 +32,7 @@ from alro_ray.config import Config
 from alro_ray.model.padding import left_pad, positions
 from alro_ray.model.score_head import HistoryLines, ScoreHead, scorer_of
 from alro_ray.rank.evaluation import prompt_ids
-from alro_ray.train.losses import LossTerms, score_rank_loss
+from alro_ray.train.losses import LossTerms, alro_loss, score_rank_loss
 
 log = logging.getLogger("alro_ray")
 READ_BATCH = 8  # prompts per forward when reading states (in the stored states' key: padding moves float sums)
@@ -183,8 +183,7 @@ def losses(head: ScoreHead, batch: StatesBatch, cfg) -> LossTerms:
     scores = CachedStates._scores(head, batch)
     rank = score_rank_loss(cfg.score_loss, scores, batch.ratings.to(scores.device), batch.gold.to(scores.device),
                            cfg.sigma)
-    zero = scores.new_zeros(())
-    return LossTerms(total=cfg.alpha * rank, sft=zero, rank=rank, perm=zero)
+    return alro_loss(None, rank, None, cfg.alpha, beta=0.0, sft_weight=0.0)
 
 
 def states_key(model, scorer, rows: Sequence[dict], pad_id: int, batch_size: int) -> str:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alro_ray.config import SCORE_LOSSES  # loss.score_loss's names, kept with the config
+
 __all__ = [
     "LossTerms",
     "alro_loss",
@@ -218,9 +220,6 @@ def plackett_luce_loss(scores: Tensor, order: Tensor) -> Tensor:
     return (tail - s).sum(dim=-1).mean()
 
 
-SCORE_LOSSES = ("lambda", "listnet", "plackett_luce")
-
-
 def score_rank_loss(name: str, scores: Tensor, relevance: Tensor, order: Tensor, sigma: float = 1.0) -> Tensor:
     """The ranking loss `loss.score_loss` names, on head scores [B,C] (higher = better):
     lambda (the soft lambda loss of eqs. 2-4 with f = the scores), listnet or plackett_luce."""
@@ -335,26 +334,30 @@ class LossTerms:
     perm: Tensor
 
 
-def alro_loss(sft: Tensor, rank: Tensor | None, perm: Tensor | None, alpha: float, beta: float) -> LossTerms:
-    """total = sft + alpha*rank + beta*perm.
+def alro_loss(sft: Tensor | None, rank: Tensor | None, perm: Tensor | None, alpha: float, beta: float,
+              sft_weight: float = 1.0) -> LossTerms:
+    """total = sft_weight*sft + alpha*rank + beta*perm: eq. 7 at sft_weight 1 (the generative
+    objective); the score objective weights SFT as an auxiliary (loss.sft_weight, often 0).
 
-    A term whose weight is 0 is left out of total entirely (so a NaN in an unused
-    term cannot poison it) and may be passed as None; None with a nonzero weight
-    is an error.
+    The one place the weighted total is composed. A term whose weight is 0 is left out of total
+    entirely (so a NaN in an unused term cannot poison it) and may be passed as None; None with
+    a nonzero weight is an error. Reported terms that were not computed are zeros.
     """
-    zero = sft.new_zeros(())
-    total = sft
-    if alpha != 0:
-        if rank is None:
-            raise ValueError(f"alro_loss: alpha={alpha} but no rank loss was computed")
-        total = total + alpha * rank
-    if beta != 0:
-        if perm is None:
-            raise ValueError(f"alro_loss: beta={beta} but no permutation loss was computed")
-        total = total + beta * perm
+    parts = []
+    for name, weight, term in (("sft_weight", sft_weight, sft), ("alpha", alpha, rank), ("beta", beta, perm)):
+        if weight == 0:
+            continue
+        if term is None:
+            raise ValueError(f"alro_loss: {name}={weight} but that loss was not computed")
+        parts.append(term if weight == 1 else weight * term)
+    given = next(t for t in (sft, rank, perm) if t is not None)
+    zero = given.new_zeros(())
+    total = parts[0] if parts else 0.0 * given  # every weight 0: a zero that still back-propagates
+    for part in parts[1:]:
+        total = total + part
     return LossTerms(
         total=total,
-        sft=sft,
+        sft=zero if sft is None else sft,
         rank=zero if rank is None else rank,
         perm=zero if perm is None else perm,
     )

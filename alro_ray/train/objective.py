@@ -264,11 +264,10 @@ def score_losses(model, batch: TrainBatch, cfg: LossConfig, pad_id: int, header_
     sft = sft_loss(orig.logits, orig.labels_mask, orig.ids)
     rank = score_rank_loss(cfg.score_loss, scores, batch.ratings.to(scores.device), batch.gold.to(scores.device),
                            cfg.sigma)
-    total = cfg.alpha * rank + (cfg.sft_weight * sft if cfg.sft_weight else 0.0)
     perm = None
     if cfg.beta > 0:
         permuted = map_scores_to_items(scorer.head(tails[1].hidden, orig.history, lines),
                                        batch.perm_order.to(scores.device))
         perm = score_consistency_loss(scores, permuted, detach_reference=cfg.detach_reference)
-        total = total + cfg.beta * perm
-    return LossTerms(total=total, sft=sft.detach(), rank=rank, perm=sft.new_zeros(()) if perm is None else perm)
+    terms = alro_loss(sft, rank, perm, cfg.alpha, cfg.beta, sft_weight=cfg.sft_weight)
+    return dataclasses.replace(terms, sft=sft.detach())  # SFT is reported, trained only at sft_weight > 0
