@@ -14,7 +14,6 @@ A checkpoint alone is enough to rank: nothing else from the training run is read
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Sequence
 from alro_ray.config import Config, from_dict, read_yaml, save_config
 from alro_ray.compat import check_ranker_tokenizer
 from alro_ray.errors import AlroError
+from alro_ray.files import write_json
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import Item, render_prefix, render_suffix
 from alro_ray.data.dataset import PreparedStats
@@ -54,7 +54,7 @@ def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: Prepa
         info.hints = list(stats.hints)
     write_ranker_info(info, out)
     if history is not None:
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+        write_json(out / "history.json", history)
     return out
 
 
@@ -120,24 +120,35 @@ class Ranker:
 
 
 def load_ranker(path: str | Path, device: str = "cpu", dtype=None) -> Ranker:
-    # torch, peft, transformers: only where a ranker is loaded (the CLI and Serve's ingress import this module)
+    # torch, peft: only where a ranker is loaded (the CLI and Serve's ingress import this module)
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from alro_ray.model.loading import load_base_model  # imports torch, as above
+
+    read_ranker_info(path)  # first: a directory that is no ranker checkpoint is refused by name
+    cfg = from_dict(Config, read_yaml(Path(path) / "config.yaml"))
+    base = load_base_model(cfg.model, dtype or torch.float32)
+    model = PeftModel.from_pretrained(base, Path(path) / "adapter").to(device).eval()
+    return build_ranker(model, path, device, dtype)
+
+
+def build_ranker(model, path: str | Path, device: str = "cpu", dtype=None, label: str | None = None) -> Ranker:
+    """The Ranker of checkpoint `path` on `model`, a PEFT model that already holds its adapter
+    (`load_ranker`; Serve puts several adapters on one base model): the checkpoint's tokenizer,
+    the tokenizer check, its score head and hints. `label` names it in errors (default: the path)."""
+    from transformers import AutoTokenizer  # heavy: only where a ranker is loaded, as above
+
     from alro_ray.model.score_head import load_scorer  # imports torch, as above
 
-    info = read_ranker_info(path)
     path = Path(path)
+    info = read_ranker_info(path)
     cfg = from_dict(Config, read_yaml(path / "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = load_base_model(cfg.model, dtype or torch.float32)
-    model = PeftModel.from_pretrained(base, path / "adapter").to(device).eval()
     rank_tok = RankTokenizer(tokenizer, info.candidates)
-    check_ranker_tokenizer(path, rank_tok.identifier_ids, info)
+    check_ranker_tokenizer(label or path, rank_tok.identifier_ids, info)
     scorer = load_scorer(path, info, rank_tok, device, dtype)
     return Ranker(model, tokenizer, rank_tok, info, cfg, scorer, load_hints(path, info))
 

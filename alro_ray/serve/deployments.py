@@ -16,12 +16,10 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from alro_ray.config import Config, ModelConfig, from_dict, read_yaml
-from alro_ray.compat import check_ranker_tokenizer
+from alro_ray.config import ModelConfig, from_dict
 from alro_ray.data.prompts import Item
-from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.errors import NonFiniteError
-from alro_ray.rank.ranker import FUSION_FITS, FUSION_HINTS, Ranker, load_hints
+from alro_ray.rank.ranker import FUSION_FITS, FUSION_HINTS, Ranker, build_ranker
 from alro_ray.rank.fusion import fuse, fused_order
 from alro_ray.serve.http import make_fastapi_app, nonfinite_scores
 from alro_ray.serve.registry import AdapterEntry
@@ -121,9 +119,6 @@ class RankerDeployment:
     def _attach(self, name: str) -> None:
         """Load adapter `name` into the shared model (caller holds the lock)."""
         from peft import PeftModel  # heavy: the ranker's process only
-        from transformers import AutoTokenizer
-
-        from alro_ray.model.score_head import load_scorer  # imports torch
 
         entry = self.registry[name]
         self._evicted.discard(name)
@@ -148,16 +143,8 @@ class RankerDeployment:
                 self.peft.delete_adapter(old)
                 self.rankers.pop(old, None)
             self._evicted.discard(old)
-        if name not in self.rankers:
-            tok = AutoTokenizer.from_pretrained(Path(entry.path) / "tokenizer")
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            rank_tok = RankTokenizer(tok, entry.candidates)
-            check_ranker_tokenizer(f"adapter {name!r}", rank_tok.identifier_ids, entry.info)
-            cfg = from_dict(Config, read_yaml(Path(entry.path) / "config.yaml"))
-            scorer = load_scorer(entry.path, entry.info, rank_tok, self.device, self.dtype)  # its own head, if any
-            self.rankers[name] = Ranker(self.peft, tok, rank_tok, entry.info, cfg, scorer,
-                                        load_hints(entry.path, entry.info))  # data.hints, if trained with them
+        if name not in self.rankers:  # its tokenizer, score head and hints on the shared model
+            self.rankers[name] = build_ranker(self.peft, entry.path, self.device, self.dtype, f"adapter {name!r}")
         self.loaded = sorted(self.peft.peft_config)  # a new list: stats() reads it without the lock
         log.info("adapter %r ready (loaded: %s)", name, self.loaded)
 
