@@ -11,17 +11,19 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 from ray import serve
 
 from alro_ray.config import ModelConfig, from_dict
-from alro_ray.data.prompts import Item
 from alro_ray.errors import NonFiniteError
 from alro_ray.rank.ranker import FUSION_FITS, FUSION_HINTS, Ranker, build_ranker
 from alro_ray.rank.fusion import fuse, fused_order
-from alro_ray.serve.http import make_fastapi_app, nonfinite_scores
+from alro_ray.serve.contract import Fusion, RankFailure, RankJob, RankOutcome
+from alro_ray.serve.http import make_fastapi_app
+from alro_ray.serve.routes import nonfinite_scores
 from alro_ray.serve.registry import AdapterEntry
 from alro_ray.serve.schemas import safe_text
 from alro_ray.serve.settings import ServeSettings
@@ -162,108 +164,103 @@ class RankerDeployment:
 
     # -- ranking -------------------------------------------------------------------------------
 
-    async def rank(self, payload: dict) -> dict:
-        """payload: adapter, mode, history [[title, attributes, rating]], candidates [[title, attributes]].
-
-        Returns {"order": prompt positions best first, "scores": per position, "batch_size"} or
-        {"error", "status"} for a request that cannot be ranked (the rest of its batch still is).
-        """
-        name = payload.get("adapter")
-        if name not in self.registry:
-            return {"error": f"unknown adapter {safe_text(name, 80)!r}", "status": 404}
-        await self.get_adapter(name)
-        if name in self.broken:
-            return {"error": self.broken[name], "status": 500}
-        return await self._batched(payload)
+    async def rank(self, job: RankJob) -> RankOutcome | RankFailure:
+        """Rank one request; a request that cannot be ranked gets a RankFailure (the rest of its
+        batch still is ranked)."""
+        if job.adapter not in self.registry:
+            return RankFailure(404, f"unknown adapter {safe_text(job.adapter, 80)!r}")
+        await self.get_adapter(job.adapter)
+        if job.adapter in self.broken:
+            return RankFailure(500, self.broken[job.adapter])
+        return await self._batched(job)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, payloads: list[dict]) -> list[dict]:
+    async def _batched(self, jobs: list[RankJob]) -> list[RankOutcome | RankFailure]:
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self._run_batch, payloads)
+        out = await asyncio.to_thread(self._run_batch, jobs)
         with self._stats_lock:
             self.busy_s += time.perf_counter() - t0
         return out
 
-    def _run_batch(self, payloads: list[dict]) -> list[dict]:
-        n = len(payloads)
+    def _run_batch(self, jobs: list[RankJob]) -> list[RankOutcome | RankFailure]:
+        """Render every request, then rank each group of the same adapter, mode and candidate
+        count in one forward pass."""
+        n = len(jobs)
         with self._stats_lock:
             self.batch_sizes[n] += 1
             self.requests += n
-        results: list[dict | None] = [None] * n
-        classical: dict[int, list[float]] = {}  # request -> the classical scores it fuses with
-        groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
-        for i, p in enumerate(payloads):
-            try:
-                ranker = self.rankers.get(p["adapter"])
-                if ranker is None:  # evicted between load and batch: load it again
-                    with self._lock:
-                        self._attach(p["adapter"])
-                    ranker = self.rankers[p["adapter"]]
-                c = len(p["candidates"])
-                if not 2 <= c <= ranker.candidates:
-                    results[i] = {"error": f"adapter {p['adapter']!r} ranks 2 to {ranker.candidates} "
-                                           f"candidates, got {c}", "status": 422}
-                    continue
-                if p["mode"] == "score" and ranker.scorer is None:
-                    results[i] = {"error": f"adapter {p['adapter']!r} has no score head, so it cannot rank in mode "
-                                           f"'score': choose another mode or an adapter trained with "
-                                           f"model.head.kind linear or mlp", "status": 422}
-                    continue
-                history = [(Item(t, a), r) for t, a, r in p["history"]]
-                # Hints (a ranker trained with data.hints): the request's own values, else the saved fit's
-                # by candidate id ("none" for unknown ids); MF's user part from history items with ids.
-                notes = ranker.hint_notes(p.get("candidate_ids") or [None] * c, p.get("candidate_hints"),
-                                          p.get("history_ids") or [], [r for _, _, r in p["history"]])
-                ids = ranker.prompt_ids(history, [Item(t, a) for t, a in p["candidates"]], notes)
-                if p.get("fusion"):
-                    values = ranker.classical_scores(p["fusion"]["classical"], p.get("candidate_ids") or [None] * c,
-                                                     p.get("candidate_hints"), p.get("history_ids") or [],
-                                                     [r for _, _, r in p["history"]])
-                    if all(v is None for v in values):
-                        results[i] = {"error": no_classical_scores(p["fusion"]["classical"]), "status": 422}
-                        continue
-                    classical[i] = unknown_as_mean(values)
-            except Exception as e:  # a bug or a broken checkpoint: fail this request only
-                log.exception("cannot prepare a request")
-                results[i] = {"error": f"internal error preparing the request: {type(e).__name__}", "status": 500}
-                continue
-            if len(ids) > self.settings.max_prompt_tokens:
-                results[i] = {"error": f"the rendered prompt has {len(ids)} tokens, limit "
-                                       f"{self.settings.max_prompt_tokens}: shorten history or titles",
-                              "status": 422}
-                continue
-            groups[(p["adapter"], p["mode"], c)].append((i, ids))
+        results: list[RankOutcome | RankFailure | None] = [None] * n
+        groups: dict[tuple[str, str, int], list[tuple[int, _Prompt]]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            prompt = self._prepare(job)
+            if isinstance(prompt, RankFailure):
+                results[i] = prompt
+            else:
+                groups[(job.adapter, job.mode, len(job.candidates))].append((i, prompt))
         for (name, mode, c), members in groups.items():
-            members.sort(key=lambda m: len(m[1]))  # less padding
-            try:
-                with self._lock:
-                    if name not in self.peft.peft_config:
-                        self._attach(name)
-                    if name in self.broken:  # reloaded in this batch and found broken
-                        raise NonFiniteError(self.broken[name])
-                    self.peft.set_adapter(name)
-                    orders, scores = self.rankers[name].rank([ids for _, ids in members], mode, c)
-                if not all(math.isfinite(s) for row in scores for s in row):  # in case a path did not raise
-                    raise NonFiniteError(nonfinite_scores(name))
-            except NonFiniteError as e:  # a broken adapter or model: never an order from noise
-                log.error("adapter %r: %s", name, e)
-                for i, _ in members:
-                    results[i] = {"error": self.broken.get(name) or nonfinite_scores(name), "status": 500}
-                continue
-            except Exception as e:  # fail this group only; the rest of the batch is answered
-                log.exception("ranking a group of %d failed", len(members))
-                for i, _ in members:
-                    results[i] = {"error": f"internal error while ranking: {type(e).__name__}", "status": 500}
-                continue
-            with self._stats_lock:
-                self.group_sizes[len(members)] += 1
-            for (i, _), order, score in zip(members, orders, scores):
-                results[i] = {"order": order, "scores": score, "batch_size": n}
-                if i in classical:
-                    f = payloads[i]["fusion"]
-                    results[i].update(order=fused_order(score, classical[i], f["weight"], f["method"]),
-                                      scores=fuse(score, classical[i], f["weight"], f["method"]).tolist(), fusion=f)
+            members.sort(key=lambda m: len(m[1].ids))  # less padding
+            ranked = self._rank_group(name, mode, c, [prompt.ids for _, prompt in members])
+            for (i, prompt), result in zip(members, ranked):
+                results[i] = result if isinstance(result, RankFailure) else prompt.outcome(*result, batch_size=n)
         return results
+
+    def _ranker_for(self, name: str) -> Ranker:
+        ranker = self.rankers.get(name)
+        if ranker is None:  # evicted between load and batch: load it again
+            with self._lock:
+                self._attach(name)
+            ranker = self.rankers[name]
+        return ranker
+
+    def _prepare(self, job: RankJob) -> "_Prompt | RankFailure":
+        """The request's prompt token ids (and classical scores, when it fuses), or why not."""
+        try:
+            ranker = self._ranker_for(job.adapter)
+            refused = _refusal(job, ranker)
+            if refused:
+                return refused
+            c = len(job.candidates)
+            # Hints (a ranker trained with data.hints): the request's own values, else the saved fit's
+            # by candidate id ("none" for unknown ids); MF's user part from history items with ids.
+            hint_args = (job.candidate_ids, job.candidate_hints or [None] * c, job.history_ids, job.history_ratings)
+            notes = ranker.hint_notes(*hint_args)
+            ids = ranker.prompt_ids(job.history, job.candidates, notes)
+            classical = None
+            if job.fusion:
+                values = ranker.classical_scores(job.fusion.classical, *hint_args)
+                if all(v is None for v in values):
+                    return RankFailure(422, no_classical_scores(job.fusion.classical))
+                classical = unknown_as_mean(values)
+        except Exception as e:  # a bug or a broken checkpoint: fail this request only
+            log.exception("cannot prepare a request")
+            return RankFailure(500, f"internal error preparing the request: {type(e).__name__}")
+        if len(ids) > self.settings.max_prompt_tokens:
+            return RankFailure(422, f"the rendered prompt has {len(ids)} tokens, limit "
+                                    f"{self.settings.max_prompt_tokens}: shorten history or titles")
+        return _Prompt(ids, job.fusion, classical)
+
+    def _rank_group(self, name: str, mode: str, c: int, prompts: list[list[int]]
+                    ) -> list[tuple[list[int], list[float]] | RankFailure]:
+        """(order, scores) per prompt from one forward pass of adapter `name`; a failure fails the group."""
+        try:
+            with self._lock:
+                if name not in self.peft.peft_config:
+                    self._attach(name)
+                if name in self.broken:  # reloaded in this batch and found broken
+                    raise NonFiniteError(self.broken[name])
+                self.peft.set_adapter(name)
+                orders, scores = self.rankers[name].rank(prompts, mode, c)
+            if not all(math.isfinite(s) for row in scores for s in row):  # in case a path did not raise
+                raise NonFiniteError(nonfinite_scores(name))
+        except NonFiniteError as e:  # a broken adapter or model: never an order from noise
+            log.error("adapter %r: %s", name, e)
+            return [RankFailure(500, self.broken.get(name) or nonfinite_scores(name))] * len(prompts)
+        except Exception as e:  # fail this group only; the rest of the batch is answered
+            log.exception("ranking a group of %d failed", len(prompts))
+            return [RankFailure(500, f"internal error while ranking: {type(e).__name__}")] * len(prompts)
+        with self._stats_lock:
+            self.group_sizes[len(prompts)] += 1
+        return list(zip(orders, scores))
 
     def stats(self) -> dict:
         import torch  # heavy: the ranker's process only
@@ -290,6 +287,33 @@ class RankerDeployment:
 
     def ping(self) -> str:
         return "ok"
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """A request ready to rank: its prompt token ids and, when it fuses, the classical scores."""
+
+    ids: list[int]
+    fusion: Fusion | None = None
+    classical: list[float] | None = None
+
+    def outcome(self, order: list[int], scores: list[float], batch_size: int) -> RankOutcome:
+        if self.fusion is None or self.classical is None:
+            return RankOutcome(order, scores, batch_size)
+        f = self.fusion
+        return RankOutcome(fused_order(scores, self.classical, f.weight, f.method),
+                           fuse(scores, self.classical, f.weight, f.method).tolist(), batch_size, f)
+
+
+def _refusal(job: RankJob, ranker: Ranker) -> RankFailure | None:
+    """What this adapter cannot rank: more candidates than it has letters, or `score` without a head."""
+    c = len(job.candidates)
+    if not 2 <= c <= ranker.candidates:
+        return RankFailure(422, f"adapter {job.adapter!r} ranks 2 to {ranker.candidates} candidates, got {c}")
+    if job.mode == "score" and ranker.scorer is None:
+        return RankFailure(422, f"adapter {job.adapter!r} has no score head, so it cannot rank in mode 'score': "
+                                f"choose another mode or an adapter trained with model.head.kind linear or mlp")
+    return None
 
 
 def no_classical_scores(classical: str) -> str:

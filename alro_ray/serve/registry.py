@@ -7,6 +7,7 @@ from alro_ray.config import read_yaml
 from alro_ray.errors import AlroError, ConfigError
 from alro_ray.model.ranker_info import RankerInfo, read_ranker_info
 from alro_ray.rank.fusion import read_fusion_defaults
+from alro_ray.serve.contract import Fusion
 
 
 @dataclass(frozen=True)
@@ -29,22 +30,21 @@ class AdapterEntry:
                 "domain_plural": i.domain_plural, "attribute_name": i.attribute_name,
                 "fusion_defaults": {k: {"weight": v["weight"], "method": v["method"]} for k, v in self.fusion.items()}}
 
-    def fusion_settings(self, mode: str, requested: dict) -> dict:
-        """A request's `fusion` with its weight (and method) filled in from the saved defaults when
+    def fusion_settings(self, mode: str, classical: str, weight: float | None, method: str | None) -> Fusion:
+        """A request's fusion with its weight (and method) filled in from the saved defaults when
         it names none; raises ValueError (a 422) when there is nothing to fill it with."""
-        if requested["weight"] is not None:
-            return {**requested, "method": requested["method"] or "score"}
-        key = f"{mode}/{requested['classical']}"
+        if weight is not None:
+            return Fusion(classical, weight, method or "score")
+        key = f"{mode}/{classical}"
         saved = self.fusion.get(key)
         if saved is None:
             raise ValueError(f"fusion names no weight and adapter {self.name!r} has none saved for mode {mode!r} "
-                             f"with {requested['classical']!r} (saved: {sorted(self.fusion) or 'none'}): pass "
-                             f"fusion.weight, or save one with `alro evaluate --fuse {requested['classical']} "
-                             f"--save-fusion`")
-        if requested["method"] not in (None, saved["method"]):
+                             f"with {classical!r} (saved: {sorted(self.fusion) or 'none'}): pass "
+                             f"fusion.weight, or save one with `alro evaluate --fuse {classical} --save-fusion`")
+        if method not in (None, saved["method"]):
             raise ValueError(f"adapter {self.name!r}'s saved weight for {key} was chosen for fusion method "
-                             f"{saved['method']!r}, not {requested['method']!r}: pass fusion.weight too")
-        return {**requested, "weight": saved["weight"], "method": saved["method"], "weight_from": "adapter"}
+                             f"{saved['method']!r}, not {method!r}: pass fusion.weight too")
+        return Fusion(classical, saved["weight"], saved["method"], weight_from="adapter")
 
 
 def _base_key(entry: AdapterEntry) -> dict:

@@ -1,0 +1,129 @@
+"""The ingress's routes: a request becomes a RankJob for the ranker deployment, its outcome the answer."""
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from alro_ray.data.prompts import Item
+from alro_ray.serve.contract import RankFailure, RankJob, RankOutcome
+from alro_ray.serve.registry import AdapterEntry
+from alro_ray.serve.retry import ReplicaLost, call_with_retry
+from alro_ray.serve.schemas import safe_text
+from alro_ray.serve.settings import ServeSettings
+
+log = logging.getLogger("alro_ray")
+
+LIMIT_KEYS = ("max_history", "max_title_chars", "max_attribute_chars", "max_id_chars", "max_body_bytes",
+              "max_prompt_tokens", "max_batch_size", "batch_wait_timeout_s")
+
+
+def json_error(status: int, message: str, detail: list | None = None) -> JSONResponse:
+    """Every error the service sends: `{"error": what is wrong, "detail": [...]}`."""
+    body: dict[str, Any] = {"error": safe_text(message, 2000)}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)
+
+
+def nonfinite_scores(adapter: str) -> str:
+    """The error body for a model that produced NaN/inf: an order from those scores would be noise."""
+    return (f"the ranker produced non-finite scores (NaN/inf): the adapter {adapter!r} is broken; "
+            f"retrain it (or replace its checkpoint) and restart the app; other adapters still answer")
+
+
+def rank_job(req, name: str, mode: str, entry: AdapterEntry) -> RankJob:
+    """The validated request as the ranker deployment takes it; raises ValueError (a 422) for a
+    fusion that has no weight to use."""
+    f = req.fusion
+    return RankJob(
+        adapter=name, mode=mode,
+        history=[(Item(h.title, h.attributes), h.rating) for h in req.history],
+        candidates=[Item(c.title, c.attributes) for c in req.candidates],
+        # for hints: the saved fit's values by id, unless the request passes its own
+        candidate_ids=[c.id for c in req.candidates],
+        candidate_hints=[c.hints.model_dump(exclude_none=True) if c.hints else None for c in req.candidates],
+        history_ids=[h.id for h in req.history],
+        fusion=entry.fusion_settings(mode, f.classical, f.weight, f.method) if f else None)
+
+
+async def ask_ranker(ranker, job: RankJob, settings: ServeSettings) -> RankOutcome | JSONResponse:
+    """The ranker's outcome, or the error answer: a replica lost for good (503), a failure the
+    ranker reported, a bug (500)."""
+    try:
+        out = await call_with_retry(lambda: ranker.options(multiplexed_model_id=job.adapter).rank.remote(job),
+                                    settings.retry_attempts, settings.retry_budget_s)
+    except ReplicaLost as e:  # the replica died and none came back in time
+        log.error("ranker lost under a request: %s", e)
+        return json_error(503, f"ranker unavailable: {e}; retry later")
+    except Exception as e:  # a bug in the ranker: this request only
+        log.exception("ranker call failed")
+        return json_error(500, f"internal error in the ranker: {type(e).__name__}")
+    if isinstance(out, RankFailure):
+        return json_error(out.status, out.error)
+    if not all(math.isfinite(s) for s in out.scores):  # the ranker checks this too: never an order
+        return json_error(500, nonfinite_scores(job.adapter))
+    return out
+
+
+def answer(out: RankOutcome, ids: list, name: str, mode: str) -> dict:
+    """The response body: candidate ids best first and each one's score."""
+    return {"ranking": [ids[j] for j in out.order],
+            "scores": {str(i): float(s) for i, s in zip(ids, out.scores)},
+            "adapter": name, "mode": mode, "fusion": out.fusion.echo() if out.fusion else None,
+            "batch_size": out.batch_size}
+
+
+def add_rank_route(app: FastAPI, settings: ServeSettings, registry: dict[str, AdapterEntry], ranker,
+                   schemas: dict[str, type], responses: dict) -> None:
+    RankRequest = schemas["RankRequest"]
+
+    @app.post("/rank", response_model=schemas["RankResponse"], responses=responses,
+              summary="Rank candidate items for a user history")
+    async def rank(req: RankRequest):
+        name = req.adapter if req.adapter is not None else settings.default_name
+        entry = registry.get(name)
+        if entry is None:
+            return json_error(404, f"unknown adapter {safe_text(name, 80)!r}; available: {sorted(registry)}")
+        if len(req.candidates) > entry.candidates:
+            return json_error(422, f"adapter {name!r} was trained with C={entry.candidates} identifiers: "
+                                   f"send 2 to {entry.candidates} candidates, got {len(req.candidates)}")
+        mode = req.mode or settings.default_mode
+        try:
+            job = rank_job(req, name, mode, entry)
+        except ValueError as e:
+            return json_error(422, str(e))
+        out = await ask_ranker(ranker, job, settings)
+        if isinstance(out, JSONResponse):
+            return out
+        return answer(out, [c.id for c in req.candidates], name, mode)
+
+
+def add_info_routes(app: FastAPI, settings: ServeSettings, registry: dict[str, AdapterEntry], ranker) -> None:
+    @app.get("/healthz", summary="Liveness: the ingress and a ranker replica answer")
+    async def healthz():
+        try:
+            await asyncio.wait_for(ranker.ping.remote(), timeout=10)
+        except Exception as e:
+            return json_error(503, f"ranker not ready: {type(e).__name__}")
+        return {"status": "ok"}
+
+    @app.get("/adapters", summary="Registered adapter names (request field `adapter`)")
+    async def adapters():
+        return {"default": settings.default_name, "default_mode": settings.default_mode,
+                "adapters": [e.public() for e in registry.values()]}
+
+    @app.get("/stats", summary="Batch-size histogram of one ranker replica")
+    async def stats():
+        try:
+            return await asyncio.wait_for(ranker.stats.remote(), timeout=10)
+        except Exception as e:
+            return json_error(503, f"ranker not ready: {type(e).__name__}")
+
+    @app.get("/limits", summary="Request limits in force")
+    async def limits():
+        return {k: getattr(settings, k) for k in LIMIT_KEYS} | {
+            "candidates": {e.name: e.candidates for e in registry.values()}}
