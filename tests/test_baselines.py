@@ -81,7 +81,7 @@ def test_random_is_seeded_per_user_and_independent_of_row_order():
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown baseline 'bpr'.*item-mean.*sasrec"):
         make_baseline("bpr")
-    assert set(BASELINES) == {"random", "popularity", "item-mean", "mf", "gru4rec", "sasrec"}
+    assert set(BASELINES) == {"random", "popularity", "item-mean", "mf", "gru4rec", "sasrec", "retriever"}
 
 
 # --- matrix factorization: two user groups with opposite tastes ----------------------------------
@@ -177,7 +177,7 @@ def test_sequential_context_stops_at_the_rows_history(chain_model, chain_data):
 # --- what the fit data need not hold -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(BASELINES))
+@pytest.mark.parametrize("name", [n for n in BASELINES if n != "retriever"])  # it reads no fit: below
 def test_candidates_and_users_unseen_at_fit_time_score(name):
     fit = interactions([(u, i, 1 + (u + i) % 5) for u in range(6) for i in range(8)])
     kw = {"epochs": 1} if name in ("mf", "gru4rec", "sasrec") else {}
@@ -185,6 +185,13 @@ def test_candidates_and_users_unseen_at_fit_time_score(name):
     for r in (row("0", ["x", "y", "3", "z"], history=[1, 2]), row("new", ["x", "y"], history=["w"])):
         s = model.score(r)
         assert s.shape == (len(r["candidate_ids"]),) and np.all(np.isfinite(s))
+
+
+def test_the_retriever_order_is_the_rows_own_scores():
+    model = make_baseline("retriever").fit(interactions([(0, 1, 5)]))
+    assert baseline_orders(model, [{"candidate_ids": ["a", "b", "c"], "retriever_scores": [0.2, 0.9, 0.2]}]) == [[1, 0, 2]]
+    with pytest.raises(ValueError, match="top-N protocol"):
+        model.score({"candidate_ids": ["a", "b"], "retriever_scores": []})
 
 
 def test_evaluate_baselines_on_a_prepared_directory(tmp_path):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from alro_ray.rank.metrics import (
+    list_metrics,
+    mean_metrics,
     dcg_at_k,
     kendall_tau,
     mean_ndcg,
@@ -84,6 +86,28 @@ def test_mean_ndcg_skips_and_counts_undefined():
 def test_mean_ndcg_default_ks_and_no_usable_list():
     out = mean_ndcg([[0, 0], [0]])
     assert out == {"ndcg@3": None, "ndcg@10": None, "ndcg@25": None, "lists": 0, "lists_undefined": 2}
+
+
+def test_top_n_metrics_by_hand():
+    """A top-N list of 4 candidates ranked [miss, rating 4, miss, rating 5] from a held-out set
+    {5, 4, 3}: the rating-3 item was never retrieved, so the ideal (31 + 15/log2 3 + 7/2 = 43.96395)
+    holds a gain the list cannot reach; DCG = 15/log2 3 + 31/log2 5 = 22.81492."""
+    m = list_metrics([0, 4, 0, 5], [5, 4, 3], "topn")
+    assert set(m) == {"ndcg@5", "ndcg@10", "ndcg@20", "recall@10", "hr@10", "mrr", "ndcg_within@10"}
+    assert m["ndcg@10"] == pytest.approx(22.81492 / 43.96395, abs=1e-6) == m["ndcg@5"] == m["ndcg@20"]
+    assert m["recall@10"] == pytest.approx(2 / 3) and m["hr@10"] == 1.0 and m["mrr"] == 0.5
+    # within the candidates the ideal is [5, 4, 0, 0]: 31 + 15/log2 3 = 40.46395
+    assert m["ndcg_within@10"] == pytest.approx(22.81492 / 40.46395, abs=1e-6)
+    # Nothing retrieved: every metric 0 (not undefined: the user had held-out items), within undefined.
+    assert list_metrics([0, 0, 0], [3], "topn") == {"ndcg@5": 0.0, "ndcg@10": 0.0, "ndcg@20": 0.0, "recall@10": 0.0,
+                                                     "hr@10": 0.0, "mrr": 0.0, "ndcg_within@10": None}
+    mean = mean_metrics([[0, 4, 0, 5], [0, 0, 0], [0, 0]], [[5, 4, 3], [3], [0]], "topn")
+    assert mean["ndcg@10"] == pytest.approx(22.81492 / 43.96395 / 2, abs=1e-6)
+    assert mean["ndcg_within@10"] == pytest.approx(22.81492 / 40.46395, abs=1e-6)  # the one list with a hit
+    assert (mean["lists"], mean["lists_undefined"]) == (2, 1)  # no held-out gain at all: undefined
+    # Rated: the targets are the list itself, so this is NDCG against the list's own ideal.
+    assert mean_metrics([[3, 5]], [[5, 3]])["ndcg@10"] == pytest.approx(ndcg_at_k([3, 5], 10))
+    assert ndcg_at_k([0, 4, 0, 5], 10, targets=[5, 4, 3]) == pytest.approx(m["ndcg@10"])
 
 
 def test_invalid_inputs():

@@ -29,7 +29,7 @@ def test_files_hold_every_method_on_the_same_users(tmp_path):
     assert rows["mf"]["ndcg@3"] == pytest.approx((0.58236 + 0.59754) / 2, abs=1e-5)
     assert table["mf"]["lists"] == 2
     frame = read_predictions(tmp_path / "predictions.parquet")
-    assert sorted(frame.columns) == ["method", "ranking", "ratings", "user"] and len(frame) == 8
+    assert sorted(frame.columns) == ["method", "ranking", "ratings", "targets", "user"] and len(frame) == 8
     assert list(frame[(frame.method == "llm-score") & (frame.user == "u2")]["ranking"].iloc[0]) == ["b", "c", "a"]
     assert ndcg_from_predictions(frame)["mf"] == pytest.approx(rows["mf"]["ndcg@10"])
     gaps = json.loads((tmp_path / "details.json").read_text())["intervals"]
@@ -74,3 +74,26 @@ def test_ranker_rows_are_named_by_variant_mode_and_baseline():
     assert out["llm-alro-generate"].info == {"tpq_seconds": 1.5, "train_samples": 4}
     score = ranker_results(preds.assign(mode="score"), "score", {"score": {"tpq_seconds": 0.1}}, {})
     assert set(score) == {"llm-score"}
+
+
+def test_top_n_tables_are_end_to_end_and_held_against_the_retriever(tmp_path):
+    """Under topn a list is scored against its whole held-out set (`targets`), the best llm- row
+    is held against `retriever`, the best fused- row against the best classical row."""
+    def topn(orders, info=None):
+        ratings = {"u1": {"a": 5.0, "b": 0.0, "c": 0.0}, "u2": {"a": 0.0, "b": 0.0, "c": 0.0}}
+        return MethodResult(orders, {u: [ratings[u][i] for i in o] for u, o in orders.items()}, info or {},
+                            {"u1": [5.0, 4.0], "u2": [3.0]})  # u1 held out two items, one retrieved; u2 one, missed
+    first = {"u1": ["a", "b", "c"], "u2": ["a", "b", "c"]}
+    last = {"u1": ["b", "c", "a"], "u2": ["a", "b", "c"]}
+    results = {"retriever": topn(last), "popularity": topn(first), "llm-x": topn(first), "fused-x-popularity": topn(first)}
+    table = write_results(tmp_path, results, "header", "topn", ["retriever", "popularity"])
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert set(rows["llm-x"]) == {"ndcg@5", "ndcg@10", "ndcg@20", "recall@10", "hr@10", "mrr", "ndcg_within@10"}
+    # u1: gain 31 at rank 1 against the ideal 31 + 15/log2 3; u2: nothing retrieved, 0 (counted).
+    assert rows["llm-x"]["ndcg@10"] == pytest.approx(31 / (31 + 15 / 1.5849625) / 2, abs=1e-6)
+    assert rows["llm-x"]["ndcg_within@10"] == 1.0 and table["llm-x"]["lists"] == 2
+    assert rows["retriever"]["mrr"] == pytest.approx((1 / 3 + 0) / 2)
+    best = {g["reference"]: g["method"] for g in json.loads((tmp_path / "details.json").read_text())["intervals"]
+            if g["best"]}
+    assert best == {"retriever": "llm-x", "popularity": "fused-x-popularity"}
+    assert read_results(tmp_path)["llm-x"].targets == {"u1": [5.0, 4.0], "u2": [3.0]}

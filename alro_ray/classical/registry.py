@@ -7,7 +7,7 @@ import numpy as np
 
 from alro_ray.classical.common import Baseline
 from alro_ray.classical.learned import GRU4RecBaseline, MFBaseline, SASRecBaseline
-from alro_ray.classical.simple import ItemMeanBaseline, PopularityBaseline, RandomBaseline
+from alro_ray.classical.simple import ItemMeanBaseline, PopularityBaseline, RandomBaseline, RetrieverOrderBaseline
 
 BASELINES: dict[str, type] = {
     "random": RandomBaseline,
@@ -16,6 +16,7 @@ BASELINES: dict[str, type] = {
     "mf": MFBaseline,
     "gru4rec": GRU4RecBaseline,
     "sasrec": SASRecBaseline,
+    "retriever": RetrieverOrderBaseline,  # top-N protocol only
 }
 
 

@@ -67,3 +67,23 @@ class ItemMeanBaseline:
 
     def score(self, row) -> np.ndarray:
         return lookup(self.means, candidate_ids(row), self.mu)
+
+
+class RetrieverOrderBaseline:
+    """The top-N protocol's candidates in the retriever's own order (its score of each candidate,
+    stored with the prepared row): the order a reranker has to beat."""
+
+    name = "retriever"
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def fit(self, interactions: pd.DataFrame) -> "RetrieverOrderBaseline":
+        return self
+
+    def score(self, row) -> np.ndarray:
+        scores = row.get("retriever_scores")
+        if scores is None or len(scores) != len(row["candidate_ids"]):
+            raise ValueError("the retriever baseline needs the top-N protocol's lists (data.protocol topn): "
+                             "these rows carry no retriever scores")
+        return np.asarray(scores, dtype=np.float64)

@@ -13,8 +13,10 @@ from alro_ray.config.data import (
     HINTS,
     MAX_CANDIDATES,
     MAX_RATING,
+    RETRIEVER_HINTS,
     DataConfig,
     GradingConfig,
+    RetrievalConfig,
     SyntheticConfig,
 )
 from alro_ray.config.loading import (
@@ -46,6 +48,8 @@ from alro_ray.config.sections import (
 from alro_ray.errors import ConfigError  # noqa: F401  (raised by everything above)
 
 __all__ = [
+    "RETRIEVER_HINTS",
+    "RetrievalConfig",
     "RANK_MODES",
     "SCORE_LOSSES",
     "DATASETS",

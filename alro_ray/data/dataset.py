@@ -28,6 +28,7 @@ from alro_ray.config import from_record
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import SampleRenderer
 from alro_ray.errors import DataError
+from alro_ray.files import write_json
 
 FORMAT = "alro-prepared-v1"
 
@@ -44,6 +45,12 @@ SAMPLE_SCHEMA = pa.schema(
         ("candidate_timestamps", pa.list_(pa.int64())),
         ("gold_order", _LIST_I32),
         ("perm_orders", pa.list_(_LIST_I32)),
+        # The list's whole held-out set, the ideal of end-to-end NDCG (rank/metrics.py): the
+        # candidates themselves under data.protocol rated, the window's positives under topn,
+        # retrieved or not. Older prepared directories lack the three: `read_split_table` fills them.
+        ("target_items", pa.list_(pa.string())),
+        ("target_ratings", pa.list_(pa.float64())),
+        ("retriever_scores", pa.list_(pa.float64())),  # topn: the retriever's score of each candidate
     ]
 )
 ROW_SCHEMA = pa.schema(
@@ -98,6 +105,16 @@ class PreparedStats:
     rating_scale: list[float] = field(default_factory=list)
     grading: dict[str, Any] = field(default_factory=dict)
     ratings_used: dict[str, int] = field(default_factory=dict)
+    # data.protocol; under topn (data/retrieval.py) also the held-out ratings per window, the
+    # retriever chosen and every setting's valid recall, the user sampling, each split's candidate
+    # recall (retrieved positives / held-out positives) and lists with a retrieved positive.
+    protocol: str = "rated"
+    holdout: int | None = None
+    retrieval: dict[str, Any] = field(default_factory=dict)
+    user_sampling: dict[str, Any] = field(default_factory=dict)
+    candidate_recall: dict[str, float] = field(default_factory=dict)
+    lists_with_a_positive: dict[str, int] = field(default_factory=dict)
+    lists_dropped: dict[str, int] = field(default_factory=dict)  # windows in = lists out + dropped (topn)
     seconds: float = 0.0
     format: str = FORMAT
 
@@ -126,7 +143,7 @@ def read_stats(data_dir: str | Path) -> PreparedStats:
 
 
 def write_stats(stats: PreparedStats, data_dir: str | Path) -> None:
-    (Path(data_dir) / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+    write_json(Path(data_dir) / "stats.json", stats.to_dict())
 
 
 def read_split_table(data_dir: str | Path, split: str) -> pa.Table:
@@ -134,7 +151,17 @@ def read_split_table(data_dir: str | Path, split: str) -> pa.Table:
     files = sorted((Path(data_dir) / split).glob("*.parquet"))
     if not files:
         return ROW_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    return with_targets(pa.concat_tables([pq.read_table(f) for f in files], promote_options="default"))
+
+
+def with_targets(table: pa.Table) -> pa.Table:
+    """Rows of a directory prepared before the top-N protocol: the candidates are the targets and
+    there is no retriever."""
+    if "target_ratings" in table.column_names:
+        return table
+    return (table.append_column("target_items", table["candidate_ids"])
+            .append_column("target_ratings", table["candidate_ratings"])
+            .append_column("retriever_scores", pa.array([[]] * len(table), pa.list_(pa.float64()))))
 
 
 def read_split(data_dir: str | Path, split: str) -> pd.DataFrame:

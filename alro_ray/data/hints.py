@@ -9,6 +9,9 @@ candidate line, e.g. `(A) title: X genres: Y mean rating: 4.1 (52 ratings) popul
   mf_rank          the candidate's place in its own list by that predicted rating (1 = highest):
                    one small integer at the line's end, which a head reads more easily than a
                    decimal (docs/method.md)
+  retriever_score  the top-N protocol's retriever score of the candidate (data/retrieval.py), from
+                   the prepared row (`retriever_scores`), as the retriever that chose the list gave it
+  retriever_rank   the candidate's place in the retriever's own order (1 = its best)
 
 Cross-fitted, like a stacked ensemble, by the baselines' own `fit` (one implementation of each):
   - held-out rows (valid, test) and Serve: the fit on all of fit_interactions.parquet, which never
@@ -40,11 +43,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alro_ray.classical.simple import ItemMeanBaseline, PopularityBaseline
-from alro_ray.config import HINTS
+from alro_ray.config import HINTS, RETRIEVER_HINTS
 from alro_ray.errors import ConfigError, DataError
 
 # The per-candidate values a hint line is made of (also what a Serve request may pass).
-VALUE_KEYS = ("mean_rating", "ratings", "popularity_rank", "mf_score")
+VALUE_KEYS = ("mean_rating", "ratings", "popularity_rank", "mf_score", "retriever_score")
 FILE = "hints.parquet"  # the held-out fit (evaluation, Serve, the ranker checkpoint)
 TRAIN_FILE = "hints_train-{}.parquet"  # the fits training rows were shown, one per fold
 MF_HINTS = ("mf_score", "mf_rank")
@@ -91,17 +94,25 @@ def render_hint(values: dict | None, names: Sequence[str]) -> str:
         elif name == "mf_rank":
             r = v.get("mf_rank")
             parts.append(f"MF rank: {'none' if r is None else int(r)}")
+        elif name == "retriever_score":
+            s = v.get("retriever_score")
+            parts.append(f"retriever score: {'none' if s is None else f'{s:.3g}'}")
+        elif name == "retriever_rank":
+            r = v.get("retriever_rank")
+            parts.append(f"retriever rank: {'none' if r is None else int(r)}")
     return " ".join(parts)
 
 
 def render_hints(values: Sequence[dict | None], names: Sequence[str]) -> list[str]:
-    """The hint text of each candidate of one list; mf_rank places the candidates that have an
-    mf_score by it (1 = highest, ties by list order), the others show "none"."""
+    """The hint text of each candidate of one list; mf_rank (retriever_rank) places the candidates
+    that have an mf_score (retriever_score) by it (1 = highest, ties by list order), the others
+    show "none"."""
     values = [dict(v) if v else {} for v in values]
-    if "mf_rank" in names:
-        scored = [j for j, v in enumerate(values) if v.get("mf_score") is not None]
-        for place, j in enumerate(sorted(scored, key=lambda j: -values[j]["mf_score"]), start=1):
-            values[j]["mf_rank"] = place
+    for rank, score in (("mf_rank", "mf_score"), ("retriever_rank", "retriever_score")):
+        if rank in names:
+            scored = [j for j, v in enumerate(values) if v.get(score) is not None]
+            for place, j in enumerate(sorted(scored, key=lambda j: -values[j][score]), start=1):
+                values[j][rank] = place
     return [render_hint(v, names) for v in values]
 
 
@@ -160,7 +171,11 @@ class HintModel:
         """Hint text per candidate of a row, in its candidate order; MF's user part from `rated`
         (items, ratings), else from the row's shown history."""
         items, ratings = rated or (row["history_items"], row["history_ratings"])
-        return render_hints(self.values(row["candidate_ids"], items, ratings), self.names)
+        values = self.values(row["candidate_ids"], items, ratings)
+        retrieved = row.get("retriever_scores")
+        if retrieved is not None and len(retrieved) and set(self.names) & set(RETRIEVER_HINTS):
+            values = [{**(v or {}), "retriever_score": float(s)} for v, s in zip(values, retrieved)]
+        return render_hints(values, self.names)
 
     # -- disk -----------------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from alro_ray.errors import DataError
 from alro_ray.model.loading import load_tokenizer
 from alro_ray.data import hints as hint_fit
 from alro_ray.data.dataset import ROW_SCHEMA, SAMPLE_SCHEMA, PreparedStats, write_stats
-from alro_ray.data.prompts import SampleRenderer, neutralise, render_response
+from alro_ray.data.prompts import SampleRenderer, render_response, shown_text
+from alro_ray.data.retrieval import topn_samples
 from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.data.sources import SourceData, read_source
 from alro_ray.data.tokenize import RankTokenizer
@@ -62,17 +63,13 @@ def item_table(source: SourceData, cfg: Config) -> tuple[dict[str, tuple[str, st
     neutralised (`prompts.neutralise`), over-long text cut. Also the counts of titles and
     attributes neutralised and of titles cut."""
     d = cfg.data
-    name = neutralise(source.attribute_name)[0]
 
-    def shown(col: pd.Series) -> tuple[pd.Series, int]:
-        pairs = [neutralise(text, name) for text in col.astype(str)]
-        return pd.Series([t.strip() for t, _ in pairs], dtype=str), sum(n > 0 for _, n in pairs)
+    def shown(col: pd.Series, limit: int) -> tuple[list[str], int, int]:
+        texts = [shown_text(text, limit, source.attribute_name) for text in col.astype(str)]
+        return [t.text for t in texts], sum(t.neutralised > 0 for t in texts), sum(t.cut for t in texts)
 
-    titles, titles_neutralised = shown(source.items["title"])
-    attrs, attributes_neutralised = shown(source.items["attributes"])
-    cut = int((titles.str.len() > d.max_title_chars).sum())
-    titles = titles.str.slice(0, d.max_title_chars)
-    attrs = attrs.str.slice(0, d.max_attribute_chars)
+    titles, titles_neutralised, cut = shown(source.items["title"], d.max_title_chars)
+    attrs, attributes_neutralised, _ = shown(source.items["attributes"], d.max_attribute_chars)
     counts = {"titles_truncated": cut, "titles_neutralised": titles_neutralised,
               "attributes_neutralised": attributes_neutralised}
     return dict(zip(source.items["item"], zip(titles, attrs))), counts
@@ -146,44 +143,29 @@ def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
     d = cfg.data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The files below are rewritten in place: an earlier prepare's stats.json would vouch for a half
+    # rewritten directory if this one fails. It is written again last, atomically (write_stats).
+    (out / "stats.json").unlink(missing_ok=True)
     t0 = time.time()
     tokenizer_name = cfg.model.tokenizer or cfg.model.name
     # Fail on a tokenizer that splits an identifier before any work starts.
     tok = RankTokenizer(load_tokenizer(tokenizer_name, cfg.model.cache_dir), d.candidates)
 
     log.info("reading %s from %s", d.dataset, d.data_dir or "(generated)")
-    source = read_source(d.dataset, d.data_dir, d.on_bad_row, d.synthetic, d.rating_scale, d.grading)
+    source = read_source(d.dataset, d.data_dir, d.on_bad_row, d.synthetic, d.rating_scale, d.grading,
+                         d.allow_negative_timestamps)
     log.info("read %d interactions, %d items", source.rows_read, len(source.items))
     df, dropped_interactions = clean_interactions(source)
     items, text_counts = item_table(source, cfg)
 
-    need = d.history + d.candidates
     # Every user read is counted, also one whose every interaction was dropped above (count 0).
     counts = df.groupby("user").size().reindex(source.interactions["user"].unique(), fill_value=0)
-    kept = counts[counts >= need].index.tolist()
-    users_dropped = {f"fewer than H+C={need} interactions": int((counts < need).sum())}
-    splits = assign_splits(kept, d.split, d.seed)
-    log.info("users: %d read, %d kept, %s", len(counts), len(kept), users_dropped)
-    if not kept:
-        raise DataError(f"no user has the {need} interactions a sample needs (H={d.history}, C={d.candidates})")
-
-    df = df[df["user"].isin(splits)].copy()
-    df["split"] = df["user"].map(splits)
-
     ensure_ray()
     quiet_ray_data(progress=True)
-    ds = ray.data.from_pandas(df)
-    # A few shuffle partitions per CPU: Ray Data's default (200) made the groupby the slowest phase
-    # on small data (MovieLens 100K: 15 s with 200, 8 s with 8; docs/benchmarks.md).
-    partitions = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
-    ds = ds.groupby("user", num_partitions=partitions).map_groups(
-        _user_group,
-        batch_format="pandas",
-        fn_kwargs=dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
-                       permutations=d.permutations, seed=d.seed),
-    ).materialize()  # shuffle done before the actor pool starts: with tokenize_actors == CPUs the
-    # actors would hold every CPU that the groupby's 1-CPU shuffle tasks wait for (a hang)
-    fit = fit_interactions(df, d.candidates)
+    if d.protocol == "topn":
+        ds, fit, users, protocol_stats = topn_users_and_samples(cfg, df, counts, out)
+    else:
+        ds, fit, users, protocol_stats = rated_users_and_samples(cfg, df, counts)
     hints, hint_stats = fit_prompt_hints(cfg, fit, ds, out)
     ds = ds.map_batches(
         RenderTokenize,
@@ -214,34 +196,85 @@ def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
         "dataset": d.dataset,
         "files": source.files,
         "interactions_read": source.rows_read,
-        "interactions_used": int(len(df)),
+        "interactions_used": int(len(df)) - users["interactions_unused"],
         "interactions_dropped": {**dropped_interactions,
-                                 "users with too few interactions": int(counts[counts < need].sum())},
+                                 "users with too few interactions": users["interactions_unused"]},
         "metadata_rows_skipped": {k: v for k, v in source.bad_rows.items() if k.startswith("metadata: ")},
         "users_read": int(len(counts)),
-        "users_kept": len(kept),
-        "users_dropped": users_dropped,
-        "users_per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
+        "users_kept": users["kept"],
+        "users_dropped": users["dropped"],
+        "users_per_split": users["per_split"],
         "rows": rows,
         "mean_prompt_tokens": prompt_tokens,
         **hint_stats,  # hints, hint_folds, hint_interactions, hint_train_interactions, hint_tokens_per_prompt
         **text_counts,  # titles_truncated, titles_neutralised, attributes_neutralised
         "rating_scale": list(d.rating_scale),
         "grading": source.grading,
-        "ratings_used": {f"{r:g}": int(n) for r, n in df["rating"].value_counts().sort_index().items()},
+        "ratings_used": {f"{r:g}": int(n) for r, n in users["ratings"].value_counts().sort_index().items()},
         "history": d.history,
         "candidates": d.candidates,
         "tokenizer": tokenizer_name,
         "identifier_ids": tok.identifier_ids,
         "domain_plural": d.domain_plural or source.domain_plural,
         "attribute_name": source.attribute_name,
+        **protocol_stats,  # protocol; under topn the retriever, its recall, the sampling
         "seconds": round(time.time() - t0, 2),
         "config": to_dict(cfg),
     })
-    write_stats(stats, out)
     save_config(cfg, out / "config.yaml")
+    write_stats(stats, out)  # last: the directory is complete
     log.info("wrote %s: rows %s, mean prompt tokens %s, %.1f s", out, rows, prompt_tokens, stats.seconds)
     return stats
+
+
+def rated_users_and_samples(cfg: Config, df: pd.DataFrame, counts: pd.Series) -> tuple[object, pd.DataFrame, dict, dict]:
+    """data.protocol rated: users with H + C ratings split 8:1:1, each list the C items a user
+    rated next (samples.py). Returns the samples (a materialized Ray dataset), what baselines and
+    hints may fit on, the users' counts, and the protocol's stats."""
+    import ray  # the Ray Data job runs only when data is prepared
+
+    d = cfg.data
+    need = d.history + d.candidates
+    kept = counts[counts >= need].index.tolist()
+    users_dropped = {f"fewer than H+C={need} interactions": int((counts < need).sum())}
+    splits = assign_splits(kept, d.split, d.seed)
+    log.info("users: %d read, %d kept, %s", len(counts), len(kept), users_dropped)
+    if not kept:
+        raise DataError(f"no user has the {need} interactions a sample needs (H={d.history}, C={d.candidates})")
+    df = df[df["user"].isin(splits)].copy()
+    df["split"] = df["user"].map(splits)
+    # A few shuffle partitions per CPU: Ray Data's default (200) made the groupby the slowest phase
+    # on small data (MovieLens 100K: 15 s with 200, 8 s with 8; docs/benchmarks.md).
+    partitions = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_pandas(df).groupby("user", num_partitions=partitions).map_groups(
+        _user_group,
+        batch_format="pandas",
+        fn_kwargs=dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
+                       permutations=d.permutations, seed=d.seed),
+    ).materialize()  # shuffle done before the actor pool starts: with tokenize_actors == CPUs the
+    # actors would hold every CPU that the groupby's 1-CPU shuffle tasks wait for (a hang)
+    users = {"kept": len(kept), "dropped": users_dropped, "ratings": df["rating"],
+             "per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
+             "interactions_unused": int(counts[counts < need].sum())}
+    return ds, fit_interactions(df, d.candidates), users, {"protocol": "rated"}
+
+
+def topn_users_and_samples(cfg: Config, df: pd.DataFrame, counts: pd.Series,
+                           out: Path) -> tuple[object, pd.DataFrame, dict, dict]:
+    """data.protocol topn (data/topn.py, data/retrieval.py): every rating feeds the retrievers;
+    a user with H + 2·holdout ratings gets a valid and a test list, every user with a training
+    window training lists. Returns what `rated_users_and_samples` does."""
+    d = cfg.data
+    ds, fit, stats = topn_samples(cfg, df, out)
+    per_user = ds.select_columns(["user", "split"]).to_pandas()
+    listed = set(per_user["user"])
+    users = {"kept": len(listed), "ratings": df["rating"], "interactions_unused": 0,
+             "dropped": {f"no list (fewer than H + holdout = {d.history + d.holdout} ratings, or no training "
+                         f"window kept)": int(len(counts) - len(listed))},
+             "per_split": {s: int(per_user.loc[per_user["split"] == s, "user"].nunique()) for s in SPLITS}}
+    log.info("top-N: users %d read, %d with lists, rows %s, candidate recall@%d %s", len(counts), len(listed),
+             per_user["split"].value_counts().to_dict(), d.candidates, stats["candidate_recall"])
+    return ds, fit, users, stats
 
 
 def fit_interactions(df: pd.DataFrame, candidates: int) -> pd.DataFrame:

@@ -108,6 +108,7 @@ def user_samples(
                 "candidate_timestamps": cand_times,
                 "gold_order": gold_order(cand_ratings, cand_times, cand_items),
                 "perm_orders": [draw_permutation(perm_rng, candidates) for _ in range(permutations)],
+                "target_items": cand_items, "target_ratings": cand_ratings, "retriever_scores": [],
             }
         )
     return rows

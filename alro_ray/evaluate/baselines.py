@@ -17,9 +17,10 @@ import pandas as pd
 
 from alro_ray.classical.registry import BASELINES, baseline_orders, check_names, make_baseline
 from alro_ray.data.dataset import read_split
-from alro_ray.rank.metrics import KS, mean_ndcg
+from alro_ray.rank.evaluation import summary, targets_of
 
-ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_ids", "candidate_ratings"]
+ROW_COLUMNS = ["user", "window", "history_items", "history_ratings", "candidate_ids", "candidate_ratings",
+               "target_ratings", "retriever_scores"]
 
 
 @dataclass
@@ -58,14 +59,13 @@ def run_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str 
 
 
 def evaluate_baselines(data_dir, names: Sequence[str] = tuple(BASELINES), split: str = "test",
-                       seed: int = 0, ks: Sequence[int] = KS,
-                       options: dict[str, dict] | None = None, users: set | None = None) -> dict[str, dict]:
-    """`run_baselines`, scored: {name: {"ndcg@k": ..., "fit_seconds", "tpq_seconds", "lists" (rows
-    with a defined NDCG)}}."""
+                       seed: int = 0, options: dict[str, dict] | None = None, users: set | None = None,
+                       protocol: str = "rated") -> dict[str, dict]:
+    """`run_baselines`, scored: {name: {"ndcg@k": ... (and the top-N protocol's metrics),
+    "fit_seconds", "tpq_seconds", "lists" (rows with defined metrics)}}."""
     out: dict[str, dict] = {}
     for name, run in run_baselines(data_dir, names, split, seed, options, users).items():
         rel = [[float(r["candidate_ratings"][j]) for j in o] for r, o in zip(run.rows, run.orders)]
-        m = mean_ndcg(rel, ks=tuple(ks))
-        out[name] = {**{f"ndcg@{k}": m[f"ndcg@{k}"] for k in ks},
-                     "fit_seconds": run.fit_seconds, "tpq_seconds": run.tpq_seconds, "lists": m["lists"]}
+        m = summary(rel, [targets_of(r) for r in run.rows], protocol)
+        out[name] = {**m, "fit_seconds": run.fit_seconds, "tpq_seconds": run.tpq_seconds}
     return out

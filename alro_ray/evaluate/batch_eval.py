@@ -10,7 +10,6 @@ Everything that can be wrong with the inputs is checked before an actor starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -32,8 +31,9 @@ from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.evaluate.baselines import evaluate_baselines
 from alro_ray.evaluate.fusion_fit import fuse_predictions
 from alro_ray.evaluate.report import write_report
+from alro_ray.files import write_json
 from alro_ray.model.ranker_info import read_ranker_info
-from alro_ray.rank.evaluation import ndcg_summary, prompt_ids, with_users
+from alro_ray.rank.evaluation import prompt_ids, summary, targets_of, with_users
 from alro_ray.rank.fusion import save_fusion_defaults
 from alro_ray.rank.metrics import position_bias
 from alro_ray.rank.modes import parse_mode
@@ -122,6 +122,7 @@ class RankActor:
                     "scores": [float(x) for x in (scores[k] if scores is not None else -rank_of_position)],
                     "predicted_ids": [ids[j] for j in order],
                     "predicted_ratings": [float(ratings[j]) for j in order],
+                    "target_ratings": targets_of(row),  # what the list is scored against
                     "rank_of_position": rank_of_position.tolist(),
                     "repaired": bool(fixed), "seconds": per_query,
                 })
@@ -154,13 +155,14 @@ def few_shot_prefix(ranker, data_dir: str, k: int, seed: int) -> list[int]:
     return ids
 
 
-def summarize(predictions: pd.DataFrame) -> dict[str, dict]:
-    """Per mode: NDCG@k, time per query, repair rate, position bias."""
+def summarize(predictions: pd.DataFrame, protocol: str = "rated") -> dict[str, dict]:
+    """Per mode: NDCG@k (and the top-N protocol's metrics), time per query, repair rate, position bias."""
     out = {}
     for mode, part in predictions.groupby("mode", sort=False):
-        summary = ndcg_summary([list(r) for r in part["predicted_ratings"]])
+        metrics = summary([list(r) for r in part["predicted_ratings"]], [list(t) for t in part["target_ratings"]],
+                          protocol)
         bias = position_bias(np.array([list(r) for r in part["rank_of_position"]]))
-        out[mode] = {**summary, "tpq_seconds": float(part["seconds"].mean()),
+        out[mode] = {**metrics, "tpq_seconds": float(part["seconds"].mean()),
                      "repair_rate": float(part["repaired"].mean()), "position_bias": bias}
     return out
 
@@ -214,15 +216,16 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
     write_frame(predictions, out / "predictions.parquet")
 
     metrics = {"checkpoint": str(checkpoint), "data": str(data), "split": s.split, "few_shot": s.few_shot,
-               "modes": summarize(predictions),
-               "baselines": evaluate_baselines(data, s.baselines, s.split, s.seed, users=set(predictions["user"]))}
+               "protocol": stats.protocol, "modes": summarize(predictions, stats.protocol),
+               "baselines": evaluate_baselines(data, s.baselines, s.split, s.seed, users=set(predictions["user"]),
+                                               protocol=stats.protocol)}
     if fusion_info:
         metrics["fusion"] = fusion_info
     if s.save_fusion:
         path = save_fusion_defaults(checkpoint, fusion_info, str(out.resolve()))
         metrics["fusion_saved"] = str(path)
         log.info("fusion weights saved in %s (Serve's default when a request names no weight)", path)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     write_report(metrics, out, history_path=Path(checkpoint) / "history.json")
     return metrics
 

@@ -159,7 +159,7 @@ class Comparison:
         header = _header(self.cfg, s.mode, first) + (
             f" Rows merged from {', '.join(map(str, s.merge))} (their settings: details.json, config-*.yaml)."
             if s.merge else "")
-        self.table = write_results(self.out, ordered, header)
+        self.table = write_results(self.out, ordered, header, self.cfg.data.protocol, s.baselines)
 
 
 def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings | None = None) -> dict[str, dict]:
@@ -170,6 +170,8 @@ def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings |
     checked to be the same). With nothing to rank (no ladder, no variants) the table holds the
     baselines and the merged rows: a way to put earlier runs' rows together."""
     s = settings or CompareSettings()
+    if cfg.data.protocol == "topn" and "retriever" not in s.baselines:  # the order a reranker has to beat
+        s = dataclasses.replace(s, baselines=("retriever", *s.baselines))
     unknown = [n for n in s.ladder if n not in LADDER]
     if unknown:
         raise AlroError(f"unknown ladder step(s) {unknown}; choose from {list(LADDER)}")
@@ -211,6 +213,9 @@ def _header(cfg: Config, mode: str, limit: int | None) -> str:
     t = cfg.train
     cap = f", at most {t.max_steps_per_epoch} steps of {t.num_workers}x{t.micro_batch}x{t.grad_accum} samples" \
         if t.max_steps_per_epoch else ""
-    return (f"Ladder ranking mode: {mode}. Data: {cfg.data.dataset}, H={cfg.data.history}, C={cfg.data.candidates}"
+    d = cfg.data
+    protocol = (f" Top-N: the retriever's top {d.candidates} of the catalogue, the last {d.holdout} ratings "
+                f"held out; NDCG end-to-end (ideal: the whole held-out set)." if d.protocol == "topn" else "")
+    return (f"Ladder ranking mode: {mode}. Data: {d.dataset}, H={d.history}, C={d.candidates}"
             f"{f', first {limit} test users' if limit else ''}; model {cfg.model.name}, {t.epochs} epoch(s){cap}, "
-            f"lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.")
+            f"lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.{protocol}")

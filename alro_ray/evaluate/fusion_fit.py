@@ -17,25 +17,28 @@ from alro_ray.classical.registry import make_baseline
 from alro_ray.data.dataset import read_split
 from alro_ray.errors import AlroError
 from alro_ray.rank.fusion import METHODS, fuse, fused_order
-from alro_ray.rank.metrics import mean_ndcg
+from alro_ray.rank.evaluation import targets_of
+from alro_ray.rank.metrics import mean_metrics
 
 GRID = tuple(i / 10 for i in range(11))
 
 
-def mean_ndcg_of(orders: Sequence[Sequence[int]], relevance: Sequence[Sequence[float]], k: int = 10) -> float:
-    """Mean NDCG@k of orders (prompt positions) given each list's relevance by prompt position."""
+def mean_ndcg_of(orders: Sequence[Sequence[int]], relevance: Sequence[Sequence[float]],
+                 targets: Sequence[Sequence[float]] | None = None) -> float:
+    """Mean NDCG@10 of orders (prompt positions) given each list's relevance by prompt position,
+    against each list's targets (default: the list itself; the top-N protocol's held-out sets)."""
     ranked = [[float(rel[j]) for j in o] for o, rel in zip(orders, relevance)]
-    return float(mean_ndcg(ranked, ks=(k,))[f"ndcg@{k}"] or 0.0)  # None: every list all-zero
+    return float(mean_metrics(ranked, targets if targets is not None else ranked)["ndcg@10"] or 0.0)  # None: all-zero
 
 
 def choose_weight(llm: Sequence, classical: Sequence, relevance: Sequence, method: str,
-                  grid: Sequence[float] = GRID, k: int = 10) -> tuple[float, dict[float, float]]:
-    """The grid weight with the highest mean NDCG@k over the lists (first on ties), and the curve."""
+                  grid: Sequence[float] = GRID, targets: Sequence | None = None) -> tuple[float, dict[float, float]]:
+    """The grid weight with the highest mean NDCG@10 over the lists (first on ties), and the curve."""
     if not len(llm) or len(llm) != len(classical) or len(llm) != len(relevance):
         raise AlroError(f"choosing a fusion weight needs the same non-zero number of LLM, classical and "
                         f"relevance lists, got {len(llm)}, {len(classical)}, {len(relevance)}")
-    curve = {float(w): mean_ndcg_of([fused_order(a, b, w, method) for a, b in zip(llm, classical)], relevance, k)
-             for w in grid}
+    curve = {float(w): mean_ndcg_of([fused_order(a, b, w, method) for a, b in zip(llm, classical)], relevance,
+                                    targets) for w in grid}
     best = max(curve.values())
     return next(w for w, v in curve.items() if v == best), curve
 
@@ -63,7 +66,8 @@ def fuse_predictions(data_dir: str | Path, valid: pd.DataFrame, test: pd.DataFra
             if v.empty:
                 raise AlroError(f"fusing {mode!r}: no valid-split predictions to choose the weight on")
             w, curve = choose_weight([list(x) for x in v["scores"]], [cls["valid"][u] for u in v["user"]],
-                                     [rows["valid"][u]["candidate_ratings"] for u in v["user"]], method, grid)
+                                     [rows["valid"][u]["candidate_ratings"] for u in v["user"]], method, grid,
+                                     [targets_of(rows["valid"][u]) for u in v["user"]])
             fused = f"fused-{mode}-{name}"
             info[fused] = {"mode": mode, "baseline": name, "method": method, "weight": w,
                            "valid_ndcg@10": curve[w], "valid_curve": curve, "valid_lists": len(v)}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from alro_ray.rank.metrics import KS
+from alro_ray.rank.metrics import METRIC_ORDER
 
 Column = tuple[str, Callable[[dict], str]]
 
@@ -24,12 +24,23 @@ LISTS = column("lists", "lists", "d")
 TPQ = column("TPQ s", "tpq_seconds", ".3f")
 
 
+def shown_metrics(rows) -> list[str]:
+    """The metrics any row holds, in METRIC_ORDER (the protocol decides which: rank/metrics.py)."""
+    return [k for k in METRIC_ORDER if any(k in m for m in rows)]
+
+
+def _title(key: str) -> str:
+    return key.replace("ndcg", "NDCG").replace("recall", "Recall").replace("hr@", "HR@").replace("mrr", "MRR")
+
+
 def ndcg_table(rows: dict[str, dict], extra: Sequence[Column] = (LISTS,)) -> str:
-    """The one NDCG table: a row per method, NDCG@k for every k in KS, then `extra` columns."""
-    head = ["method", *(f"NDCG@{k}" for k in KS), *(h for h, _ in extra)]
+    """The one metrics table: a row per method, its NDCG@k (and the top-N protocol's metrics),
+    then `extra` columns."""
+    keys = shown_metrics(rows.values())
+    head = ["method", *(_title(k) for k in keys), *(h for h, _ in extra)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in rows.items():
-        cells = [name, *(_cell(m.get(f"ndcg@{k}")) for k in KS), *(f(m) for _, f in extra)]
+        cells = [name, *(_cell(m.get(k)) for k in keys), *(f(m) for _, f in extra)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -86,10 +97,10 @@ def plot_ndcg(metrics: dict, path: Path) -> list[Path]:
     names = list(metrics.get("baselines", {})) + [f"ranker: {m}" for m in metrics["modes"]]
     values = [metrics["baselines"][n] for n in metrics.get("baselines", {})] + list(metrics["modes"].values())
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    width = 0.8 / len(KS)
-    for j, k in enumerate(KS):
-        ax.bar([i + j * width for i in range(len(names))], [v.get(f"ndcg@{k}") or 0 for v in values], width,
-               label=f"NDCG@{k}")
+    ks = [k for k in shown_metrics(values) if k.startswith("ndcg@")]
+    width = 0.8 / len(ks)
+    for j, k in enumerate(ks):
+        ax.bar([i + j * width for i in range(len(names))], [v.get(k) or 0 for v in values], width, label=_title(k))
     ax.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     return _save(fig, ax, "NDCG by method", path)
@@ -120,8 +131,8 @@ def plot_history(history: list[dict], path: Path) -> list[Path]:
     left.set_xlabel("epoch")
     left.set_title("training losses")
     left.legend()
-    for k in KS:
-        key = f"valid_ndcg@{k}"
+    for k in (k for k in METRIC_ORDER if k.startswith("ndcg@")):
+        key = f"valid_{k}"
         if any(key in h for h in history):
             right.plot(epochs, [h.get(key) for h in history], marker="o", label=key)
     right.set_xlabel("epoch")

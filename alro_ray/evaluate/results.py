@@ -2,14 +2,18 @@
 
 What `alro compare` writes (and docs/results/<dataset>/ keeps):
 
-  compare.json         {method: {"ndcg@3": .., "ndcg@10": .., "ndcg@25": ..}}
+  compare.json         {method: {"ndcg@3": .., "ndcg@10": .., "ndcg@25": ..}} (data.protocol rated);
+                       {method: {"ndcg@5", "ndcg@10", "ndcg@20" (end-to-end), "recall@10", "hr@10",
+                       "mrr", "ndcg_within@10"}} (topn; rank/metrics.py)
   predictions.parquet  one row per method and test user: method, user, ranking (candidate item
-                       ids, best first), ratings (their ratings in that order)
+                       ids, best first), ratings (their ratings in that order), targets (the
+                       ratings the list is scored against: its held-out set)
   details.json         per method: lists, seconds per query, training samples and wall time,
                        fusion weight; and the paired bootstrap intervals
   compare.md           the same as a table, with the intervals
 
-Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `sasrec`; a ranker
+Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `sasrec` (and under
+topn `retriever`, the candidates in the retriever's own order); a ranker
 `llm-<variant>`; a ranker fused with a classical model `fused-<variant>-<baseline>`; the same
 recipe trained with another train.seed (`alro compare --seeds`) `...<variant>-seed<s>...`.
 """
@@ -25,12 +29,15 @@ from typing import Sequence
 import pandas as pd
 
 from alro_ray.errors import AlroError
-from alro_ray.rank.metrics import KS, mean_ndcg, ndcg_at_k, paired_bootstrap
+from alro_ray.files import write_json
+from alro_ray.rank.evaluation import targets_of
+from alro_ray.rank.metrics import METRIC_ORDER, mean_metrics, ndcg_at_k, paired_bootstrap
 from alro_ray.evaluate.report import LISTS, TPQ, column, ndcg_table
 
 LLM, FUSED = "llm-", "fused-"
-# The targets of issue 11: the best ranker against item-mean, the best fused row against MF.
-REFERENCES = ((LLM, "item-mean"), (FUSED, "mf"))
+# What each protocol's best rows are held against: rated, item-mean and MF (issue 11); topn, the
+# retriever's own order and the best classical row (the top-N issue's targets).
+REFERENCES = {"rated": ((LLM, "item-mean"), (FUSED, "mf")), "topn": ((LLM, "retriever"), (FUSED, None))}
 SEED_ROW = re.compile(r"-seed\d+(?=-|$)")  # what `--seeds` adds to the rows of the later seeds
 
 
@@ -41,9 +48,13 @@ class MethodResult:
     rankings: dict[str, list[str]]  # user -> candidate item ids, best first
     ratings: dict[str, list[float]]  # user -> the candidates' ratings in that order
     info: dict = field(default_factory=dict)  # tpq_seconds, train_samples, train_seconds, fusion, ...
+    targets: dict[str, list[float]] = field(default_factory=dict)  # user -> held-out set; absent: the list
+
+    def target(self, user: str) -> list[float]:
+        return self.targets.get(user, self.ratings[user])
 
     def ndcg(self, users: Sequence[str], k: int = 10) -> list[float | None]:
-        return [ndcg_at_k(self.ratings[u], k) for u in users]
+        return [ndcg_at_k(self.ratings[u], k, self.target(u)) for u in users]
 
 
 def baseline_results(data_dir: str | Path, names: Sequence[str], split: str = "test", seed: int = 0,
@@ -56,7 +67,8 @@ def baseline_results(data_dir: str | Path, names: Sequence[str], split: str = "t
         pairs = list(zip(run.rows, run.orders))
         out[name] = MethodResult({r["user"]: [r["candidate_ids"][j] for j in o] for r, o in pairs},
                                  {r["user"]: [float(r["candidate_ratings"][j]) for j in o] for r, o in pairs},
-                                 {"fit_seconds": run.fit_seconds, "tpq_seconds": run.tpq_seconds})
+                                 {"fit_seconds": run.fit_seconds, "tpq_seconds": run.tpq_seconds},
+                                 {r["user"]: targets_of(r) for r, _ in pairs})
     return out
 
 
@@ -76,7 +88,7 @@ def ranker_results(predictions: pd.DataFrame, variant: str, modes: dict[str, dic
             info["fusion"] = {k: fusion[mode][k] for k in ("method", "weight", "valid_ndcg@10", "valid_lists")}
         out[name] = MethodResult(dict(zip(part["user"], map(list, part["predicted_ids"]))),
                                  dict(zip(part["user"], (list(map(float, r)) for r in part["predicted_ratings"]))),
-                                 info)
+                                 info, _targets(part, "target_ratings"))
     return out
 
 
@@ -90,16 +102,36 @@ def common_users(results: dict[str, MethodResult]) -> list[str]:
     return sorted(first)
 
 
-def metrics(results: dict[str, MethodResult], users: Sequence[str]) -> dict[str, dict]:
-    return {name: {**mean_ndcg([r.ratings[u] for u in users], ks=KS), **r.info} for name, r in results.items()}
+def _targets(part: pd.DataFrame, column: str) -> dict[str, list[float]]:
+    """user -> targets from a predictions frame; {} for files written before the top-N protocol."""
+    return dict(zip(part["user"], (list(map(float, t)) for t in part[column]))) if column in part else {}
 
 
-def intervals(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict]) -> list[dict]:
+def metrics(results: dict[str, MethodResult], users: Sequence[str], protocol: str = "rated") -> dict[str, dict]:
+    return {name: {**mean_metrics([r.ratings[u] for u in users], [r.target(u) for u in users], protocol), **r.info}
+            for name, r in results.items()}
+
+
+def references(protocol: str, table: dict[str, dict], classical: Sequence[str]) -> list[tuple[str, str]]:
+    """(prefix, reference row) pairs of the protocol; topn's fused rows are held against the best
+    classical row by NDCG@10 (the retriever included)."""
+    out = []
+    for prefix, ref in REFERENCES[protocol]:
+        if ref is None:
+            present = [n for n in classical if n in table and table[n].get("ndcg@10") is not None]
+            ref = max(present, key=lambda n: table[n]["ndcg@10"], default=None)
+        if ref is not None:
+            out.append((prefix, ref))
+    return out
+
+
+def intervals(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict],
+              refs: Sequence[tuple[str, str]]) -> list[dict]:
     """For each (prefix, reference): the best row with that prefix by test NDCG@10 minus the
     reference, mean over users with a 95% paired bootstrap interval. The best is picked on the test
     lists themselves, so its interval is a little optimistic; every other row is listed too."""
     out = []
-    for prefix, ref in REFERENCES:
+    for prefix, ref in refs:
         if ref not in results:
             continue
         b = results[ref].ndcg(users)
@@ -121,13 +153,14 @@ def seed_groups(names: Sequence[str]) -> dict[str, list[str]]:
     return {base: rows for base, rows in groups.items() if len(rows) > 1 and base in rows}
 
 
-def seed_means(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict]) -> list[dict]:
+def seed_means(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict],
+               refs: Sequence[tuple[str, str]]) -> list[dict]:
     """For each recipe with several seeds: its seeds' NDCG@10 (spread, mean) and the mean over its
     seeds of each list's NDCG@10 minus the reference's, with a 95% paired bootstrap interval: the
     recipe's level, where the best row (`intervals`) is its luckiest seed."""
     out = []
     for base, names in seed_groups(list(results)).items():
-        ref = next((r for prefix, r in REFERENCES if base.startswith(prefix)), None)
+        ref = next((r for prefix, r in refs if base.startswith(prefix)), None)
         if ref not in results:
             continue
         per_seed, b = [results[n].ndcg(users) for n in names], results[ref].ndcg(users)
@@ -139,18 +172,20 @@ def seed_means(results: dict[str, MethodResult], users: Sequence[str], table: di
     return out
 
 
-def write_results(out: Path, results: dict[str, MethodResult], header: str) -> dict[str, dict]:
-    """compare.json, predictions.parquet, details.json and compare.md in `out`; returns the table."""
+def write_results(out: Path, results: dict[str, MethodResult], header: str, protocol: str = "rated",
+                  classical: Sequence[str] = ()) -> dict[str, dict]:
+    """compare.json, predictions.parquet, details.json and compare.md in `out`; returns the table.
+    `classical`: the baseline rows (topn holds the best of them against the best fused row)."""
     users = common_users(results)
-    table = metrics(results, users)
-    gaps = intervals(results, users, table)
-    recipes = seed_means(results, users, table)
-    (out / "compare.json").write_text(json.dumps(
-        {n: {f"ndcg@{k}": m[f"ndcg@{k}"] for k in KS} for n, m in table.items()}, indent=2))
-    (out / "details.json").write_text(json.dumps({"users": len(users), "methods": table, "intervals": gaps,
-                                                  "seed_means": recipes}, indent=2, default=float))
-    frame = pd.DataFrame([{"method": n, "user": u, "ranking": r.rankings[u], "ratings": r.ratings[u]}
-                          for n, r in results.items() for u in users])
+    table = metrics(results, users, protocol)
+    refs = references(protocol, table, classical)
+    gaps = intervals(results, users, table, refs)
+    recipes = seed_means(results, users, table, refs)
+    write_json(out / "compare.json", {n: {k: m[k] for k in METRIC_ORDER if k in m} for n, m in table.items()})
+    write_json(out / "details.json", {"users": len(users), "methods": table, "intervals": gaps,
+                                      "seed_means": recipes}, default=float)
+    frame = pd.DataFrame([{"method": n, "user": u, "ranking": r.rankings[u], "ratings": r.ratings[u],
+                           "targets": r.target(u)} for n, r in results.items() for u in users])
     frame.to_parquet(out / "predictions.parquet", index=False)
     cols = [LISTS, TPQ, column("training samples", "train_samples", "d"),
             column("training wall (s)", "train_seconds", ".0f"), column("fusion weight", "fusion_weight", ".1f")]
@@ -180,10 +215,11 @@ def read_results(directory: str | Path) -> dict[str, MethodResult]:
         raise AlroError(f"{directory} holds no `alro compare` results (predictions.parquet, details.json): {e}") from None
     out = {}
     for name, part in frame.groupby("method", sort=False):
-        # details.json's metrics (ndcg@k, lists, lists_undefined) are recomputed where merged
-        info = {k: v for k, v in methods.get(name, {}).items() if not k.startswith(("ndcg@", "lists"))}
+        # details.json's metrics (ndcg@k, recall, lists, ...) are recomputed where merged
+        info = {k: v for k, v in methods.get(name, {}).items() if k not in METRIC_ORDER and not k.startswith("lists")}
         out[name] = MethodResult(dict(zip(part["user"], map(list, part["ranking"]))),
-                                 dict(zip(part["user"], (list(map(float, r)) for r in part["ratings"]))), info)
+                                 dict(zip(part["user"], (list(map(float, r)) for r in part["ratings"]))), info,
+                                 _targets(part, "targets"))
     return out
 
 
@@ -196,6 +232,11 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
 
 
 def ndcg_from_predictions(frame: pd.DataFrame, k: int = 10) -> dict[str, float]:
-    """Mean NDCG@k per method, recomputed from the ratings column (a reader's check)."""
-    return {m: mean_ndcg([list(r) for r in part["ratings"]], ks=(k,))[f"ndcg@{k}"]
-            for m, part in frame.groupby("method", sort=False)}
+    """Mean NDCG@k per method, recomputed from the ratings and targets columns (a reader's check)."""
+    out = {}
+    for m, part in frame.groupby("method", sort=False):
+        targets = part["targets"] if "targets" in part else part["ratings"]
+        values = [ndcg_at_k(list(r), k, list(t)) for r, t in zip(part["ratings"], targets)]
+        values = [v for v in values if v is not None]
+        out[m] = sum(values) / len(values) if values else None
+    return out

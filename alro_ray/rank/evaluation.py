@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from alro_ray.errors import NonFiniteError
-from alro_ray.rank.metrics import KS, mean_ndcg
+from alro_ray.rank.metrics import mean_metrics
 from alro_ray.rank.ranking import rank_batch
 
 
@@ -44,5 +44,14 @@ def ranked_relevance(rows: Sequence, orders: Iterable[Sequence[int]]) -> list[li
     return [[float(r["candidate_ratings"][j]) for j in order] for r, order in zip(rows, orders)]
 
 
-def ndcg_summary(relevance_lists: list[list[float]], ks: Sequence[int] = KS) -> dict:
-    return mean_ndcg(relevance_lists, ks=tuple(ks))
+def targets_of(row) -> list[float]:
+    """The ratings a list is scored against (data/dataset.py `target_ratings`): the window's
+    held-out set; a row prepared before the top-N protocol has only its candidates."""
+    targets = row.get("target_ratings") if hasattr(row, "get") else None
+    return [float(x) for x in (targets if targets is not None else row["candidate_ratings"])]
+
+
+def summary(relevance_lists: Sequence[Sequence[float]], target_lists: Sequence[Sequence[float]],
+            protocol: str = "rated") -> dict:
+    """The metrics of ranked lists against their targets (rank/metrics.py `mean_metrics`)."""
+    return mean_metrics(relevance_lists, target_lists, protocol)

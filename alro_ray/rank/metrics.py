@@ -1,6 +1,14 @@
-"""Evaluation metrics (spec §5): NDCG@k, position bias, time per query.
+"""Evaluation metrics (spec §5): NDCG@k, position bias, time per query; and the top-N protocol's.
 
 NDCG is written out (its gain and discount are the spec's); the rank correlations are scipy's.
+
+Every list is scored against its targets (the prepared row's `target_ratings`): under
+`data.protocol rated` those are the candidates themselves, so NDCG is normalised by the ideal
+order of the same list (the spec). Under `topn` they are the window's whole held-out set, so the
+ideal DCG counts held-out items the retriever missed (end-to-end NDCG: a retrieval miss costs),
+and a list without a retrieved positive scores 0, not "undefined". topn also reports recall@10
+(retrieved-and-ranked-in-the-top-10 positives / positives), HR@10 (any positive in the top 10),
+MRR (1 / rank of the first positive, 0 without one) and NDCG@10 within the candidates.
 """
 
 from __future__ import annotations
@@ -12,7 +20,12 @@ from scipy import stats
 
 from alro_ray.errors import NonFiniteError
 
-KS: tuple[int, ...] = (3, 10, 25)  # the NDCG cut-offs every table reports
+KS: tuple[int, ...] = (3, 10, 25)  # the NDCG cut-offs of the rated protocol's tables
+TOPN_KS: tuple[int, ...] = (5, 10, 20)  # ... and of the top-N protocol's (end-to-end)
+TOPN_AT = 10  # recall, HR and within-candidates NDCG cut-off
+# Every metric a table may show, in the order it shows them.
+METRIC_ORDER = ("ndcg@3", "ndcg@5", "ndcg@10", "ndcg@20", "ndcg@25", f"recall@{TOPN_AT}", f"hr@{TOPN_AT}", "mrr",
+                f"ndcg_within@{TOPN_AT}")
 
 
 def _relevance_array(relevance: Sequence[float]) -> np.ndarray:
@@ -49,18 +62,65 @@ def dcg_at_k(relevance_in_ranked_order: Sequence[float], k: int) -> float:
     return _dcg(_relevance_array(relevance_in_ranked_order), k)
 
 
-def ndcg_at_k(relevance_in_ranked_order: Sequence[float], k: int) -> float | None:
-    """NDCG@k against the ideal (descending) order of the same list, both truncated at k.
+def ndcg_at_k(relevance_in_ranked_order: Sequence[float], k: int,
+              targets: Sequence[float] | None = None) -> float | None:
+    """NDCG@k against the ideal (descending) order of `targets` (default: the same list), both
+    truncated at k.
 
-    Returns None when the ideal DCG@k is 0 (every gain is 0, or the list is empty):
+    Returns None when the ideal DCG@k is 0 (every target gain is 0, or there are none):
     NDCG is undefined there, and callers skip such lists and count them.
     """
     _check_k(k)
     rel = _relevance_array(relevance_in_ranked_order)
-    ideal = _dcg(np.sort(rel)[::-1], k)
+    best = rel if targets is None else _relevance_array(targets)
+    ideal = _dcg(np.sort(best)[::-1], k)
     if ideal <= 0.0:
         return None
     return _dcg(rel, k) / ideal
+
+
+def list_metrics(ranked: Sequence[float], targets: Sequence[float], protocol: str = "rated") -> dict | None:
+    """One list's metrics (module docstring) against its targets; None where undefined (no
+    target with a positive gain)."""
+    rel, best = _relevance_array(ranked), _relevance_array(targets)
+    if not np.any(best > 0):
+        return None
+    ks = TOPN_KS if protocol == "topn" else KS
+    out = {f"ndcg@{k}": ndcg_at_k(rel, k, best) for k in ks}
+    if protocol == "topn":
+        hits = np.flatnonzero(rel > 0)
+        out[f"recall@{TOPN_AT}"] = float(np.sum(rel[:TOPN_AT] > 0) / np.sum(best > 0))
+        out[f"hr@{TOPN_AT}"] = float(np.any(rel[:TOPN_AT] > 0))
+        out["mrr"] = float(1.0 / (hits[0] + 1)) if hits.size else 0.0
+        out[f"ndcg_within@{TOPN_AT}"] = ndcg_at_k(rel, TOPN_AT)  # None without a retrieved positive
+    return out
+
+
+def mean_metrics(ranked_lists: Iterable[Sequence[float]], target_lists: Iterable[Sequence[float]],
+                 protocol: str = "rated") -> dict:
+    """Each metric of `list_metrics` averaged over the lists where it is defined, with "lists"
+    (defined) and "lists_undefined" (no positive target: skipped); ndcg_within@10 averages the
+    lists with a retrieved positive only."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    used = undefined = 0
+    for ranked, targets in zip(ranked_lists, target_lists):
+        m = list_metrics(ranked, targets, protocol)
+        if m is None:
+            undefined += 1
+            continue
+        used += 1
+        for key, value in m.items():
+            if value is not None:
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+    names = [k for k in METRIC_ORDER if k.startswith("ndcg@") and int(k[5:]) in (TOPN_KS if protocol == "topn" else KS)]
+    if protocol == "topn":
+        names += [f"recall@{TOPN_AT}", f"hr@{TOPN_AT}", "mrr", f"ndcg_within@{TOPN_AT}"]
+    out: dict = {k: (sums[k] / counts[k] if counts.get(k) else None) for k in names}
+    out["lists"] = used
+    out["lists_undefined"] = undefined
+    return out
 
 
 def mean_ndcg(

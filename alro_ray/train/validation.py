@@ -10,7 +10,7 @@ import torch.distributed as dist
 from alro_ray.config import Config
 from alro_ray.data.dataset import PreparedStats
 from alro_ray.model.score_head import head_of, scorer_of
-from alro_ray.rank.evaluation import ndcg_summary, rank_rows, ranked_relevance
+from alro_ray.rank.evaluation import rank_rows, ranked_relevance, summary, targets_of
 from alro_ray.rank.ranking import refuse_nonfinite
 
 
@@ -39,10 +39,11 @@ def valid_rows(cfg: Config, stats: PreparedStats, rank: int, world: int) -> list
 
 def validate(model, cfg: Config, stats: PreparedStats, rank_tok, pad_id: int, rank: int, world: int,
              cached=None) -> dict:
-    """NDCG on this worker's share of the valid split, gathered over all workers. `cached`: that
+    """NDCG (and the top-N protocol's metrics) on this worker's share of the valid split, gathered
+    over all workers. `cached`: that
     share's states read by the frozen model (train/frozen.py), ranked by the head alone."""
     rows = cached.rows if cached is not None else valid_rows(cfg, stats, rank, world)
-    mine: list[list[float]] = []
+    mine: list[tuple[list[float], list[float]]] = []  # per list: ranked relevance, targets
     if rows:
         model.eval()
         with torch.no_grad():
@@ -54,11 +55,12 @@ def validate(model, cfg: Config, stats: PreparedStats, rank_tok, pad_id: int, ra
                 orders = rank_rows(model, rows, rank_tok.identifier_ids, pad_id, cfg.train.eval_mode,
                                    scorer=scorer_of(model, rank_tok))
         model.train()
-        mine = ranked_relevance(rows, orders)
+        mine = list(zip(ranked_relevance(rows, orders), map(targets_of, rows)))
     gathered = [None] * world
     if dist.is_initialized() and world > 1:
         dist.all_gather_object(gathered, mine)
     else:
         gathered = [mine]
-    summary = ndcg_summary([r for part in gathered for r in part])
-    return {f"valid_{k}": v for k, v in summary.items() if k.startswith("ndcg") and v is not None}
+    ranked, targets = zip(*[r for part in gathered for r in part]) if any(gathered) else ((), ())
+    metrics = summary(ranked, targets, stats.protocol)
+    return {f"valid_{k}": v for k, v in metrics.items() if k not in ("lists", "lists_undefined") and v is not None}
