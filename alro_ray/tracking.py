@@ -14,7 +14,10 @@ A run's id is kept in its output directory (`mlflow_run_id`), so a resumed run (
 logs into the same MLflow run. Everything goes through `MlflowClient` with explicit run ids, not
 mlflow's process-global active run: one process may hold several runs (a study and its trials).
 Starting a run fails loudly (before any training); a logging call that fails mid-run only warns,
-since a tracking server's hiccup must not cost a training run.
+since a tracking server's hiccup must not cost a training run. A URI's credentials (user:password@,
+query values such as tokens) never reach a log line, an error or a run param (`redact_uri`); the
+client itself gets the URI as given (MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN variables
+keep them out of config files too).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from alro_ray.config import Config, TrackingConfig, read_yaml, to_dict
@@ -41,6 +44,7 @@ PARENT_TAG = "mlflow.parentRunId"  # what MLflow's own nested runs set; the UI n
 PLAIN_PARAMS = {"alpha": "loss.alpha", "beta": "loss.beta", "gamma": "loss.gamma"}
 _BATCH = 100  # MLflow's limit on params per log_batch call
 _ILLEGAL = re.compile(r"[^/\w.\- ]")  # MLflow names: alphanumerics, _ - . / and space
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")  # user:password@ after a scheme (a password may hold @)
 
 
 def enabled(t: TrackingConfig | None) -> bool:
@@ -58,6 +62,28 @@ def absolute_uri(uri: str | None) -> str | None:
     if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and uri[10:] not in ("", ":memory:"):
         return "sqlite:///" + str(Path(uri[10:]).resolve())  # sqlite:////abs/path.db
     return uri
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """`uri` as logs, errors and run params show it: user and password, and every query value
+    (tokens travel there), replaced by ***."""
+    if not uri:
+        return uri
+    base, sep, query = uri.partition("?")
+    query, hash_, fragment = query.partition("#")
+    shown = "&".join(k + "=***" if eq else k for k, eq, _ in (q.partition("=") for q in query.split("&")))
+    return _USERINFO.sub("***@", base) + (sep + shown + hash_ + fragment if sep else "")
+
+
+def _scrub(text: str, uri: str) -> str:
+    """`text` (an error a store raised) without `uri`'s credentials, in whatever form it quotes them."""
+    text = _USERINFO.sub("***@", text.replace(uri, redact_uri(uri)))
+    userinfo = _USERINFO.search(uri)
+    secrets = [v for _, _, v in (q.partition("=") for q in uri.partition("?")[2].partition("#")[0].split("&"))]
+    secrets += userinfo.group()[:-1].split(":", 1) if userinfo else []  # the user is someone's name
+    for secret in sorted({s for v in secrets for s in (v, unquote(v)) if len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")  # shorter values are no credentials, and would garble the text
+    return text
 
 
 def metric_name(key: str) -> str:
@@ -79,6 +105,8 @@ def config_params(cfg: Config | dict) -> dict[str, str]:
     """The whole config as dotted params (`loss.alpha`, `train.lr`, ...) plus plain alpha, beta, gamma."""
     flat = _flat(to_dict(cfg) if isinstance(cfg, Config) else cfg)
     flat.update({name: flat[key] for name, key in PLAIN_PARAMS.items() if key in flat})
+    if isinstance(flat.get("tracking.mlflow"), str):
+        flat["tracking.mlflow"] = redact_uri(flat["tracking.mlflow"])
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()}
 
 
@@ -123,7 +151,7 @@ def _experiment_id(client, uri: str, name: str) -> str:
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
-        raise AlroError(f"MLflow experiment {name!r} in {uri} is deleted: restore it "
+        raise AlroError(f"MLflow experiment {name!r} in {redact_uri(uri)} is deleted: restore it "
                         f"(mlflow experiments restore) or choose another tracking.experiment")
     return exp.experiment_id
 
@@ -132,14 +160,15 @@ def _experiment_id(client, uri: str, name: str) -> str:
 class Run:
     """One MLflow run, by id (picklable: the Train controller gets a copy)."""
 
-    uri: str
+    uri: str = field(repr=False)  # may hold credentials
     run_id: str
 
     def _try(self, what: str, fn, *args, **kwargs) -> None:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must not stop a run; say what was lost
-            log.warning("MLflow: could not %s in run %s at %s: %s", what, self.run_id, self.uri, e)
+            log.warning("MLflow: could not %s in run %s at %s: %s", what, self.run_id, redact_uri(self.uri),
+                        _scrub(str(e), self.uri))
 
     def log_params(self, params: dict[str, str]) -> None:
         """Params are immutable in MLflow: a resumed run logs the new ones and keeps the first
@@ -210,12 +239,12 @@ def start_run(t: TrackingConfig | None, name: str, *, run_dir: str | Path | None
         if old is not None:
             client.update_run(old.info.run_id, status="RUNNING")
             run = Run(uri, old.info.run_id)
-            log.info("MLflow: resuming run %s (%s) at %s", run.run_id, name, uri)
+            log.info("MLflow: resuming run %s (%s) at %s", run.run_id, name, redact_uri(uri))
         else:
             all_tags = {**(tags or {}), **({PARENT_TAG: parent} if parent else {})}
             created = client.create_run(_experiment_id(client, uri, t.experiment), run_name=name, tags=all_tags)
             run = Run(uri, created.info.run_id)
-            log.info("MLflow: run %s (%s) in experiment %r at %s", run.run_id, name, t.experiment, uri)
+            log.info("MLflow: run %s (%s) in experiment %r at %s", run.run_id, name, t.experiment, redact_uri(uri))
         if run_dir:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / RUN_ID_FILE).write_text(run.run_id + "\n")
@@ -224,8 +253,10 @@ def start_run(t: TrackingConfig | None, name: str, *, run_dir: str | Path | None
     except AlroError:
         raise
     except Exception as e:  # noqa: BLE001 - any store error: say which setting to fix
-        raise AlroError(f"MLflow tracking at {uri} failed: {type(e).__name__}: {e}. Check tracking.mlflow "
-                        f"(e.g. file:///tmp/mlruns, sqlite:///mlflow.db, http://HOST:5000) or leave it unset") from e
+        # `from None`: the store's own exception (and its traceback) may quote the credentials.
+        raise AlroError(f"MLflow tracking at {redact_uri(uri)} failed: {type(e).__name__}: {_scrub(str(e), uri)}. "
+                        f"Check tracking.mlflow (e.g. file:///tmp/mlruns, sqlite:///mlflow.db, http://HOST:5000) "
+                        f"or leave it unset") from None
     return run
 
 

@@ -1,5 +1,6 @@
 """Configs: every YAML in configs/ loads and validates; loading is strict and errors name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,43 @@ def test_retired_keys_of_saved_configs_still_load(tmp_path):
     old = tmp_path / "old.yaml"  # what a checkpoint written before the key was retired holds
     old.write_text("train:\n  epochs: 2\n  inject_failure_epoch: null\n")
     assert load_config(old).train.epochs == 2
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "loss.alpha=.nan", "loss.gamma=.inf", "train.lr=1e999",
+                                      "data.rating_scale=[0, .nan]", "train.ema_decay=-.inf",
+                                      "tune.search_space={alpha: {low: .nan, high: 1}}",
+                                      "data.grading={method: bins, bins: [1, .inf]}"])
+def test_nan_and_inf_are_refused_wherever_a_number_is_read(override):
+    """One check in the typed reader, so no range check has to remember NaN (NaN < 0 is false)."""
+    key = override.split("=")[0].split("{")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.* must be a finite number, got (nan|inf|-inf)"):
+        load_config(None, [override])
+
+
+def test_serve_settings_refuse_nan_through_the_same_check():
+    from alro_ray.serve.settings import ServeSettings
+
+    with pytest.raises(ConfigError, match="serve.retry_budget_s must be a finite number, got nan"):
+        ServeSettings.from_dict({"adapters": {"default": "ckpt"}, "retry_budget_s": float("nan")})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps_per_epoch=-1", "train.max_steps_per_epoch must be >= 0 (0 or null: the whole epoch), got -1"),
+    ("data.max_title_chars=0", "data.max_title_chars must be >= 1, got 0"),
+    ("data.max_attribute_chars=-1", "data.max_attribute_chars must be >= 0 (0: no attributes), got -1"),
+    ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.weight_decay=-0.01", "train.weight_decay must be >= 0, got -0.01"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio must be in [0, 1], got 1.5"),
+    ("train.warmup_ratio=-0.1", "train.warmup_ratio must be in [0, 1], got -0.1"),
+    ("train.eval_users=-3", "train.eval_users must be >= 0 (0 or null: every validation user), got -3"),
+])
+def test_nonsense_ranges_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["train.max_steps_per_epoch=0", "train.eval_users=0", "train.warmup_ratio=0",
+                                      "train.warmup_ratio=1", "data.max_attribute_chars=0", "train.weight_decay=0",
+                                      "data.allow_negative_timestamps=true"])
+def test_edge_values_that_mean_something_load(override):
+    load_config(None, [override])

@@ -336,6 +336,21 @@ def test_bad_row_fails_by_default_naming_file_and_line(small_ml100k, tmp_path):
     assert "on_bad_row=skip" in str(e.value)
 
 
+def test_cli_timestamps_signed_junk_or_negative_are_errors_not_tracebacks(tmp_path, capsys):
+    """`+-5` once crashed prepare with a bare ValueError even in skip mode; -5 passed silently."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "items.csv").write_text("item_id,title\ni1,One\n")
+    args = ["prepare", "--dataset", "table", "--data-dir", str(raw), "--out", str(tmp_path / "out")]
+    for stamp, extra, expected in [("+-5", [], "interactions.csv:2: bad timestamp"),
+                                   ("+-5", ["--on-bad-row", "skip"], "no user has"),
+                                   ("-5", [], "interactions.csv:2: timestamp -5 is negative"),
+                                   ("-5", ["data.allow_negative_timestamps=true"], "no user has")]:
+        (raw / "interactions.csv").write_text(f"user_id,item_id,rating,timestamp\nu,i1,3,{stamp}\n")
+        assert main(args + extra) == 2, (stamp, extra)
+        assert expected in capsys.readouterr().err, (stamp, extra)
+
+
 @pytest.mark.parametrize("form", [["data.histroy=5"], ["--data.histroy", "5"]])
 def test_cli_bad_config_key_exits_2_naming_it(form, tmp_path, capsys):
     assert main(["prepare", "--out", str(tmp_path / "out"), *form]) == 2

@@ -160,3 +160,56 @@ def test_tune_study_logs_a_parent_run_and_one_nested_run_per_trial(ray_local, tm
         assert run.info.status == {"completed": "FINISHED", "stopped early": "KILLED"}[t["status"]]
     best = outcome.best["valid_ndcg@10"]
     assert study.data.metrics["best_valid_ndcg_at_10"] == pytest.approx(best)
+
+
+SECRET_URI = "https://alice:s3cret@mlflow.example.com:5000/base?token=abc123&region=eu"
+
+
+@pytest.mark.parametrize("uri, shown", [
+    (SECRET_URI, "https://***@mlflow.example.com:5000/base?token=***&region=***"),
+    ("postgresql://bob@db.internal/mlflow", "postgresql://***@db.internal/mlflow"),
+    ("http://host:5000", "http://host:5000"),
+    ("file:///tmp/mlruns", "file:///tmp/mlruns"),
+    ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+    (None, None),
+])
+def test_credentials_are_stripped_from_uris_shown(uri, shown):
+    assert tracking.redact_uri(uri) == shown
+
+
+def test_credentials_never_reach_logs_errors_or_params(monkeypatch, caplog):
+    """A tracking URI with a password and a token: the client still gets the real URI, but what is
+    logged, raised or stored as a param holds neither."""
+    seen = {"params": {}}
+
+    class FakeClient:
+        def __init__(self, uri):
+            seen["uri"] = uri
+
+        def get_experiment_by_name(self, name):
+            if seen.get("down"):  # a store echoing the URL back, as HTTP clients do
+                raise RuntimeError(f"GET {SECRET_URI.replace('?', '/api?')} refused (user alice:s3cret)")
+            return type("Exp", (), {"experiment_id": "1", "lifecycle_stage": "active"})()
+
+        def create_run(self, experiment_id, run_name, tags):
+            return type("R", (), {"info": type("I", (), {"run_id": "r1"})()})()
+
+        def get_run(self, run_id):
+            return type("R", (), {"data": type("D", (), {"params": {}})()})()
+
+        def log_batch(self, run_id, params=(), metrics=()):
+            seen["params"].update({p.key: p.value for p in params})
+
+    monkeypatch.setattr(tracking, "_client", FakeClient)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"tracking.mlflow={SECRET_URI}"])
+    with caplog.at_level("INFO", logger="alro_ray"):
+        run = tracking.start_run(cfg.tracking, "x", params=tracking.config_params(cfg))
+        seen["down"] = True
+        with pytest.raises(AlroError) as e:
+            tracking.start_run(cfg.tracking, "y")
+    assert seen["uri"] == run.uri == SECRET_URI  # the client itself still authenticates
+    shown = [str(e.value), caplog.text, json.dumps(seen["params"])]
+    assert not any(s in text for s in ("s3cret", "abc123", "alice") for text in shown), shown
+    assert seen["params"]["tracking.mlflow"] == "https://***@mlflow.example.com:5000/base?token=***&region=***"
+    assert "mlflow.example.com" in str(e.value) and "mlflow.example.com" in caplog.text
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback quoting it

@@ -1,8 +1,12 @@
 """ALRO training on a real local Ray: 2 CPU workers under DeepSpeed ZeRO-2, checkpoints, resume, recovery."""
 
 import json
+import logging
 import math
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +24,9 @@ from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.data.dataset import read_split
+from alro_ray.files import run_lock
 from alro_ray.train.averaging import AVERAGE_FILE
+from alro_ray.train.checkpoints import missing_parts
 from alro_ray.train.trainer import run_training
 
 
@@ -71,16 +77,35 @@ def test_checkpoint_loads_back_and_ranks(trained):
         assert all(sorted(o) == list(range(5)) for o in orders)
 
 
-def test_rerun_resumes_from_the_last_checkpoint(trained):
-    """...the weight average too: its step count goes on from the checkpoint's (3 steps an epoch)."""
+def test_rerun_resumes_from_the_last_checkpoint(trained, caplog):
+    """...the last complete one (a torn epoch_003 is skipped), with the weight average: its step
+    count goes on from the checkpoint's (3 steps an epoch). A rerun with other settings is refused
+    before the workers start; --override-resume applies them, and the history says so."""
     outcome, out = trained
-    steps = [torch.load(out / "ray" / "tiny" / f"epoch_00{e}" / AVERAGE_FILE, weights_only=True)["steps"]
-             for e in (1, 2)]
-    again = run_training(_cfg("train.epochs=3", "train.ema_decay=0.5"), out)
+    run = out / "ray" / "tiny"
+    assert not missing_parts(run / "epoch_002")
+    assert all((run / "epoch_002" / f"rng_rank{r}.pt").is_file() for r in (0, 1))  # each worker's RNG states
+    steps = [torch.load(run / f"epoch_00{e}" / AVERAGE_FILE, weights_only=True)["steps"] for e in (1, 2)]
+    # What a worker killed during the upload leaves: the state and shards, no model states. It
+    # used to count as complete, and every restart failed inside DeepSpeed.
+    torn = run / "epoch_003"
+    shutil.copytree(run / "epoch_002", torn)
+    (torn / "ds" / "mp_rank_00_model_states.pt").unlink()
+    (torn / "state.json").write_text(json.dumps({**json.loads((torn / "state.json").read_text()), "epoch": 2}))
+    changed = ("train.epochs=3", "train.ema_decay=0.5", "train.lr=0.002", "train.schedule=constant")
+    with pytest.raises(AlroError, match="train.lr: 0.001 in the checkpoint, 0.002 now; "
+                                        "train.schedule: 'linear' in the checkpoint, 'constant' now"):
+        run_training(_cfg(*changed), out)
+    with caplog.at_level(logging.WARNING, logger="alro_ray"):
+        again = run_training(_cfg(*changed, "train.override_resume=true"), out)
+    assert f"skipping the torn checkpoint {torn}" in caplog.text
     assert [h["epoch"] for h in again.history] == [1, 2, 3]
     assert again.history[:2] == outcome.history
     assert again.history[2]["resumed"] is True
-    resumed = torch.load(out / "ray" / "tiny" / "epoch_003" / AVERAGE_FILE, weights_only=True)["steps"]
+    assert again.history[2]["resume_overrides"] == {"train.lr": [0.001, 0.002], "train.schedule": ["linear", "constant"]}
+    assert again.history[2]["lr"] == pytest.approx(0.002)  # the new lr and schedule, not the checkpoint's
+    assert not missing_parts(torn)  # written again, whole
+    resumed = torch.load(torn / AVERAGE_FILE, weights_only=True)["steps"]
     assert steps == [3, 6] and resumed == 9
 
 
@@ -88,6 +113,14 @@ def test_resuming_with_another_worker_count_is_refused(trained):
     _, out = trained
     with pytest.raises(AlroError, match="written by 2 workers.*train.num_workers=1"):
         run_training(_cfg("train.num_workers=1"), out)
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
+    """Refused at once, before Ray or any worker starts, naming the first run's pid and host."""
+    with run_lock(tmp_path, "alro train (run tiny)"):
+        with pytest.raises(AlroError, match=f"in use by another run: alro train \\(run tiny\\) \\(pid {os.getpid()} "
+                                            f"on host {socket.gethostname()}"):
+            run_training(_cfg(), tmp_path)
 
 
 def _train_workers() -> list[psutil.Process]:

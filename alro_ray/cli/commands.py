@@ -10,6 +10,7 @@ from pathlib import Path
 
 from alro_ray.config import Config, load_config
 from alro_ray.errors import ConfigError
+from alro_ray.files import run_lock
 from alro_ray.evaluate.report import metrics_table
 from alro_ray.model.cache import cache_table, clear_states
 from alro_ray.model.loading import cache_root
@@ -22,7 +23,8 @@ from alro_ray.tracking import evaluation_params, log_evaluation, run_in, tracked
 def cmd_prepare(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.data.prepare import prepare  # a stage loads on use
 
-    stats = prepare(cfg, args.out)
+    with run_lock(args.out, "alro prepare"):  # one run per output directory (so for evaluate, compare)
+        stats = prepare(cfg, args.out)
     summary = {k: getattr(stats, k) for k in ("users_read", "users_kept", "users_dropped", "rows",
                                       "mean_prompt_tokens", "interactions_read", "interactions_dropped")}
     print(json.dumps(summary, indent=2))
@@ -60,8 +62,9 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     settings = dict(data=args.data, modes=args.modes, baselines=args.baselines, split=args.split, limit=args.limit,
                     seed=args.seed, few_shot=args.few_shot, fuse=args.fuse, fusion=args.fusion)
     # The MLflow run (if tracking.mlflow is set) starts first: a bad store fails before any scoring.
-    with tracked(cfg.tracking, f"evaluate {ckpt.resolve().parent.name}/{ckpt.name}",
-                 params=evaluation_params(ckpt, **settings), tags={"alro.command": "evaluate"}) as run:
+    with run_lock(args.out, "alro evaluate"), tracked(
+            cfg.tracking, f"evaluate {ckpt.resolve().parent.name}/{ckpt.name}",
+            params=evaluation_params(ckpt, **settings), tags={"alro.command": "evaluate"}) as run:
         metrics = run_evaluation(args.checkpoint, args.out, args.data, EvalSettings(
             modes=args.modes, baselines=[b for b in args.baselines.split(",") if b], split=args.split,
             actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed, use_gpu=args.gpu,
@@ -88,12 +91,14 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
     if not all(x.isdigit() for x in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {args.seeds!r}: expected distinct comma-separated integers >= 0, or ''")
-    run_compare(cfg, args.output_dir, CompareSettings(
+    settings = CompareSettings(
         ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
         baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
         bootstrap=[int(p) for p in bootstrap], limit=args.limit, actors=args.actors,
         fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion, variants=variants, merge=args.merge or [],
-        seeds=[int(x) for x in seeds]))
+        seeds=[int(x) for x in seeds])
+    with run_lock(args.output_dir, "alro compare"):
+        run_compare(cfg, args.output_dir, settings)
     print((Path(args.output_dir) / "compare.md").read_text())
     if args.results:  # the files docs/results/<dataset>/ keeps (not the runs and evaluations)
         dest = Path(args.results)

@@ -60,6 +60,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA fine-tuning with the ALRO objective (Ray Train + DeepSpeed)")
     add_config_args(p)
     p.add_argument("--output-dir", help="run directory (default: train.output_dir/train.run_name)")
+    p.add_argument("--override-resume", dest="short_train.override_resume", action="store_const", const="true",
+                   help="resume even where this config's settings differ from the checkpoint's, applying them "
+                        "(sets train.override_resume; the history records the changes)")
     p.add_argument("--no-test-summary", action="store_true",
                    help="skip scoring the final ranker and baselines on the test split")
     p.set_defaults(func=commands.cmd_train)

@@ -13,6 +13,7 @@ import yaml
 
 from alro_ray.config.sections import Config
 from alro_ray.errors import ConfigError
+from alro_ray.files import write_text
 
 
 
@@ -217,4 +218,4 @@ def _valid(cfg: Config) -> bool:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

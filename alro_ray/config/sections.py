@@ -146,6 +146,9 @@ class TrainConfig:
     # weights with this decay per optimizer step (train/averaging.py); 0: the weights themselves.
     ema_decay: float = 0.0
     max_failures: int = 1
+    # A rerun resumes only with the checkpoint's settings (train/checkpoints.py RESUME_SAFE aside);
+    # true: resume anyway with this config's values, recorded in the history (--override-resume).
+    override_resume: bool = False
     output_dir: str = "runs"
     run_name: str = "default"
     log_every: int = 1  # optimizer steps between progress lines

@@ -7,6 +7,7 @@ the bad-row policy and the rating rule; `READERS` maps a dataset name to its rea
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from alro_ray.data.rows import (BadRow, clean_text, json_object, numbered_lines,
                                 parse_timestamp, rating_row, require_field, show, split_fields)
 from alro_ray.data.source_data import Reader, SourceData
 from alro_ray.errors import DataError
+
+BATCH_ROWS = 65_536  # Parquet rows decoded at a time: a large table is never held twice
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -122,7 +125,7 @@ def _category_path(obj: dict) -> list[str]:
     if isinstance(path, str):
         path = [path]
     if not isinstance(path, list):
-        raise BadRow("bad category", f"category is not a list: {path!r}")
+        raise BadRow("bad category", f"category is not a list: {show(path)}")
     return [str(c).strip() for c in path if str(c).strip()]
 
 
@@ -153,55 +156,102 @@ def _read_table(directory: Path, reader: Reader) -> SourceData:
 
 
 def _picker(path: Path, header: list[str], names: list[str]) -> Callable[[list], list]:
-    """A function taking a row to the values of columns `names`, checking the field count."""
+    """A function taking a row to the values of columns `names`, checking the field count and, in
+    a CSV, that the row decoded (a byte that was not UTF-8 arrives as a surrogate: one bad row)."""
     missing = [c for c in names if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(header)})")
     indexes = [header.index(c) for c in names]
+    text = path.suffix != ".parquet"  # Arrow's strings are valid UTF-8 already
 
     def pick(row: list) -> list:
         if len(row) != len(header):
             raise BadRow("wrong field count", f"expected {len(header)} fields, got {len(row)}")
+        if text and not _decoded("".join(row)):
+            raise BadRow("bad encoding", "not valid utf-8")
         return [row[i] for i in indexes]
 
     return pick
 
 
+def _decoded(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a byte that was not UTF-8
+        return False
+    return True
+
+
 def _table_records(path: Path) -> tuple[list[str], Iterator[tuple[int, list]]]:
-    """The header and the numbered rows (CSV line numbers; Parquet 1-based row numbers)."""
-    return _parquet_rows(path) if path.suffix == ".parquet" else (_csv_header(path), _csv_rows(path))
+    """The header and the numbered rows (CSV line numbers; Parquet 1-based row numbers), streamed."""
+    header, rows = _parquet_rows(path) if path.suffix == ".parquet" else (_csv_header(path), _csv_rows(path))
+    repeated = [name for name, n in Counter(header).items() if n > 1]
+    if repeated:
+        where = f"{path}:1" if path.suffix != ".parquet" else str(path)
+        raise DataError(f"{where}: column {repeated[0]!r} appears {header.count(repeated[0])} times in the "
+                        f"header; give each column its own name (columns: {', '.join(header)})")
+    return header, rows
 
 
 def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list]]]:
     import pyarrow.parquet as pq  # here: only Parquet tables need it
 
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as f:
+            header = list(f.schema_arrow.names)
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
-    return list(table.column_names), enumerate((list(r) for r in zip(*columns)), 1)
+
+    def rows() -> Iterator[tuple[int, list]]:
+        number = 0
+        with pq.ParquetFile(path) as f:
+            batches = f.iter_batches(batch_size=BATCH_ROWS)
+            while True:
+                try:
+                    batch = next(batches, None)
+                    columns = None if batch is None else [c.to_pylist() for c in batch.columns]
+                except Exception as e:  # a corrupt page, a value Python cannot hold (year 10000)
+                    raise DataError(f"{path}: unreadable Parquet after row {number}: {e}") from e
+                if columns is None:
+                    return
+                for row in zip(*columns):
+                    number += 1
+                    yield number, list(row)
+
+    return header, rows()
+
+
+def _open_csv(path: Path):
+    """Text that never fails to decode: a byte-order mark is dropped (spreadsheets write one), and
+    a byte that is not UTF-8 becomes a surrogate the row's check finds, on the row's own line (a
+    strict decoder fails a whole buffer ahead, on no line in particular)."""
+    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with _open_csv(path) as f:
         try:
-            return [c.strip() for c in next(csv.reader(f), [])]
-        except (csv.Error, UnicodeDecodeError) as e:
+            header = [c.strip() for c in next(csv.reader(f), [])]
+        except csv.Error as e:
             raise DataError(f"{path}:1: unreadable CSV header: {e}") from e
+    if not _decoded("".join(header)):
+        raise DataError(f"{path}:1: the header is not valid UTF-8")
+    return header
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list]]:
     """Rows after the header, with the line each ends on; blank lines are not rows."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with _open_csv(path) as f:
         rows = csv.reader(f)
         try:
             next(rows, None)
             for row in rows:
                 if any(field.strip() for field in row):
                     yield rows.line_num, row
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"{path}:{rows.line_num + 1}: unreadable CSV: {e}") from e
+        except csv.Error as e:
+            raise DataError(f"{path}:{rows.line_num}: unreadable CSV: {e}") from e
 
 
 def _require(directory: Path, dataset: str, choices: list[list[str]]) -> list[Path]:

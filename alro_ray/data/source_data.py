@@ -1,11 +1,13 @@
 """The one shape every source is read into (`SourceData`), and the `Reader` that builds it.
 
 The Reader holds the bad-row policy of one read: a row parser raises `BadRow`, and the Reader
-either raises a `DataError` that starts with `file:line: ` and shows the row
-(`on_bad_row="error"`), or skips the row and counts it by reason (`on_bad_row="skip"`).
+either raises a `DataError` that starts with `file:line: ` and quotes the offending field, cut
+short (`on_bad_row="error"`; never the whole row, which can hold reviewers' names and text), or
+skips the row and counts it by reason (`on_bad_row="skip"`).
 Metadata reasons carry the prefix `metadata: `, so `rows_read == len(interactions) +
 bad_interaction_rows`. Every interaction's rating goes through the `RatingRule` (grading and
-`data.rating_scale`) as it is read, so an off-scale rating is a bad row like any other.
+`data.rating_scale`) as it is read, so an off-scale rating is a bad row like any other; so is a
+negative timestamp unless `data.allow_negative_timestamps`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from alro_ray.data.ratings import RatingRule
-from alro_ray.data.rows import BadRow, decode, numbered_lines, show
+from alro_ray.data.rows import BadRow, decode, numbered_lines
 from alro_ray.errors import DataError
 
 METADATA_PREFIX = "metadata: "
+NEGATIVE_TIMESTAMP = "negative timestamp"
 T = TypeVar("T")
 
 
@@ -63,11 +66,12 @@ def items_frame(items: list[str], titles: list[str], attributes: list[str]) -> p
 class Reader:
     """Shared state of one `read_source` call: bad-row policy, rating rule, counts, files, rows."""
 
-    def __init__(self, on_bad_row: str, rule: RatingRule | None = None):
+    def __init__(self, on_bad_row: str, rule: RatingRule | None = None, allow_negative_timestamps: bool = False):
         if on_bad_row not in ("error", "skip"):
             raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         self.skip = on_bad_row == "skip"
         self.rule = rule or RatingRule()
+        self.allow_negative = allow_negative_timestamps
         self.bad_rows: dict[str, int] = {}
         self.files: list[str] = []
         self.rows_read = 0
@@ -80,7 +84,8 @@ class Reader:
     def records(self, path: Path, records: Iterable[tuple[int, Any]], parse: Callable[[Any], T],
                 metadata: bool = False) -> Iterator[T]:
         """Parse numbered records, yielding good ones and raising or counting bad ones.
-        Interaction rows (not `metadata`) are (user, item, rating, timestamp), rating graded."""
+        Interaction rows (not `metadata`) are (user, item, rating, timestamp), rating graded
+        and timestamp checked."""
         self.files.append(str(path))
         for number, record in records:
             if not metadata:
@@ -89,9 +94,12 @@ class Reader:
                 row = parse(record)
                 if not metadata:
                     user, item, rating, timestamp = row
+                    if timestamp < 0 and not self.allow_negative:
+                        raise BadRow(NEGATIVE_TIMESTAMP, message=f"timestamp {timestamp} is negative (before 1970); "
+                                     "set data.allow_negative_timestamps=true if the data means it")
                     row = (user, item, self.rule.level(rating), timestamp)
             except BadRow as e:
-                self._bad(path, number, record, e, metadata)
+                self._bad(path, number, e, metadata)
                 continue
             yield row
 
@@ -100,10 +108,9 @@ class Reader:
         return self.records(path, numbered_lines(path), lambda raw: parse(decode(raw, encoding)),
                             metadata)
 
-    def _bad(self, path: Path, number: int, record: Any, e: BadRow, metadata: bool) -> None:
+    def _bad(self, path: Path, number: int, e: BadRow, metadata: bool) -> None:
         if not self.skip:
-            raise DataError(f"{path}:{number}: {e.message}: {show(record)} "
-                            "(set data.on_bad_row=skip to skip such rows)")
+            raise DataError(f"{path}:{number}: {e.message} (set data.on_bad_row=skip to skip such rows)")
         self.count((METADATA_PREFIX if metadata else "") + e.reason)
 
     def count(self, reason: str) -> None:

@@ -28,8 +28,9 @@ __all__ = ["METADATA_PREFIX", "SourceData", "interactions_frame", "items_frame",
 
 def read_source(dataset: str, data_dir: str | Path | None, on_bad_row: str = "error",
                 synthetic: SyntheticConfig | None = None, rating_scale: Sequence[float] = (0.0, 10.0),
-                grading: GradingConfig | None = None) -> SourceData:
-    """Read `dataset` from `data_dir` (ignored for "synthetic"), ratings as levels on `rating_scale`."""
+                grading: GradingConfig | None = None, allow_negative_timestamps: bool = False) -> SourceData:
+    """Read `dataset` from `data_dir` (ignored for "synthetic"), ratings as levels on `rating_scale`;
+    a negative timestamp is a bad row unless `allow_negative_timestamps`."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     rule = RatingRule(rating_scale, grading)
@@ -40,7 +41,7 @@ def read_source(dataset: str, data_dir: str | Path | None, on_bad_row: str = "er
     directory = Path(data_dir)
     if not directory.is_dir():
         raise DataError(f"data directory for {dataset!r} not found (or not a directory): {directory}")
-    return READERS[dataset](directory, Reader(on_bad_row, rule))
+    return READERS[dataset](directory, Reader(on_bad_row, rule, allow_negative_timestamps))
 
 
 def _graded(source: SourceData, rule: RatingRule) -> SourceData:

@@ -15,6 +15,7 @@ from typing import Any
 
 from alro_ray.config import from_record
 from alro_ray.errors import AlroError
+from alro_ray.files import write_json
 
 FORMAT = "alro-ranker-v1"
 FILE = "ranker.json"
@@ -51,7 +52,7 @@ class RankerInfo:
 
 
 def write_ranker_info(info: RankerInfo, out_dir: str | Path) -> None:
-    (Path(out_dir) / FILE).write_text(json.dumps(info.to_dict(), indent=2))
+    write_json(Path(out_dir) / FILE, info.to_dict())
 
 
 def read_ranker_info(path: str | Path) -> RankerInfo:

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from alro_ray.errors import AlroError
+from alro_ray.files import locked, write_json
 
 METHODS = ("score", "borda", "rrf")
 DEFAULTS_FILE = "fusion.json"
@@ -83,8 +84,11 @@ def save_fusion_defaults(ranker_dir: str | Path, info: dict, evaluation: str) ->
         raise AlroError(f"--save-fusion: Serve fuses with {', '.join(SERVE_CLASSICAL)} only; "
                         f"none of them was fused ({sorted({i['baseline'] for i in info.values()})})")
     path = Path(ranker_dir) / DEFAULTS_FILE
-    weights = {**read_fusion_defaults(ranker_dir), **chosen}
-    path.write_text(json.dumps({"format": DEFAULTS_FORMAT, "weights": weights}, indent=2))
+    # Locked: two --save-fusion runs into one ranker each keep the other's entries. Atomic: Serve
+    # (which reads it at start) sees the old file or the new one.
+    with locked(path.with_name(f".{DEFAULTS_FILE}.lock")):
+        weights = {**read_fusion_defaults(ranker_dir), **chosen}
+        write_json(path, {"format": DEFAULTS_FORMAT, "weights": weights})
     return path
 
 

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from alro_ray.errors import NonFiniteError
+from alro_ray.files import write_text
 
 FAILURE_FILE = "nonfinite_error.txt"
 HINT = ("try a lower train.lr, train.precision=fp32, or check the data of these users "
@@ -94,7 +95,7 @@ def check_weights(model, epoch: int) -> None:
 
 
 def write_failure(output_dir: str | Path, message: str) -> None:
-    Path(output_dir, FAILURE_FILE).write_text(message + "\n")
+    write_text(Path(output_dir, FAILURE_FILE), message + "\n")
 
 
 def read_failure(output_dir: str | Path) -> str | None:

@@ -1,11 +1,13 @@
 """ALRO fine-tuning on Ray Train: LoRA under DeepSpeed ZeRO, one process per worker; this is the
 driver side, which imports no torch (the workers' side: worker.py, epoch.py).
 
-`run_training` checks everything it can before a worker starts, prepares the data if the config
-names a dataset, then runs a `TorchTrainer` whose workers execute `worker.train_loop`.
+`run_training` locks the output directory (one run at a time: files.run_lock), checks everything
+it can before a worker starts, prepares the data if the config names a dataset, then runs a
+`TorchTrainer` whose workers execute `worker.train_loop`.
 Each epoch every worker reports its losses, the validation NDCG and its part of a checkpoint
 (worker.py, checkpoints.py). A rerun with the same output directory and run name resumes from the last
-checkpoint, and `FailureConfig` restarts a crashed worker group from it. NaN/inf losses and
+complete checkpoint, if its settings are this run's (checkpoints.plan_resume), and `FailureConfig`
+restarts a crashed worker group from it. final/ and history.json are replaced all or nothing. NaN/inf losses and
 gradients skip their update on every worker; too many stop the run (guard.py). With a frozen LM
 (`model.freeze_lm`) the workers read its states once and fit the score head on them (frozen.py).
 
@@ -16,13 +18,13 @@ Output directory layout:
   DIR/final/                      the final ranker (see rank/ranker.py)
   DIR/history.json                per-epoch metrics
   DIR/nonfinite_error.txt         why the last run stopped on NaN/inf (see guard.py)
+  DIR/.alro-run.lock              held while a run writes here (files.run_lock)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +37,10 @@ from alro_ray.config import Config, to_dict
 from alro_ray.data.dataset import read_stats
 from alro_ray.data.prepare import prepare
 from alro_ray.errors import AlroError, DataError, NonFiniteError
+from alro_ray.files import replace_dir, run_lock, write_json
 from alro_ray.model.loading import prepare_model_cache
 from alro_ray.train import guard
-from alro_ray.train.checkpoints import check_resume_world, set_aside_final
+from alro_ray.train.checkpoints import plan_resume, set_aside_final
 from alro_ray.train.shares import ordered_ingest, share_datasets
 from alro_ray.train.train_tracking import TrainTracking
 
@@ -91,13 +94,19 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     the MLflow run to nest this run's under (a study's, a comparison's; see tracking.py)."""
     out = Path(output_dir or Path(cfg.train.output_dir) / cfg.train.run_name).resolve()
     check_writable(out)
+    with run_lock(out, f"alro train (run {cfg.train.run_name})"):  # a second run into `out` is refused
+        return _train(cfg, out, callbacks, tracking_parent)
+
+
+def _train(cfg: Config, out: Path, callbacks: list | None, tracking_parent: str | None) -> TrainOutcome:
     (out / guard.FAILURE_FILE).unlink(missing_ok=True)  # a stop of an earlier run
+    # Before the data is prepared again: a changed data.* would overwrite what the checkpoint learnt on.
+    resume = plan_resume(out / "ray" / cfg.train.run_name, cfg)
     prepare_model_cache(cfg.model)  # once here, not in every worker
     ensure_ray()
     data_dir = resolve_data(cfg, out)
     stats = read_stats(data_dir)
     check_training(cfg, stats)
-    check_resume_world(out / "ray" / cfg.train.run_name, cfg.train.num_workers)
     tracked = TrainTracking.start(cfg, out, tracking_parent)  # an MLflow run, if tracking.mlflow is set
 
     t = cfg.train
@@ -114,7 +123,8 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=LoopConfig(to_dict(cfg), stats, str(data_dir), str(out)),
+        train_loop_config=LoopConfig(to_dict(cfg), stats, str(data_dir), str(out),
+                                     *((resume.epoch, resume.overrides) if resume else ())),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -148,24 +158,40 @@ def run_training(cfg: Config, output_dir: str | Path | None = None,
     if error is not None and guard.read_failure(out):
         raise NonFiniteError(guard.read_failure(out) + set_aside_final(out)) from None
     if error is not None:
-        raise error
+        raise worker_error(error) or error
     if result.checkpoint is None:
         raise AlroError(f"training finished without a checkpoint ({result.error})")
     final = out / "final"
     kept = kept_checkpoint(result) if t.keep == "best" else result.checkpoint
-    with kept.as_directory() as ckpt:
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(Path(ckpt) / "ranker", final)
-        state = json.loads((Path(ckpt) / "state.json").read_text())
-    epoch, history = state["epoch"] + 1, state["history"]
-    if kept.path != result.checkpoint.path:  # the whole run's history is in the latest checkpoint
-        with result.checkpoint.as_directory() as ckpt:
-            history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    writing = final
+    try:
+        with kept.as_directory() as ckpt:
+            state = json.loads((Path(ckpt) / "state.json").read_text())
+            replace_dir(Path(ckpt) / "ranker", final)  # the previous final/ stays until this one is whole
+        epoch, history = state["epoch"] + 1, state["history"]
+        if kept.path != result.checkpoint.path:  # the whole run's history is in the latest checkpoint
+            with result.checkpoint.as_directory() as ckpt:
+                history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
+        writing = out / "history.json"
+        write_json(writing, history)
+    except OSError as e:
+        raise AlroError(f"writing {writing} failed: {e}. It is as it was, and the run's checkpoints are complete: "
+                        f"free space and rerun to write it") from None
     log.info("final ranker in %s (epoch %d of %d, train.keep: %s)", final, epoch, len(history), t.keep)
     tracked.finished(out)
     return TrainOutcome(out, final, history, data_dir)
+
+
+def worker_error(error: BaseException) -> AlroError | None:
+    """The first project error a Train worker raised (a failed checkpoint write), to show as it
+    is rather than inside Ray's TrainingFailedError."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, AlroError):
+                return seen
+            seen = seen.__cause__
+    return None
 
 
 def kept_checkpoint(result):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -26,13 +28,13 @@ from alro_ray.cluster import quiet_ray_data
 from alro_ray.config import Config, from_dict
 from alro_ray.data.dataset import PreparedStats
 from alro_ray.data.tokenize import RankTokenizer
-from alro_ray.errors import NonFiniteError
+from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.model.loading import add_lora, cache_root, load_base_model, load_tokenizer
 from alro_ray.model.score_head import attach_head
 from alro_ray.rank.ranker import save_ranker
 from alro_ray.train import guard
 from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
-from alro_ray.train.checkpoints import DS_TAG, resume_dir
+from alro_ray.train.checkpoints import DS_TAG, STATE, resume_dir, rng_file, write_part_list
 from alro_ray.train.epoch import EpochRun, train_epoch
 from alro_ray.train.frozen import read_states, uses_cached_states
 from alro_ray.train.shares import share_name
@@ -50,6 +52,10 @@ class LoopConfig:
     stats: PreparedStats
     data_dir: str
     output_dir: str
+    # The driver's resume check (checkpoints.plan_resume): the checkpoint's epoch, and the settings
+    # train.override_resume changed from it, which the first epoch trained after it records.
+    resume_epoch: int = -1
+    resume_overrides: dict = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -90,19 +96,60 @@ def say(message: str) -> None:
     sys.__stdout__.flush()
 
 
-def resume(engine, average: WeightAverage, run_dir: Path, world: int,
+def rng_state() -> dict:
+    """This process's random states: torch's (LoRA dropout), CUDA's, Python's and numpy's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    numpy = np.random.get_state(legacy=False)
+    state["numpy"] = {**numpy, "state": {**numpy["state"], "key": numpy["state"]["key"].tolist()}}  # loads weights_only
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state({**numpy, "state": {**numpy["state"], "key": np.array(numpy["state"]["key"], np.uint32)}})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def apply_train_settings(scheduler, t) -> None:
+    """The loaded optimizer and schedule state carry the checkpoint's lr and weight decay: set this
+    run's (the same unless train.override_resume changed them), and the lr of the step the schedule
+    is at, by this run's schedule (train.epochs sets its length)."""
+    groups = scheduler.optimizer.param_groups
+    for g in groups:
+        g["initial_lr"], g["weight_decay"] = t.lr, t.weight_decay
+    scheduler.base_lrs = [t.lr] * len(groups)
+    for g, fn in zip(groups, scheduler.lr_lambdas):  # transformers' schedules are LambdaLR
+        g["lr"] = t.lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
+
+
+def resume(engine, scheduler, average: WeightAverage, loop_config: LoopConfig, rank: int, world: int,
            say: Callable[[str], None] | None) -> tuple[int, list[dict]]:
-    """Load the checkpoint to resume from (checkpoints.resume_dir) into the DeepSpeed engine and
-    the weight average: (the epoch to start at, the history so far), or (0, []) when there is
-    none. `say`: where to report it (rank 0), or None."""
-    with resume_dir(ray.train.get_checkpoint(), run_dir, world) as d:
+    """Load the checkpoint to resume from (checkpoints.resume_dir) into the DeepSpeed engine, the
+    weight average and this worker's random states: (the epoch to start at, the history so far),
+    or (0, []) when there is none. `say`: where to report it (rank 0), or None."""
+    with resume_dir(ray.train.get_checkpoint(), loop_config.run_dir, world, say) as d:
         if d is None:
             return 0, []
-        engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
-        state = json.loads((d / "state.json").read_text())
+        loaded, _ = engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
+        if loaded is None:  # DeepSpeed logs why and returns (None, None)
+            raise AlroError(f"DeepSpeed loaded nothing from the checkpoint {d / DS_TAG}: it is damaged; move {d} "
+                            f"aside to resume from the one before it, or start afresh with another train.run_name")
+        state = json.loads((d / STATE).read_text())
         averaged = average.load(d / AVERAGE_FILE)
+        rng = d / rng_file(rank)
+        if rng.is_file():
+            restore_rng(torch.load(rng, weights_only=True))
+    apply_train_settings(scheduler, from_dict(Config, loop_config.config).train)
     if say is not None:
         say(f"resumed from the epoch {state['epoch'] + 1} checkpoint ({d.name})")
+        if not rng.is_file():
+            say("the checkpoint holds no random states (written by an older version): dropout draws anew")
         if average.active and not averaged:
             say(f"the checkpoint has no weight average with decay {average.decay}: averaging from here")
     return state["epoch"] + 1, state["history"]
@@ -113,17 +160,25 @@ def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_d
     """DeepSpeed's state holds the trained weights (a resume steps on from them), the ranker the
     weight average's (`train.ema_decay`; the weights themselves at 0)."""
     guard.check_weights(engine.module, epoch + 1)  # never a checkpoint of NaN weights
-    with tempfile.TemporaryDirectory(prefix="alro-ckpt-") as tmp:
-        # Every rank saves its optimizer shard; frozen base weights are not saved (LoRA only).
-        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            with average.applied():
-                save_ranker(Path(tmp) / "ranker", engine.module, tokenizer, cfg, stats, data_dir, history)
-            if average.active:
-                average.save(Path(tmp) / AVERAGE_FILE)
-            (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+    world = ray.train.get_context().get_world_size()
+    try:
+        with tempfile.TemporaryDirectory(prefix="alro-ckpt-") as tmp:
+            # Every rank saves its optimizer shard; frozen base weights are not saved (LoRA only).
+            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
+            torch.save(rng_state(), Path(tmp) / rng_file(rank))
+            if rank == 0:
+                with average.applied():
+                    save_ranker(Path(tmp) / "ranker", engine.module, tokenizer, cfg, stats, data_dir, history)
+                if average.active:
+                    average.save(Path(tmp) / AVERAGE_FILE)
+                (Path(tmp) / STATE).write_text(json.dumps({"epoch": epoch, "history": history, "world": world}))
+            write_part_list(Path(tmp), rank)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
+    except OSError as e:  # a full disk, a lost mount: say so, not a traceback from inside DeepSpeed
+        raise AlroError(f"writing the epoch {epoch + 1} checkpoint failed on worker {rank}: {e}. The earlier "
+                        f"checkpoints and final/ are as they were; free space (or choose another output "
+                        f"directory) and rerun: it resumes from the last complete checkpoint") from e
 
 
 def train_loop(loop_config: LoopConfig) -> None:
@@ -167,8 +222,13 @@ def train_loop(loop_config: LoopConfig) -> None:
                                            config=deepspeed_config(cfg, bf16))
     average = WeightAverage(params, t.ema_decay)  # inert at train.ema_decay 0
 
-    start_epoch, history = resume(engine, average, loop_config.run_dir, world, say if rank == 0 else None)
+    start_epoch, history = resume(engine, scheduler, average, loop_config, rank, world, say if rank == 0 else None)
     resumed = start_epoch > 0
+    # Recorded once: a worker group restarted later in this run resumes from its own checkpoints.
+    overrides = loop_config.resume_overrides if start_epoch == loop_config.resume_epoch + 1 else {}
+    if overrides and rank == 0:
+        say("resumed with changed settings (train.override_resume): "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in overrides.items()))
 
     cached = None
     if uses_cached_states(cfg) and start_epoch < t.epochs:  # the frozen LM's states, read once (train/frozen.py)
@@ -191,7 +251,8 @@ def train_loop(loop_config: LoopConfig) -> None:
             with average.applied():  # validate what the checkpoint's ranker will hold
                 metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world,
                                         cached["valid"] if cached else None))
-            history.append(metrics)
+            recorded = overrides and epoch == start_epoch
+            history.append({**metrics, "resume_overrides": overrides} if recorded else metrics)
             if rank == 0:
                 say(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                      if isinstance(v, float)) + f", nonfinite_steps {run.checks.epoch_count}")
