@@ -124,7 +124,7 @@ class TrainConfig:
     bucket: int = 8  # micro-batches per length-sorting window (train/batching.py); 1: no bucketing
     warmup_ratio: float = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_steps_per_epoch: int | None = None  # optimizer steps; None: the whole epoch
+    max_steps_per_epoch: int | None = None  # optimizer steps; None or 0: the whole epoch
     seed: int = 0
     zero_stage: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -138,7 +138,7 @@ class TrainConfig:
     # weights, layer and prompts, for a later run to read back (another seed, a Tune trial, a resume).
     reuse_frozen_states: bool = True
     eval_mode: RankMode = "one-pass"  # score: the score head
-    eval_users: int | None = None  # cap on validation users per epoch; None: all
+    eval_users: int | None = None  # cap on validation users per epoch; None or 0: all
     # The final ranker: the last epoch's, or the epoch with the best valid NDCG@10 (ties: the
     # earliest); a head fitted for tens of epochs on a few hundred lists overfits (docs/method.md).
     keep: Literal["last", "best"] = "last"
@@ -161,6 +161,17 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if (self.max_steps_per_epoch or 0) < 0:
+            raise ConfigError(f"train.max_steps_per_epoch must be >= 0 (0 or null: the whole epoch), "
+                              f"got {self.max_steps_per_epoch}")
+        if (self.eval_users or 0) < 0:
+            raise ConfigError(f"train.eval_users must be >= 0 (0 or null: every validation user), got {self.eval_users}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.zero_stage not in (0, 1, 2):
