@@ -100,3 +100,30 @@ def test_compare_on_the_top_n_protocol(tmp_path, ray_local):
     assert table["retriever"]["lists"] == len(read_split(tmp_path / "data", "test"))
     details = json.loads((tmp_path / "details.json").read_text())
     assert {g["reference"] for g in details["intervals"]} >= {"retriever"}
+
+
+def test_a_top_n_ranker_recommends_from_the_catalogue(topn_data, tmp_path):
+    """A ranker saved from top-N data carries its retriever: a known user's history (or any rated
+    history) gives k items from the retriever's C candidates, none of them already rated."""
+    import torch
+
+    from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
+    from alro_ray.rank.ranker import load_ranker, save_ranker
+    from alro_ray.rank.recommend import Catalogue, UnknownUser, recommend
+
+    cfg, out = topn_data
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    save_ranker(tmp_path / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(out), out)
+    ranker, catalogue = load_ranker(tmp_path / "ranker"), Catalogue(tmp_path / "ranker")
+    assert ranker.info.protocol == "topn"
+    user = next(iter(catalogue.histories))
+    items, ratings = catalogue.history_of(user)
+    rec = recommend(ranker, catalogue, items, ratings, k=3, mode="one-pass")
+    assert len(rec.items) == 3 and set(rec.items) <= set(rec.retrieved) and not set(rec.retrieved) & set(items)
+    assert rec.retrieved == catalogue.retriever.top_n([items], cfg.data.candidates)[0][0]
+    assert rec.scores == sorted(rec.scores, reverse=True)
+    with pytest.raises(UnknownUser, match="not known"):
+        catalogue.history_of("nobody")
+    with pytest.raises(Exception, match="rated history"):
+        recommend(ranker, catalogue, [], [], k=3)

@@ -7,7 +7,13 @@ import numpy as np
 
 from alro_ray.classical.common import Baseline
 from alro_ray.classical.learned import GRU4RecBaseline, MFBaseline, SASRecBaseline
-from alro_ray.classical.simple import ItemMeanBaseline, PopularityBaseline, RandomBaseline, RetrieverOrderBaseline
+from alro_ray.classical.neighbours import ItemKNNBaseline
+from alro_ray.classical.simple import (
+    ItemMeanBaseline,
+    PopularityBaseline,
+    RandomBaseline,
+    RetrieverOrderBaseline,
+)
 
 BASELINES: dict[str, type] = {
     "random": RandomBaseline,
@@ -16,6 +22,7 @@ BASELINES: dict[str, type] = {
     "mf": MFBaseline,
     "gru4rec": GRU4RecBaseline,
     "sasrec": SASRecBaseline,
+    "item-knn": ItemKNNBaseline,
     "retriever": RetrieverOrderBaseline,  # top-N protocol only
 }
 

@@ -14,7 +14,8 @@ MAX_CANDIDATES = 26
 MAX_RATING = 100
 # The prompt hints `data.hints` may name (rendered by data/hints.py); the retriever's need the
 # top-N protocol (its score and rank of each candidate).
-HINTS = ("item_mean", "popularity_rank", "mf_score", "mf_rank", "retriever_score", "retriever_rank")
+HINTS = ("item_mean", "popularity_rank", "mf_score", "mf_rank", "knn_score", "knn_rank", "retriever_score",
+         "retriever_rank")
 RETRIEVER_HINTS = ("retriever_score", "retriever_rank")
 
 

@@ -9,6 +9,9 @@ candidate line, e.g. `(A) title: X genres: Y mean rating: 4.1 (52 ratings) popul
   mf_rank          the candidate's place in its own list by that predicted rating (1 = highest):
                    one small integer at the line's end, which a head reads more easily than a
                    decimal (docs/method.md)
+  knn_score        the item-knn baseline's score: the candidate's mean cosine similarity to the
+                   user's 5 latest rated items (classical/neighbours.py)
+  knn_rank         the candidate's place in its own list by that score (1 = most similar)
   retriever_score  the top-N protocol's retriever score of the candidate (data/retrieval.py), from
                    the prepared row (`retriever_scores`), as the retriever that chose the list gave it
   retriever_rank   the candidate's place in the retriever's own order (1 = its best)
@@ -42,12 +45,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alro_ray.classical.neighbours import ItemKNNBaseline
 from alro_ray.classical.simple import ItemMeanBaseline, PopularityBaseline
 from alro_ray.config import HINTS, RETRIEVER_HINTS
 from alro_ray.errors import ConfigError, DataError
 
 # The per-candidate values a hint line is made of (also what a Serve request may pass).
-VALUE_KEYS = ("mean_rating", "ratings", "popularity_rank", "mf_score", "retriever_score")
+VALUE_KEYS = ("mean_rating", "ratings", "popularity_rank", "mf_score", "knn_score", "retriever_score")
 FILE = "hints.parquet"  # the held-out fit (evaluation, Serve, the ranker checkpoint)
 TRAIN_FILE = "hints_train-{}.parquet"  # the fits training rows were shown, one per fold
 MF_HINTS = ("mf_score", "mf_rank")
@@ -94,6 +98,12 @@ def render_hint(values: dict | None, names: Sequence[str]) -> str:
         elif name == "mf_rank":
             r = v.get("mf_rank")
             parts.append(f"MF rank: {'none' if r is None else int(r)}")
+        elif name == "knn_score":
+            s = v.get("knn_score")
+            parts.append(f"similarity to recent: {'none' if s is None else f'{s:.2f}'}")
+        elif name == "knn_rank":
+            r = v.get("knn_rank")
+            parts.append(f"similarity rank: {'none' if r is None else int(r)}")
         elif name == "retriever_score":
             s = v.get("retriever_score")
             parts.append(f"retriever score: {'none' if s is None else f'{s:.3g}'}")
@@ -108,7 +118,7 @@ def render_hints(values: Sequence[dict | None], names: Sequence[str]) -> list[st
     that have an mf_score (retriever_score) by it (1 = highest, ties by list order), the others
     show "none"."""
     values = [dict(v) if v else {} for v in values]
-    for rank, score in (("mf_rank", "mf_score"), ("retriever_rank", "retriever_score")):
+    for rank, score in (("mf_rank", "mf_score"), ("knn_rank", "knn_score"), ("retriever_rank", "retriever_score")):
         if rank in names:
             scored = [j for j, v in enumerate(values) if v.get(score) is not None]
             for place, j in enumerate(sorted(scored, key=lambda j: -values[j][score]), start=1):
@@ -129,6 +139,7 @@ class HintModel:
     mf_factors: np.ndarray  # [n, d]; d = 0 without mf_score
     mf_mu: float = 0.0
     mf_reg: float = 0.0
+    knn: ItemKNNBaseline | None = None  # with knn_score / knn_rank
 
     def __post_init__(self):
         self.index = {k: i for i, k in enumerate(self.items)}
@@ -150,8 +161,10 @@ class HintModel:
         return w[:d], float(w[d])
 
     def values(self, candidate_ids: Sequence, history_items: Sequence = (),
-               history_ratings: Sequence = ()) -> list[dict | None]:
-        """Per candidate: {mean_rating, ratings, popularity_rank, mf_score} or None (unknown item)."""
+               history_ratings: Sequence = (), recent: Sequence | None = None) -> list[dict | None]:
+        """Per candidate: {mean_rating, ratings, popularity_rank, mf_score, knn_score} or None
+        (unknown item). MF's user part from the rated history; knn_score from `recent` (the
+        items in time order, the latest last; default: the history)."""
         uses_mf = any(n in MF_HINTS for n in self.names)
         p, bu = self._user(history_items, history_ratings) if uses_mf else (None, 0.0)
         out: list[dict | None] = []
@@ -165,13 +178,16 @@ class HintModel:
             if p is not None:
                 v["mf_score"] = float(self.mf_mu + bu + self.mf_bias[i] + self.mf_factors[i] @ p)
             out.append(v)
+        if self.knn is not None:
+            similar = self.knn.similarity(candidate_ids, history_items if recent is None else recent)
+            out = [None if v is None else {**v, "knn_score": float(s)} for v, s in zip(out, similar)]
         return out
 
     def notes(self, row: dict, rated: tuple[Sequence, Sequence] | None = None) -> list[str]:
         """Hint text per candidate of a row, in its candidate order; MF's user part from `rated`
         (items, ratings), else from the row's shown history."""
         items, ratings = rated or (row["history_items"], row["history_ratings"])
-        values = self.values(row["candidate_ids"], items, ratings)
+        values = self.values(row["candidate_ids"], items, ratings, recent=row["history_items"])
         retrieved = row.get("retriever_scores")
         if retrieved is not None and len(retrieved) and set(self.names) & set(RETRIEVER_HINTS):
             values = [{**(v or {}), "retriever_score": float(s)} for v, s in zip(values, retrieved)]
@@ -187,6 +203,13 @@ class HintModel:
         })
         meta = {"names": self.names, "mf_mu": self.mf_mu, "mf_reg": self.mf_reg,
                 "mf_dim": int(self.mf_factors.shape[1])}
+        if self.knn is not None:  # each item's users in the fit (user indices): the neighbours' data
+            users, items = self.knn.pairs()
+            order = np.argsort(items, kind="stable")
+            bounds = np.searchsorted(items[order], np.arange(len(self.items) + 1))
+            table = table.append_column("knn_users", pa.array(
+                [users[order[a:b]].tolist() for a, b in zip(bounds[:-1], bounds[1:])], type=pa.list_(pa.int64())))
+            meta["knn_recent"] = self.knn.recent
         pq.write_table(table.replace_schema_metadata({"alro_hints": json.dumps(meta)}), path)
 
     @classmethod
@@ -200,9 +223,15 @@ class HintModel:
             raise DataError(f"{path} is not a hints file written by `alro prepare`")
         t = table.to_pydict()
         factors = np.array(t["mf_factors"], dtype=np.float64).reshape(len(t["item"]), meta["mf_dim"])
+        knn = None
+        if "knn_users" in t:
+            users = [np.asarray(u, dtype=np.int64) for u in t["knn_users"]]
+            items = np.repeat(np.arange(len(users)), [len(u) for u in users])
+            knn = ItemKNNBaseline(recent=meta["knn_recent"]).from_users(
+                np.concatenate(users) if users else np.zeros(0, np.int64), items, [str(i) for i in t["item"]])
         return cls(meta["names"], [str(i) for i in t["item"]], np.array(t["mean_rating"], dtype=np.float64),
                    np.array(t["ratings"], dtype=np.int64), np.array(t["popularity_rank"], dtype=np.int64),
-                   np.array(t["mf_bias"], dtype=np.float64), factors, float(meta["mf_mu"]), float(meta["mf_reg"]))
+                   np.array(t["mf_bias"], dtype=np.float64), factors, float(meta["mf_mu"]), float(meta["mf_reg"]), knn)
 
 
 def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -> HintModel:
@@ -225,8 +254,14 @@ def fit_hints(interactions: pd.DataFrame, names: Sequence[str], seed: int = 0) -
         bias = mf.bi.weight.detach()[at, 0].double().numpy()
         factors = mf.Q.weight.detach()[at].double().numpy()
         mu, reg = mf.mu, mf.reg
+    knn = None
+    if {"knn_score", "knn_rank"} & set(names):  # on the hint model's own catalogue, so the users file lines up
+        users = interactions["user"].astype(str)
+        knn = ItemKNNBaseline(seed).from_users(users.map({u: i for i, u in enumerate(sorted(users.unique()))}).to_numpy(),
+                                               interactions["item"].astype(str).map({i: j for j, i in enumerate(items)})
+                                               .to_numpy(), items)
     return HintModel(names, items, np.array([means[i] for i in items]), n, rank.astype(np.int64),
-                     bias, factors, float(mu), float(reg))
+                     bias, factors, float(mu), float(reg), knn)
 
 
 def train_folds(users: Sequence, folds: int, seed: int = 0) -> dict[str, int]:

@@ -6,7 +6,8 @@ retrieve each window's candidates in batches, in a Ray Data job:
   windows: top C of their fit's retriever, ids and scores -> samples (SAMPLE_SCHEMA)
 
 The fitted retrievers go to the object store once and every batch reads them from there. The
-test fit is saved as DIR/retriever/ (what a ranker checkpoint carries for Serve's /recommend).
+test fit is saved as DIR/retriever/ with the ratings it was fitted on (`history.parquet`, each
+user's rated items for Serve's /recommend by user id); a ranker checkpoint carries both.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from alro_ray.errors import DataError
 log = logging.getLogger("alro_ray")
 
 RETRIEVER_DIR = "retriever"  # in the prepared directory and in a ranker checkpoint
+HISTORY_FILE = "history.parquet"  # in RETRIEVER_DIR: user, item, rating, timestamp of its fit
 WINDOW_BATCH = 256  # windows scored per matrix product
 
 
@@ -115,6 +117,7 @@ def topn_samples(cfg: Config, df: pd.DataFrame, out: Path) -> tuple[object, pd.D
              spec.label(), d.candidates, recall[spec.label()], time.time() - t0)
     fitted = {name: Retriever(spec, catalogue).fit(frame) for name, frame in fits.items()}
     fitted[TEST].save(out / RETRIEVER_DIR)
+    fits[TEST].to_parquet(out / RETRIEVER_DIR / HISTORY_FILE, index=False)
     refs = {name: ray.put(model) for name, model in fitted.items()}
 
     # Every rating of the users with a window: a window's retriever input is all she rated before it.

@@ -36,12 +36,13 @@ class RankerInfo:
     data_dir: str | None = None  # prepared data it was trained on (evaluate's default)
     head: dict[str, Any] | None = None  # the score head's settings (model/score_head.py); None: no head
     hints: list[str] = field(default_factory=list)  # data.hints it was trained with; []: none
+    protocol: str = "rated"  # data.protocol; topn: retriever/ holds the retriever, its ratings and the items
     format: str = FORMAT
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         # Written only when present, as before the type existed: older readers see the same file.
-        for key, empty in (("head", None), ("hints", [])):
+        for key, empty in (("head", None), ("hints", []), ("protocol", "rated")):
             if out[key] == empty:
                 del out[key]
         return out

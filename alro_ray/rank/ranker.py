@@ -26,6 +26,7 @@ from alro_ray.files import write_json
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import Item, render_prefix, render_suffix
 from alro_ray.data.dataset import PreparedStats
+from alro_ray.data.retrieval import RETRIEVER_DIR
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.model.ranker_info import RankerInfo, read_ranker_info, write_ranker_info
 
@@ -52,6 +53,12 @@ def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: Prepa
             raise AlroError("the data has prompt hints (data.hints): save_ranker needs its data_dir")
         shutil.copyfile(Path(data_dir) / prompt_hints.FILE, out / prompt_hints.FILE)
         info.hints = list(stats.hints)
+    if stats.protocol == "topn":  # Serve's /recommend retrieves from the catalogue, then reranks
+        if not data_dir:
+            raise AlroError("the data is top-N (data.protocol topn): save_ranker needs its data_dir")
+        shutil.copytree(Path(data_dir) / RETRIEVER_DIR, out / RETRIEVER_DIR, dirs_exist_ok=True)
+        shutil.copyfile(Path(data_dir) / "items.parquet", out / RETRIEVER_DIR / "items.parquet")
+        info.protocol = "topn"
     write_ranker_info(info, out)
     if history is not None:
         write_json(out / "history.json", history)
