@@ -81,7 +81,7 @@ def test_random_is_seeded_per_user_and_independent_of_row_order():
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown baseline 'bpr'.*item-mean.*sasrec"):
         make_baseline("bpr")
-    assert set(BASELINES) == {"random", "popularity", "item-mean", "mf", "gru4rec", "sasrec", "retriever"}
+    assert set(BASELINES) == {"random", "popularity", "item-mean", "mf", "gru4rec", "sasrec", "item-knn", "retriever"}
 
 
 # --- matrix factorization: two user groups with opposite tastes ----------------------------------
@@ -208,3 +208,13 @@ def test_evaluate_baselines_on_a_prepared_directory(tmp_path):
         assert {"ndcg@3", "ndcg@10", "ndcg@25", "fit_seconds", "tpq_seconds"} <= set(m)
         assert 0 < m["ndcg@10"] <= 1 and m["fit_seconds"] >= 0 and m["lists"] == 20
     assert out["mf"]["ndcg@10"] > out["item-mean"]["ndcg@10"] + 0.2
+
+
+def test_item_knn_by_hand():
+    """Users: a-b twice, a-c once, d alone. cos(b, a) = 2 / sqrt(2 * 3), cos(c, a) = 1 / sqrt(1 * 3),
+    d shares no user with a; only the `recent` latest history items count."""
+    fit = pd.DataFrame({"user": ["1", "1", "2", "2", "3", "3", "4"], "item": ["a", "b", "a", "b", "a", "c", "d"],
+                        "rating": 4.0, "timestamp": range(7)})
+    knn = make_baseline("item-knn", recent=1).fit(fit)
+    scores = knn.score({"candidate_ids": ["b", "c", "d", "new"], "history_items": ["d", "a"]})
+    assert scores == pytest.approx([2 / np.sqrt(6), 1 / np.sqrt(3), 0.0, 0.0])
