@@ -115,6 +115,23 @@ def test_resuming_with_another_worker_count_is_refused(trained):
         run_training(_cfg("train.num_workers=1"), out)
 
 
+def test_saved_random_states_bring_back_the_same_draws(tmp_path):
+    """What a resumed worker restores (worker.resume): torch's (LoRA dropout), Python's and numpy's
+    states, read back with weights_only."""
+    import random
+
+    import numpy as np
+
+    from alro_ray.train.worker import restore_rng, rng_state
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    drawn = (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist())
+    torch.manual_seed(2), random.seed(2), np.random.seed(2)
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()) == drawn
+
+
 def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     """Refused at once, before Ray or any worker starts, naming the first run's pid and host."""
     with run_lock(tmp_path, "alro train (run tiny)"):
