@@ -17,9 +17,10 @@ C = 5  # candidates the test checkpoints were "trained" with
 LIMITS = dict(max_history=8, max_title_chars=60, max_attribute_chars=40, max_body_bytes=64 * 1024,
               max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=1, ingress_num_cpus=0,
               max_adapters_per_replica=1)  # every switch of adapter evicts the other: exercises the LRU
+TRAINED_TITLE_CHARS, TRAINED_ATTRIBUTE_CHARS = 30, 20  # checkpoint a's training cut (data.max_*_chars)
 
 
-def _make_checkpoint(out_dir, perturb_seed=None):
+def _make_checkpoint(out_dir, perturb_seed=None, overrides=()):
     import torch
 
     from alro_ray.data.dataset import ranking_stats
@@ -28,7 +29,7 @@ def _make_checkpoint(out_dir, perturb_seed=None):
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
     from alro_ray.data.tokenize import RankTokenizer
 
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config("configs/tiny.yaml", list(overrides))
     tok = load_tokenizer("tiny-random")
     model = add_lora(load_base_model(cfg.model), cfg.model)
     if perturb_seed is not None:  # a different "trained" adapter: random LoRA B (A is random already)
@@ -46,7 +47,8 @@ def checkpoints(tmp_path_factory):
     from alro_ray.rank.fusion import save_fusion_defaults
 
     root = tmp_path_factory.mktemp("serve_ckpt")
-    a = _make_checkpoint(root / "a")
+    a = _make_checkpoint(root / "a", overrides=[f"data.max_title_chars={TRAINED_TITLE_CHARS}",
+                                                f"data.max_attribute_chars={TRAINED_ATTRIBUTE_CHARS}"])
     b = _make_checkpoint(root / "b", perturb_seed=1)
     other = root / "other_base"  # same files, but claims another base model
     shutil.copytree(a, other)
@@ -85,8 +87,9 @@ def server(local_ray, checkpoints):
 
     from alro_ray.serve.app import run_serve
 
-    url = run_serve({"default": checkpoints["a"], "b": checkpoints["b"]}, host="127.0.0.1",
-                    port=_free_port(), blocking=False, **LIMITS)
+    # "movies.v2": a dot cannot be in a PEFT adapter name (the entry is loaded under an internal one)
+    url = run_serve({"default": checkpoints["a"], "b": checkpoints["b"], "movies.v2": checkpoints["a"]},
+                    host="127.0.0.1", port=_free_port(), blocking=False, **LIMITS)
     yield url
     serve.shutdown()
 
@@ -223,6 +226,8 @@ def _bad_cases():
                                                                    {"id": 2, "title": "y"}])}),
         "attribute list too long": (422, {"json": dict(ok, candidates=[
             {"id": 1, "title": "x", "attributes": ["a"] * 21}, {"id": 2, "title": "y"}])}),
+        "attribute list over the limit once joined": (422, {"json": dict(ok, candidates=[
+            {"id": 1, "title": "x", "attributes": ["a" * 25, "b" * 25]}, {"id": 2, "title": "y"}])}),
         "history too long": (422, {"json": make_request(n_history=9)}),
         "unknown adapter": (404, {"json": dict(ok, adapter="nope")}),
         "adapter given as a path": (404, {"json": dict(ok, adapter="/tmp")}),
@@ -256,6 +261,57 @@ def test_bad_input_gets_a_4xx_with_a_json_error(client, case):
     body = r.json()
     assert isinstance(body["error"], str) and body["error"]
     assert client.post("/rank", json=make_request()).status_code == 200  # still serving
+
+
+def test_candidate_ids_come_back_byte_for_byte(client):
+    """Ids are opaque: ids that differ only in spaces are distinct, and none comes back changed."""
+    ids = ["a b", "a  b", " a", "a\tb ", "x\u00a0y"]
+    req = make_request(n_candidates=len(ids), seed=4)
+    for c, i in zip(req["candidates"], ids):
+        c["id"] = i
+    r = client.post("/rank", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert sorted(body["ranking"]) == sorted(ids) and sorted(body["scores"]) == sorted(ids)
+
+
+def test_an_adapter_name_peft_cannot_hold_is_served(client):
+    """"movies.v2" (checkpoint a, as "default"): PEFT refuses a dot in an adapter name."""
+    req = make_request(n_candidates=4, seed=11, mode="one-pass")
+    r = client.post("/rank", json={**req, "adapter": "movies.v2"})
+    assert r.status_code == 200, r.text
+    same = client.post("/rank", json=req).json()
+    assert r.json()["adapter"] == "movies.v2" and r.json()["ranking"] == same["ranking"]
+    assert r.json()["scores"] == pytest.approx(same["scores"], abs=1e-4)
+
+
+def test_registry_gives_every_adapter_a_name_peft_can_hold(checkpoints):
+    from alro_ray.serve.app import load_registry
+
+    reg = load_registry({"eval": checkpoints["a"], "to.v2": checkpoints["a"], "default": checkpoints["b"]})
+    names = [e.peft_name for e in reg.values()]
+    assert len(set(names)) == 3 and all(n.isidentifier() for n in names)
+
+
+def test_titles_and_attributes_are_cut_as_training_cut_them(client, checkpoints):
+    """Checkpoint a was trained with titles cut to 30 characters and attributes to 20: Serve shows
+    the model the same cut (the request limits, 60 and 40, only refuse)."""
+    req = make_request(n_candidates=3, seed=3, mode="one-pass")
+    req["history"][0]["title"] = "A Very Long History Title That Training Would Cut"
+    req["candidates"][0]["title"] = "The Extraordinary Adventures of Someone Long-Titled"
+    req["candidates"][1]["attributes"] = ["Action", "Adventure", "Comedy", "Drama"]
+    cut = json.loads(json.dumps(req))
+    for item in cut["history"] + cut["candidates"]:
+        item["title"] = item["title"][:TRAINED_TITLE_CHARS]
+        attrs = item.get("attributes", "")
+        item["attributes"] = (attrs if isinstance(attrs, str) else "|".join(attrs))[:TRAINED_ATTRIBUTE_CHARS]
+    body = client.post("/rank", json=req).json()
+    ids = [c["id"] for c in req["candidates"]]
+    order, scores = _local_answer(checkpoints["a"], cut, "one-pass")
+    assert body["ranking"] == order
+    assert [body["scores"][str(i)] for i in ids] == pytest.approx(scores, abs=1e-4)
+    _, uncut_scores = _local_answer(checkpoints["a"], req, "one-pass")
+    assert [body["scores"][str(i)] for i in ids] != pytest.approx(uncut_scores, abs=1e-4)
 
 
 def test_fusion_takes_the_adapters_saved_weight_when_the_request_names_none(client):
@@ -299,9 +355,11 @@ def test_other_routes_and_methods(client):
 
 def test_health_adapters_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    assert "pid" in client.get("/stats").json()  # no API key set: nothing is hidden
     body = client.get("/adapters").json()
     assert body["default"] == "default"
-    assert {a["name"]: a["candidates"] for a in body["adapters"]} == {"default": C, "b": C}
+    assert {a["name"]: a["candidates"] for a in body["adapters"]} == {"default": C, "b": C, "movies.v2": C}
     assert all("path" not in a for a in body["adapters"])  # checkpoint paths stay private
     schema = client.get("/openapi.json").json()
     req = schema["components"]["schemas"]["RankRequest"]
@@ -310,7 +368,8 @@ def test_health_adapters_and_docs(client):
     assert {"400", "404", "413", "422"} <= set(schema["paths"]["/rank"]["post"]["responses"])
     assert client.get("/docs").status_code == 200
     limits = client.get("/limits").json()
-    assert limits["max_body_bytes"] == LIMITS["max_body_bytes"] and limits["candidates"] == {"default": C, "b": C}
+    assert limits["max_body_bytes"] == LIMITS["max_body_bytes"]
+    assert limits["candidates"] == {"default": C, "b": C, "movies.v2": C}
 
 
 # ------------------------------------------------------------------------------------------
@@ -358,6 +417,140 @@ def test_yaml_config_is_a_valid_serve_config(checkpoints):
     build_app(args)  # builds the application graph (nothing deployed)
     names = {d["name"] for d in app_cfg["deployments"]}
     assert names == {"ingress", "ranker"}
+
+
+# ------------------------------------------------------------------------------------------
+# a second `alro serve` (a real process) beside the first: its own app and route, an API key,
+# a small queue; then SIGTERM
+# ------------------------------------------------------------------------------------------
+
+API_KEY = "s3cret-key"
+SLOW_BATCH_S = 2.0  # the second app's batches wait this long (never full): requests stay in flight
+
+
+@pytest.fixture(scope="module")
+def second_app(server, checkpoints, local_ray, tmp_path_factory):
+    """`alro serve` in a subprocess, joined to this module's Ray (RAY_ADDRESS), on the first app's
+    port as app "second" at /second, with ALRO_SERVE_API_KEY set; 4 requests at a time on the
+    ranker, 2 more queued, batches of up to 8 that wait SLOW_BATCH_S."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path_factory.mktemp("second_serve") / "alro-serve.log"
+    env = dict(os.environ, RAY_ADDRESS=local_ray.get_runtime_context().gcs_address, ALRO_SERVE_API_KEY=API_KEY)
+    cmd = [sys.executable, "-m", "alro_ray.cli", "serve", "--checkpoint", checkpoints["a"],
+           "--port", server.rsplit(":", 1)[1], "--app-name", "second", "--route-prefix", "/second",
+           "--max-batch-size", "8", "--batch-wait-timeout-s", str(SLOW_BATCH_S), "--max-queued-requests", "2",
+           "--set", "max_ongoing_requests=4", "--set", "num_cpus=0", "--set", "ingress_num_cpus=0"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"{server}/second"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"the second `alro serve` did not come up (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+    yield {"proc": proc, "url": url, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+def _auth(key=API_KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_second_serve_refuses_to_replace_or_move_the_first(server, checkpoints):
+    from alro_ray.errors import ConfigError
+    from alro_ray.serve.app import run_serve
+
+    port = int(server.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match="application 'alro' already runs .* --app-name"):
+        run_serve({"default": checkpoints["a"]}, port=port, blocking=False, **LIMITS)
+    with pytest.raises(ConfigError, match="route '/' .* --route-prefix"):
+        run_serve({"default": checkpoints["a"]}, port=port, blocking=False, app_name="other", **LIMITS)
+    with pytest.raises(ConfigError, match=f"host and port cannot change .* --port {port}"):
+        run_serve({"default": checkpoints["a"]}, port=_free_port(), blocking=False, app_name="x",
+                  route_prefix="/x", **LIMITS)
+
+
+def test_a_second_serve_runs_as_its_own_app_beside_the_first(second_app, client):
+    url = second_app["url"]
+    assert httpx.get(f"{url}/adapters", headers=_auth()).json()["adapters"][0]["name"] == "default"
+    req = make_request(n_candidates=3, seed=8, mode="one-pass")
+    r = httpx.post(f"{url}/rank", json=req, headers=_auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["ranking"] == client.post("/rank", json=req).json()["ranking"]  # same checkpoint
+    assert len(client.get("/adapters").json()["adapters"]) == 3  # the first app is untouched
+
+
+def test_api_key_guards_every_route_but_the_health_checks(second_app):
+    url, req = second_app["url"], make_request(n_candidates=3, seed=9)
+    for headers in ({}, _auth("wrong"), {"Authorization": API_KEY}, {"X-API-Key": "s3cret"}):
+        r = httpx.post(f"{url}/rank", json=req, headers=headers, timeout=60)
+        assert r.status_code == 401 and "API key" in r.json()["error"], (headers, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    for route in ("/adapters", "/limits", "/openapi.json", "/docs"):
+        assert httpx.get(f"{url}{route}").status_code == 401, route
+    for headers in (_auth(), {"X-API-Key": API_KEY}):
+        assert httpx.post(f"{url}/rank", json=req, headers=headers, timeout=60).status_code == 200
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+    public = httpx.get(f"{url}/stats", timeout=30).json()
+    assert "requests" in public and not {"pid", "device"} & set(public)
+    assert {"pid", "device"} <= set(httpx.get(f"{url}/stats", headers=_auth(), timeout=30).json())
+
+
+def test_overload_gets_503_with_retry_after_and_never_500(second_app, client):
+    """48 clients at once on a ranker that takes 4 and queues 2: the rest are refused at once with
+    503, Retry-After and a JSON reason; every request taken is answered correctly."""
+    req = make_request(n_candidates=3, seed=12, mode="one-pass")
+    expected = client.post("/rank", json=req).json()["ranking"]  # the first app, same checkpoint
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=120, headers=_auth()) as ac:
+            return await asyncio.gather(*(ac.post(f"{second_app['url']}/rank", json=req) for _ in range(48)))
+
+    responses = asyncio.run(fire())
+    statuses = sorted({r.status_code for r in responses})
+    assert statuses == [200, 503], [(r.status_code, r.text) for r in responses if r.status_code not in (200, 503)]
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and r.json()["error"].startswith("overloaded"), r.text
+        else:
+            assert r.json()["ranking"] == expected
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(second_app, client):
+    """Runs last of the second app's tests: SIGTERM while 4 requests wait in a batch; they are
+    answered, the process exits 0, and the first app still serves."""
+    import signal
+
+    proc, url = second_app["proc"], second_app["url"]
+    req = make_request(n_candidates=3, seed=13, mode="one-pass")
+    expected = client.post("/rank", json=req).json()["ranking"]
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120, headers=_auth()) as ac:
+            sent = [asyncio.create_task(ac.post(f"{url}/rank", json=req)) for _ in range(4)]
+            await asyncio.sleep(SLOW_BATCH_S / 2)  # they are in the ranker's batch, waiting for more
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*sent)
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert all(r.json()["ranking"] == expected for r in responses)
+    assert proc.wait(timeout=120) == 0, second_app["log"].read_text()[-3000:]
+    assert client.post("/rank", json=req).json()["ranking"] == expected  # the first app was left alone
+    assert client.get("/second/adapters").status_code == 404  # its route went with it
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from alro_ray.config import Config, load_config
+from alro_ray.config import Config, apply_overrides, load_config
 from alro_ray.errors import ConfigError
 from alro_ray.files import run_lock
 from alro_ray.evaluate.report import metrics_table
@@ -114,10 +114,13 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.serve.app import adapters_from_args, run_serve  # a stage loads on use
 
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-              "num_replicas": args.num_replicas}
+              "num_replicas": args.num_replicas, "max_queued_requests": args.max_queued_requests,
+              "request_timeout_s": args.request_timeout_s}
+    others = dict(apply_overrides({}, args.set))  # KEY=VALUE, typed and checked by ServeSettings
     run_serve(adapters_from_args(checkpoint=args.checkpoint, adapter=args.adapter), host=args.host, port=args.port,
-              **{k: v for k, v in limits.items() if v is not None})
-    return 0
+              app_name=args.app_name, route_prefix=args.route_prefix,
+              **others, **{k: v for k, v in limits.items() if v is not None})
+    return 0  # also after Ctrl-C or SIGTERM: the app was removed after its requests in flight
 
 
 def cmd_cache(args: argparse.Namespace, cfg: Config) -> int:

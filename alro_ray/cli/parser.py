@@ -122,6 +122,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="dynamic batching: most requests per batch")
     p.add_argument("--batch-wait-timeout-s", type=float, help="dynamic batching: longest wait for a batch")
     p.add_argument("--num-replicas", type=int)
+    p.add_argument("--max-queued-requests", type=int,
+                   help="requests queued per caller beyond those the ranker works on; past it: 503 with "
+                        "Retry-After (default 4 x max batch size)")
+    p.add_argument("--request-timeout-s", type=float, help="a request not answered in this time gets 504 "
+                                                           "(default 120)")
+    p.add_argument("--app-name", default="alro", help="the Serve application's name (another one to serve "
+                                                      "beside an app that runs)")
+    p.add_argument("--route-prefix", default="/", help="its route, e.g. /movies beside an app at /")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other serve setting (docs/serving.md), e.g. --set num_cpus=0.5 (repeatable)")
     p.set_defaults(func=commands.cmd_serve)
 
     p = sub.add_parser("cache", help="what the model cache holds; --clear-states frees the frozen LM's stored states")

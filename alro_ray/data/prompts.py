@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 INSTRUCTION = (
     "Given the user's interaction history, which reveals their items preferences, generate a "
@@ -94,6 +94,22 @@ def neutralise(text: str, attribute_name: str = "") -> tuple[str, int]:
 @lru_cache(maxsize=64)
 def _shown_name(attribute_name: str) -> str:
     return neutralise(attribute_name)[0]
+
+
+class ShownText(NamedTuple):
+    text: str
+    neutralised: int  # template markers altered
+    cut: bool  # it was longer than the limit
+
+
+def shown_text(text: str, limit: int, attribute_name: str = "") -> ShownText:
+    """User-supplied item text as prompts show it, the one cut training and serving share
+    (prepare's item table with `data.max_title_chars` / `data.max_attribute_chars`, and Serve
+    with the adapter's training config): on one line, the template's markers neutralised,
+    stripped, then cut to `limit` characters."""
+    text, n = neutralise(text, _shown_name(attribute_name))
+    text = text.strip()
+    return ShownText(text[:limit], n, len(text) > limit)
 
 
 def item_text(item: Item, attribute_name: str) -> str:

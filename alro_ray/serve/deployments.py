@@ -18,9 +18,11 @@ import ray
 from ray import serve
 
 from alro_ray.config import ModelConfig, from_dict
+from alro_ray.data.prompts import Item, shown_text
 from alro_ray.errors import NonFiniteError
 from alro_ray.rank.ranker import FUSION_FITS, FUSION_HINTS, Ranker, build_ranker
 from alro_ray.rank.fusion import fuse, fused_order
+from alro_ray.serve.auth import ApiKey
 from alro_ray.serve.contract import Fusion, RankFailure, RankJob, RankOutcome
 from alro_ray.serve.http import make_fastapi_app
 from alro_ray.serve.routes import nonfinite_scores
@@ -119,48 +121,52 @@ class RankerDeployment:
         return _AdapterRef(self, name)
 
     def _attach(self, name: str) -> None:
-        """Load adapter `name` into the shared model (caller holds the lock)."""
+        """Load adapter `name` into the shared model (caller holds the lock). PEFT knows it by its
+        internal name (`peft_name`): client names may hold what PEFT module names cannot."""
         from peft import PeftModel  # heavy: the ranker's process only
 
         entry = self.registry[name]
         self._evicted.discard(name)
         adapter_dir = str(Path(entry.path) / "adapter")
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
+            self.peft = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=entry.peft_name)
             self.adapter_loads += 1
-        elif name not in self.peft.peft_config:
-            self.peft.load_adapter(adapter_dir, adapter_name=name)
+        elif entry.peft_name not in self.peft.peft_config:
+            self.peft.load_adapter(adapter_dir, adapter_name=entry.peft_name)
             self.adapter_loads += 1
         self.peft.to(self.device).eval()
-        bad = self._nonfinite_weights(name)
-        if bad:  # kept loaded (it is small) but refused per request, so other adapters still answer
-            self.broken[name] = (f"the adapter {name!r} is broken: {len(bad)} of its weight tensors hold "
-                                 f"NaN/inf (e.g. {bad[0]}), so its scores would be too; retrain it (or "
-                                 f"replace its checkpoint) and restart the app; other adapters still answer")
-            log.error("%s", self.broken[name])
-        else:
-            self.broken.pop(name, None)
+        self._check_weights(name)
         for old in list(self._evicted):  # free adapters Serve's LRU let go of
-            if old in self.peft.peft_config and len(self.peft.peft_config) > 1:
-                self.peft.delete_adapter(old)
+            old_peft = self.registry[old].peft_name
+            if old_peft in self.peft.peft_config and len(self.peft.peft_config) > 1:
+                self.peft.delete_adapter(old_peft)
                 self.rankers.pop(old, None)
             self._evicted.discard(old)
         if name not in self.rankers:  # its tokenizer, score head and hints on the shared model
             self.rankers[name] = build_ranker(self.peft, entry.path, self.device, self.dtype, f"adapter {name!r}")
-        self.loaded = sorted(self.peft.peft_config)  # a new list: stats() reads it without the lock
+        # a new list: stats() reads it without the lock
+        self.loaded = sorted(n for n, e in self.registry.items() if e.peft_name in self.peft.peft_config)
         log.info("adapter %r ready (loaded: %s)", name, self.loaded)
 
-    def _nonfinite_weights(self, name: str) -> list[str]:
-        """Names of adapter `name`'s LoRA tensors holding NaN/inf (its parameters are `...lora_X.<name>...`)."""
+    def _check_weights(self, name: str) -> None:
+        """Mark adapter `name` broken when its LoRA tensors hold NaN/inf: kept loaded (it is small)
+        but refused per request, so other adapters still answer."""
         import torch  # heavy: the ranker's process only
 
+        mine = self.registry[name].peft_name  # its parameters are `...lora_X.<peft_name>...`
         bad = []
         for pname, p in self.peft.named_parameters():
             parts = pname.split(".")
-            mine = any(a.startswith("lora_") and b == name for a, b in zip(parts, parts[1:]))
-            if mine and not bool(torch.isfinite(p).all()):
+            ours = any(a.startswith("lora_") and b == mine for a, b in zip(parts, parts[1:]))
+            if ours and not bool(torch.isfinite(p).all()):
                 bad.append(pname)
-        return bad
+        if not bad:
+            self.broken.pop(name, None)
+            return
+        self.broken[name] = (f"the adapter {name!r} is broken: {len(bad)} of its weight tensors hold NaN/inf "
+                             f"(e.g. {bad[0]}), so its scores would be too; retrain it (or replace its "
+                             f"checkpoint) and restart the app; other adapters still answer")
+        log.error("%s", self.broken[name])
 
     # -- ranking -------------------------------------------------------------------------------
 
@@ -224,7 +230,8 @@ class RankerDeployment:
             # by candidate id ("none" for unknown ids); MF's user part from history items with ids.
             hint_args = (job.candidate_ids, job.candidate_hints or [None] * c, job.history_ids, job.history_ratings)
             notes = ranker.hint_notes(*hint_args)
-            ids = ranker.prompt_ids(job.history, job.candidates, notes)
+            history = [(_as_trained(item, ranker), rating) for item, rating in job.history]
+            ids = ranker.prompt_ids(history, [_as_trained(item, ranker) for item in job.candidates], notes)
             classical = None
             if job.fusion:
                 values = ranker.classical_scores(job.fusion.classical, *hint_args)
@@ -244,11 +251,11 @@ class RankerDeployment:
         """(order, scores) per prompt from one forward pass of adapter `name`; a failure fails the group."""
         try:
             with self._lock:
-                if name not in self.peft.peft_config:
+                if self.registry[name].peft_name not in self.peft.peft_config:
                     self._attach(name)
                 if name in self.broken:  # reloaded in this batch and found broken
                     raise NonFiniteError(self.broken[name])
-                self.peft.set_adapter(name)
+                self.peft.set_adapter(self.registry[name].peft_name)
                 orders, scores = self.rankers[name].rank(prompts, mode, c)
             if not all(math.isfinite(s) for row in scores for s in row):  # in case a path did not raise
                 raise NonFiniteError(nonfinite_scores(name))
@@ -305,6 +312,14 @@ class _Prompt:
                            fuse(scores, self.classical, f.weight, f.method).tolist(), batch_size, f)
 
 
+def _as_trained(item: Item, ranker: Ranker) -> Item:
+    """An item's text cut as the adapter's training data was (data.max_title_chars and
+    data.max_attribute_chars of its config; the one function prepare uses)."""
+    d, name = ranker.config.data, ranker.info.attribute_name
+    return Item(shown_text(item.title, d.max_title_chars, name).text,
+                shown_text(item.attributes, d.max_attribute_chars, name).text)
+
+
 def _refusal(job: RankJob, ranker: Ranker) -> RankFailure | None:
     """What this adapter cannot rank: more candidates than it has letters, or `score` without a head."""
     c = len(job.candidates)
@@ -332,13 +347,15 @@ def unknown_as_mean(values: list[float | None]) -> list[float]:
 @serve.deployment(name="ingress")
 @serve.ingress()
 class Ingress:
-    """HTTP front: validation, limits and error bodies; forwards to the ranker by adapter name."""
+    """HTTP front: validation, limits and error bodies; forwards to the ranker by adapter name.
+    `api_key`: the digest of ALRO_SERVE_API_KEY where the app was built (auth.ApiKey), or None."""
 
-    def __init__(self, ranker, settings: ServeSettings, registry: dict[str, AdapterEntry]):
+    def __init__(self, ranker, settings: ServeSettings, registry: dict[str, AdapterEntry],
+                 api_key: bytes | None = None):
         self.ranker = ranker
         self.settings = settings
         self.registry = registry
+        self.api_key = ApiKey(api_key)
 
     def __serve_build_asgi_app__(self):
-        return make_fastapi_app(self.settings, self.registry, self.ranker)
-
+        return make_fastapi_app(self.settings, self.registry, self.ranker, self.api_key)

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alro_ray.serve.auth import ApiKey, ApiKeyMiddleware
 from alro_ray.serve.registry import AdapterEntry
 from alro_ray.serve.routes import add_info_routes, add_rank_route, json_error
 from alro_ray.serve.schemas import make_schemas, safe_text
@@ -112,14 +113,19 @@ def add_error_handlers(app: FastAPI) -> None:
 def _error_responses(error_body: type) -> dict:
     """The error statuses of POST /rank, for the OpenAPI document."""
     return {code: {"model": error_body, "description": text} for code, text in
-            [(400, "invalid JSON"), (404, "unknown adapter"), (413, "request body too large"),
+            [(400, "invalid JSON"), (401, "an API key is set and the request did not carry it"),
+             (404, "unknown adapter"), (413, "request body too large"),
              (422, "request does not match the schema or the limits"),
              (500, "the adapter is broken (non-finite weights or scores), or an internal error"),
-             (503, "the ranker replica died and none answered within the retry budget")]}
+             (503, "overloaded (the ranker's queue is full), or the ranker replica died and none answered "
+                   "within the retry budget: retry after Retry-After seconds"),
+             (504, "the ranker did not answer within request_timeout_s")]}
 
 
-def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry], ranker) -> FastAPI:
-    """The ingress's app: the schemas from the limits, the body-size limit, JSON errors, the routes."""
+def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry], ranker,
+                     api_key: ApiKey | None = None) -> FastAPI:
+    """The ingress's app: the schemas from the limits, the API key (if one is set), the body-size
+    limit, JSON errors, the routes."""
     schemas = make_schemas(settings, max(e.candidates for e in registry.values()))
     app = FastAPI(
         title="ALRO ranker",
@@ -130,6 +136,7 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
                     f"chars, body <= {settings.max_body_bytes} bytes, candidates 2..C of the adapter.",
     )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, key=api_key or ApiKey(None))  # added last: runs first
     add_error_handlers(app)
     add_rank_route(app, settings, registry, ranker, schemas, _error_responses(schemas["ErrorBody"]))
     add_info_routes(app, settings, registry, ranker)

@@ -19,6 +19,7 @@ class AdapterEntry:
     info: RankerInfo  # ranker.json
     model: dict  # the `model:` section of its training config
     fusion: dict = field(default_factory=dict)  # fusion.json: "<mode>/<classical>" -> saved weight, method
+    peft_name: str = ""  # the adapter's name inside the PEFT model, safe whatever `name` is: "adapter<i>"
 
     @property
     def candidates(self) -> int:
@@ -61,7 +62,7 @@ def load_registry(adapters: dict[str, str], base_dir: str | None = None) -> dict
     """Check every checkpoint of the registry and that they share one base model."""
     root = Path(base_dir) if base_dir else Path.cwd()
     registry: dict[str, AdapterEntry] = {}
-    for name, raw in adapters.items():
+    for i, (name, raw) in enumerate(adapters.items()):
         path = Path(raw).expanduser()
         path = (path if path.is_absolute() else root / path).resolve()
         try:
@@ -73,7 +74,7 @@ def load_registry(adapters: dict[str, str], base_dir: str | None = None) -> dict
             fusion = read_fusion_defaults(path)
         except AlroError as e:
             raise ConfigError(f"serve: adapter {name!r}: {e}") from e
-        registry[name] = AdapterEntry(name, str(path), info, model, fusion)
+        registry[name] = AdapterEntry(name, str(path), info, model, fusion, peft_name=f"adapter{i}")
     entries = list(registry.values())
     first = entries[0]
     for other in entries[1:]:

@@ -57,7 +57,9 @@ async def call_with_retry(call: Callable[[], Awaitable], attempts: int, budget_s
                 return await call()
             left = budget_s - (time.monotonic() - failed_at)
             return await asyncio.wait_for(call(), timeout=left)
-        except TimeoutError:  # asyncio.wait_for's, on a retry: the budget is spent
+        # asyncio.wait_for's, on a retry: the budget is spent. Both names: one class from Python
+        # 3.11 on, but on 3.10 asyncio.TimeoutError is not the builtin TimeoutError.
+        except (TimeoutError, asyncio.TimeoutError):
             if failed_at is None:
                 raise
             break

@@ -5,8 +5,9 @@ import logging
 import math
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from ray.serve.exceptions import BackPressureError
 
 from alro_ray.data.prompts import Item
 from alro_ray.serve.contract import RankFailure, RankJob, RankOutcome
@@ -18,15 +19,19 @@ from alro_ray.serve.settings import ServeSettings
 log = logging.getLogger("alro_ray")
 
 LIMIT_KEYS = ("max_history", "max_title_chars", "max_attribute_chars", "max_id_chars", "max_body_bytes",
-              "max_prompt_tokens", "max_batch_size", "batch_wait_timeout_s")
+              "max_prompt_tokens", "max_batch_size", "batch_wait_timeout_s", "request_timeout_s")
+PRIVATE_STATS = ("pid", "device", "torch_threads")  # about the host: shown only with the API key, when one is set
 
 
-def json_error(status: int, message: str, detail: list | None = None) -> JSONResponse:
-    """Every error the service sends: `{"error": what is wrong, "detail": [...]}`."""
+def json_error(status: int, message: str, detail: list | None = None, retry_after_s: int | None = None
+               ) -> JSONResponse:
+    """Every error the service sends: `{"error": what is wrong, "detail": [...]}`; a 503 says when
+    to come back (Retry-After)."""
     body: dict[str, Any] = {"error": safe_text(message, 2000)}
     if detail is not None:
         body["detail"] = detail
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def nonfinite_scores(adapter: str) -> str:
@@ -51,14 +56,23 @@ def rank_job(req, name: str, mode: str, entry: AdapterEntry) -> RankJob:
 
 
 async def ask_ranker(ranker, job: RankJob, settings: ServeSettings) -> RankOutcome | JSONResponse:
-    """The ranker's outcome, or the error answer: a replica lost for good (503), a failure the
-    ranker reported, a bug (500)."""
+    """The ranker's outcome, or the error answer: overloaded or a replica lost for good (503 with
+    Retry-After), no answer in request_timeout_s (504), a failure the ranker reported, a bug (500)."""
+    def call():
+        return ranker.options(multiplexed_model_id=job.adapter).rank.remote(job)
+
     try:
-        out = await call_with_retry(lambda: ranker.options(multiplexed_model_id=job.adapter).rank.remote(job),
-                                    settings.retry_attempts, settings.retry_budget_s)
+        out = await asyncio.wait_for(call_with_retry(call, settings.retry_attempts, settings.retry_budget_s),
+                                     timeout=settings.request_timeout_s)
+    except BackPressureError as e:  # the ranker's queue is full: refused at once, nothing was run
+        return json_error(503, f"overloaded: the ranker's queue is full ({e.message}); retry in "
+                               f"{settings.retry_after_s} s", retry_after_s=settings.retry_after_s)
     except ReplicaLost as e:  # the replica died and none came back in time
         log.error("ranker lost under a request: %s", e)
-        return json_error(503, f"ranker unavailable: {e}; retry later")
+        return json_error(503, f"ranker unavailable: {e}; retry later", retry_after_s=settings.retry_after_s)
+    except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on, not before
+        return json_error(504, f"the ranker did not answer within request_timeout_s = "
+                               f"{settings.request_timeout_s:g} s")
     except Exception as e:  # a bug in the ranker: this request only
         log.exception("ranker call failed")
         return json_error(500, f"internal error in the ranker: {type(e).__name__}")
@@ -103,25 +117,34 @@ def add_rank_route(app: FastAPI, settings: ServeSettings, registry: dict[str, Ad
 
 
 def add_info_routes(app: FastAPI, settings: ServeSettings, registry: dict[str, AdapterEntry], ranker) -> None:
-    @app.get("/healthz", summary="Liveness: the ingress and a ranker replica answer")
+    @app.get("/healthz", summary="Liveness: the ingress answers (never waits for ranking)")
     async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: a ranker replica answers a ping (503 while none can)")
+    async def readyz():
         try:
             await asyncio.wait_for(ranker.ping.remote(), timeout=10)
+        except BackPressureError:
+            return json_error(503, "not ready: the ranker's queue is full", retry_after_s=settings.retry_after_s)
         except Exception as e:
-            return json_error(503, f"ranker not ready: {type(e).__name__}")
-        return {"status": "ok"}
+            return json_error(503, f"ranker not ready: {type(e).__name__}", retry_after_s=settings.retry_after_s)
+        return {"status": "ready"}
 
     @app.get("/adapters", summary="Registered adapter names (request field `adapter`)")
     async def adapters():
         return {"default": settings.default_name, "default_mode": settings.default_mode,
                 "adapters": [e.public() for e in registry.values()]}
 
-    @app.get("/stats", summary="Batch-size histogram of one ranker replica")
-    async def stats():
+    @app.get("/stats", summary="Batch-size histogram of one ranker replica (pid and device need the API key)")
+    async def stats(request: Request):
         try:
-            return await asyncio.wait_for(ranker.stats.remote(), timeout=10)
+            out = await asyncio.wait_for(ranker.stats.remote(), timeout=10)
         except Exception as e:
-            return json_error(503, f"ranker not ready: {type(e).__name__}")
+            return json_error(503, f"ranker not ready: {type(e).__name__}", retry_after_s=settings.retry_after_s)
+        if not getattr(request.state, "authorized", True):  # an API key is set and was not sent
+            out = {k: v for k, v in out.items() if k not in PRIVATE_STATS}
+        return out
 
     @app.get("/limits", summary="Request limits in force")
     async def limits():

@@ -17,20 +17,20 @@ def safe_text(value: Any, limit: int = 300) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _clean(value: str) -> str:
-    """Collapse whitespace (newlines could forge template lines) and reject non-encodable text."""
+def _encodable(value: str) -> str:
+    """Refuse text that cannot be sent on as UTF-8 (lone surrogates); otherwise unchanged: ids come
+    back byte for byte, and item text is cut as training cut it by the ranker (prompts.shown_text)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("text must be valid Unicode (no lone surrogate code points)") from None
-    return " ".join(value.split())
+    return value
 
 
 def _nonblank(value: str) -> str:
-    value = _clean(value)
-    if not value:
+    if not value.strip():
         raise ValueError("must not be empty or only whitespace")
-    return value
+    return _encodable(value)
 
 
 def _not_bool(value: Any) -> Any:
@@ -43,22 +43,27 @@ def _not_bool(value: Any) -> Any:
 def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type]:
     s = settings
     Title = Annotated[StrictStr, Field(min_length=1, max_length=s.max_title_chars, pattern=r"\S",
-                                       description="item title (whitespace runs are collapsed)"),
+                                       description="item title; the prompt shows it on one line, cut as "
+                                                   "the adapter's training data was (data.max_title_chars)"),
                       AfterValidator(_nonblank)]
-    AttrStr = Annotated[StrictStr, Field(max_length=s.max_attribute_chars), AfterValidator(_clean)]
+    AttrStr = Annotated[StrictStr, Field(max_length=s.max_attribute_chars), AfterValidator(_encodable)]
     AttrList = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=s.max_attribute_chars,
                                                          pattern=r"\S"), AfterValidator(_nonblank)]],
                          Field(max_length=MAX_ATTRIBUTE_ITEMS)]
     Attributes = Annotated[Union[AttrStr, AttrList], Field(
         description='e.g. "Action|Sci-Fi", or ["Action", "Sci-Fi"] (joined with "|"); '
-                    f'a string or each list item <= {s.max_attribute_chars} characters')]
+                    f'<= {s.max_attribute_chars} characters in all (a list: once joined)')]
     CandidateId = Union[Annotated[StrictStr, Field(min_length=1, max_length=s.max_id_chars, pattern=r"\S"),
                                   AfterValidator(_nonblank)],
                         Annotated[int, BeforeValidator(_not_bool), Field(ge=-(2 ** 63), le=2 ** 63 - 1)]]
     Rating = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
 
     def joined(attrs) -> str:
-        return attrs if isinstance(attrs, str) else "|".join(attrs)
+        """A list of attributes as one string, under the same limit as a string (never a way round it)."""
+        text = attrs if isinstance(attrs, str) else "|".join(attrs)
+        if len(text) > s.max_attribute_chars:
+            raise ValueError(f"attributes joined with '|' have {len(text)} characters, limit {s.max_attribute_chars}")
+        return text
 
     class Hints(BaseModel):  # data/hints.py VALUE_KEYS; a missing value shows "none"
         model_config = ConfigDict(extra="forbid")

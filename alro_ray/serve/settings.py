@@ -16,6 +16,9 @@ from alro_ray.errors import ConfigError
 from alro_ray.rank.modes import MODES
 
 APP_NAME = "alro"
+# Names clients use (a request's `adapter`, GET /adapters). PEFT never sees them: a dot, or a name
+# like "eval" or "to" (a module attribute), cannot name a PEFT adapter, so each entry is loaded
+# under an internal name (registry.AdapterEntry.peft_name).
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -45,6 +48,13 @@ class ServeSettings:
     # with one replica that is the time Serve's controller needs to start a new one
     retry_attempts: int = 4
     retry_budget_s: float = 60.0
+    # overload and time limits: a request beyond max_ongoing_requests per ranker replica waits in a
+    # queue of max_queued_requests (None: 4 x max_batch_size, about four batches); past it the
+    # answer is 503 with Retry-After at once. A request not answered in request_timeout_s gets 504.
+    max_queued_requests: int | None = None
+    retry_after_s: int = 1  # the Retry-After of a 503
+    request_timeout_s: float = 120.0
+    drain_timeout_s: float = 30.0  # on shutdown (SIGTERM, Ctrl-C): how long requests in flight may finish
     # placement; None leaves it to Serve / the YAML `deployments:` section
     num_replicas: int | None = None  # ranker replicas
     num_cpus: float | None = None  # per ranker replica
@@ -78,20 +88,25 @@ class ServeSettings:
                               f"{sorted(self.adapters)}")
         for name in ("max_history", "max_title_chars", "max_attribute_chars", "max_id_chars", "max_body_bytes",
                      "max_prompt_tokens", "max_batch_size", "max_adapters_per_replica", "num_replicas",
-                     "max_ongoing_requests", "ingress_max_ongoing_requests", "torch_threads"):
+                     "max_ongoing_requests", "max_queued_requests", "ingress_max_ongoing_requests", "torch_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"serve.{name} must be an integer >= 1, got {value!r}")
         if not 0 <= self.retry_attempts <= 20:
             raise ConfigError(f"serve.retry_attempts must be an integer in [0, 20], got {self.retry_attempts!r}")
-        if not 0 < self.retry_budget_s <= 3600:
-            raise ConfigError(f"serve.retry_budget_s must be in (0, 3600] seconds, got {self.retry_budget_s!r}")
+        for name in ("retry_budget_s", "request_timeout_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:  # NaN fails too
+                raise ConfigError(f"serve.{name} must be in (0, 3600] seconds, got {value!r}")
+        if not 0 <= self.retry_after_s <= 3600:
+            raise ConfigError(f"serve.retry_after_s must be an integer in [0, 3600] seconds, "
+                              f"got {self.retry_after_s!r}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
             raise ConfigError(f"serve.batch_wait_timeout_s must be in [0, 10] seconds, "
                               f"got {self.batch_wait_timeout_s!r}")
         for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not value >= 0:  # NaN too
                 raise ConfigError(f"serve.{name} must be >= 0, got {value!r}")
         return self
 
@@ -100,3 +115,13 @@ class ServeSettings:
         if self.default_adapter:
             return self.default_adapter
         return "default" if "default" in self.adapters else next(iter(self.adapters))
+
+    @property
+    def ongoing_limit(self) -> int:
+        """Requests one ranker replica works on at once: enough for its batches to fill."""
+        return self.max_ongoing_requests or 4 * self.max_batch_size
+
+    @property
+    def queue_limit(self) -> int:
+        """Requests each caller queues for the ranker beyond the replicas' ongoing ones."""
+        return self.max_queued_requests or 4 * self.max_batch_size
