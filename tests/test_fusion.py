@@ -142,7 +142,9 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
     """The ranker deployment's batch path in-process (no Serve started): a request's `fusion`
     mixes the ranker's scores with MF's or item-mean's, from the request's hints, else the
     checkpoint's fit by id (an unknown id gets the known ones' mean); nothing to fuse with is a 422."""
+    from alro_ray.data.prompts import Item
     from alro_ray.rank.ranker import load_ranker
+    from alro_ray.serve.contract import Fusion, RankJob
     from alro_ray.serve.deployments import RankerDeployment
     from alro_ray.serve.registry import load_registry
     from alro_ray.serve.schemas import make_schemas
@@ -155,9 +157,9 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
     known = list(fit.items[:2])
 
     def request(fusion=None, hints=None, ids=("p", "q", "r")):
-        return {"adapter": "default", "mode": "one-pass", "history": [["Old", "Noir", 4.0]],
-                "candidates": [[f"T{j}", "Noir"] for j in range(3)], "candidate_ids": list(ids),
-                "candidate_hints": hints, "history_ids": [None], "fusion": fusion}
+        return RankJob("default", "one-pass", history=[(Item("Old", "Noir"), 4.0)],
+                       candidates=[Item(f"T{j}", "Noir") for j in range(3)], candidate_ids=list(ids),
+                       candidate_hints=hints, history_ids=[None], fusion=Fusion(**fusion) if fusion else None)
 
     given = [{"mf_score": 1.0}, {"mf_score": 5.0}, {"mf_score": 3.0}]
     # The hints are rendered into the prompt too (the ranker was trained with them): same hints, same prompt.
@@ -167,15 +169,15 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
         request({"classical": "mf", "weight": 0.5, "method": "borda"}, given),
         request({"classical": "item-mean", "weight": 0.0, "method": "score"}, ids=[known[0], "unknown", known[1]]),
         request(ids=[known[0], "unknown", known[1]]), request({"classical": "mf", "weight": 0.5, "method": "score"})])
-    assert "fusion" not in plain
-    assert only_mf["order"] == [1, 2, 0] and only_mf["fusion"]["classical"] == "mf"
-    assert only_llm["order"] == plain["order"]
-    assert borda["order"] == fused_order(plain["scores"], [1.0, 5.0, 3.0], 0.5, "borda")
-    assert borda["scores"] == pytest.approx(fuse(plain["scores"], [1.0, 5.0, 3.0], 0.5, "borda").tolist())
+    assert plain.fusion is None
+    assert only_mf.order == [1, 2, 0] and only_mf.fusion.classical == "mf"
+    assert only_llm.order == plain.order
+    assert borda.order == fused_order(plain.scores, [1.0, 5.0, 3.0], 0.5, "borda")
+    assert borda.scores == pytest.approx(fuse(plain.scores, [1.0, 5.0, 3.0], 0.5, "borda").tolist())
     means = [v["mean_rating"] for v in fit.values(known)]
     cls = [means[0], sum(means) / 2, means[1]]
-    assert by_id["order"] == fused_order(plain_by_id["scores"], cls, 0.0, "score")
-    assert nothing["status"] == 422 and "pass candidates[].hints.mf_score" in nothing["error"]
+    assert by_id.order == fused_order(plain_by_id.scores, cls, 0.0, "score")
+    assert nothing.status == 422 and "pass candidates[].hints.mf_score" in nothing.error
 
     schema = make_schemas(settings, 5)["RankRequest"]
     body = {"history": [{"title": "Old"}], "candidates": [{"id": "a", "title": "T"}, {"id": "b", "title": "U"}]}
@@ -195,6 +197,7 @@ def test_serve_fuses_with_the_request_hints_or_the_saved_fit(ray_local, tmp_path
 def test_saved_fusion_weights_round_trip_and_fill_requests(tmp_path):
     """fusion.json: only the classical models Serve fuses with, merged with earlier entries, refused
     when malformed; a request without a weight takes the saved one for its mode and model."""
+    from alro_ray.serve.contract import Fusion
     from alro_ray.serve.registry import AdapterEntry
 
     def info(mode, baseline, weight, method="score"):
@@ -211,15 +214,12 @@ def test_saved_fusion_weights_round_trip_and_fill_requests(tmp_path):
         save_fusion_defaults(tmp_path, info("one-pass", "popularity", 0.5), "ev3")
 
     entry = AdapterEntry("b", str(tmp_path), None, {}, saved)
-    ask = {"classical": "mf", "weight": None, "method": None}
-    assert entry.fusion_settings("one-pass", ask) == {"classical": "mf", "weight": 0.3, "method": "score",
-                                                      "weight_from": "adapter"}
-    assert entry.fusion_settings("one-pass", {**ask, "weight": 0.9}) == {"classical": "mf", "weight": 0.9,
-                                                                        "method": "score"}
+    assert entry.fusion_settings("one-pass", "mf", None, None) == Fusion("mf", 0.3, "score", weight_from="adapter")
+    assert entry.fusion_settings("one-pass", "mf", 0.9, None) == Fusion("mf", 0.9, "score")
     with pytest.raises(ValueError, match="none saved for mode 'generate' with 'mf'.*--save-fusion"):
-        entry.fusion_settings("generate", ask)
+        entry.fusion_settings("generate", "mf", None, None)
     with pytest.raises(ValueError, match="chosen for fusion method 'rrf', not 'borda'"):
-        entry.fusion_settings("score", {"classical": "item-mean", "weight": None, "method": "borda"})
+        entry.fusion_settings("score", "item-mean", None, "borda")
 
     for bad in ("{", '{"format": "other", "weights": {}}', '{"format": "alro-fusion-v1", "weights": '
                 '{"one-pass/svd": {"weight": 0.1, "method": "score"}}}', '{"format": "alro-fusion-v1", "weights": '

@@ -243,6 +243,8 @@ def _bad_cases():
         "unknown field": (422, {"json": dict(ok, user_id=3)}),
         "lone surrogate": (422, {"content": raw.replace("Film 0 0", "Film \\ud800").encode(),
                                  "headers": {"content-type": "application/json"}}),
+        "compressed body": (415, {"content": raw.encode(), "headers": {"content-type": "application/json",
+                                                                       "content-encoding": "gzip"}}),
         "body over the limit": (413, {"json": dict(ok, padding="x" * 70_000)}),
         "chunked body over the limit": (413, {"content": iter([b"[" + b" " * 40_000] * 3),
                                               "headers": {"content-type": "application/json"}}),

@@ -24,7 +24,8 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 class BodyLimitMiddleware:
-    """413 with a JSON body for requests over `limit` bytes (Content-Length or streamed)."""
+    """413 with a JSON body for requests over `limit` bytes (Content-Length or streamed); 415 for a
+    compressed body (Content-Encoding: nothing here decompresses it, so it could not be read)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -43,6 +44,11 @@ class BodyLimitMiddleware:
                                               status_code=400)(scope, receive, send)
                 if length > self.limit:
                     return await too_large(scope, receive, send)
+            elif key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                encoding = safe_text(value.decode("latin-1"), 40)
+                return await JSONResponse({"error": f"request bodies are read as sent, not decompressed: send "
+                                                    f"it without Content-Encoding {encoding!r}"},
+                                          status_code=415)(scope, receive, send)
         seen = 0
         started = False
 
@@ -114,7 +120,7 @@ def _error_responses(error_body: type) -> dict:
     """The error statuses of POST /rank, for the OpenAPI document."""
     return {code: {"model": error_body, "description": text} for code, text in
             [(400, "invalid JSON"), (401, "an API key is set and the request did not carry it"),
-             (404, "unknown adapter"), (413, "request body too large"),
+             (404, "unknown adapter"), (413, "request body too large"), (415, "a compressed request body"),
              (422, "request does not match the schema or the limits"),
              (500, "the adapter is broken (non-finite weights or scores), or an internal error"),
              (503, "overloaded (the ranker's queue is full), or the ranker replica died and none answered "
