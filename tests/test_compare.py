@@ -44,6 +44,7 @@ def test_bad_compare_arguments_stop_before_any_work(tmp_path, capsys, args, mess
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # default-run time (issue 26): two prepares of the tiny data
 def test_a_variant_must_rank_the_same_lists(tmp_path):
     """A variant may change how prompts look (data.hints), not which lists they hold."""
     from alro_ray.config import load_config

@@ -79,6 +79,7 @@ def test_evaluation_job_writes_predictions_metrics_and_report(ranker_dir, tmp_pa
     assert (tmp_path / "ndcg.png").stat().st_size > 1000 and (tmp_path / "position_bias.png").exists()
 
 
+@pytest.mark.slow  # default-run time (issue 26): a second evaluation, with 2 actors on 2 CPUs (a hang's regression test)
 def test_an_actor_pool_holding_every_cpu_still_gets_its_rows(ranker_dir, tmp_path):
     """--actors 2 on a 2-CPU cluster, with --fuse (test and valid read): the rows are read before
     the actors start. Reading them lazily left Ray Data no budget for the read tasks (even

@@ -451,6 +451,7 @@ def test_ml100k_no_test_candidate_reaches_training(ml100k):
     assert len(fit) == stats.interactions_used - held
 
 
+@pytest.mark.slow  # default-run time (issue 26): the Amazon sample's real files; ML-100K's stay in the default run
 def test_amazon_sample_raw_format_with_titles(request, few_blocks, tmp_path):
     reviews = AMAZON / "CDs_and_Vinyl_5.sample.json.gz"
     meta = AMAZON / "meta_CDs_and_Vinyl.sample.json.gz"

@@ -445,6 +445,7 @@ def test_mode_score_refuses_nonfinite_scores(tok):
 # Ray Train (2 workers, DeepSpeed ZeRO-2) with a head, then `alro evaluate --modes score`.
 
 
+@pytest.mark.slow  # default-run time (issue 26): the LoRA + head path; the frozen-head run below covers Ray Train + head
 def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path, capsys):
     from alro_ray.train.trainer import run_training
 
@@ -472,10 +473,8 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     steps on them each epoch, and the validation on cached states equals ranking the valid split
     with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
     the best validation (ties: the earliest). With train.ema_decay each epoch's ranker holds the
-    weight average (train/averaging.py; its shadow in average.pt) and DeepSpeed's state the trained
-    weights, and the validation figure is the average's. A second run of the same config repeats
-    the first exactly (each worker's rows are a fixed share, not Ray Data's split), reading the
-    states the first stored back from the model cache (train.reuse_frozen_states)."""
+    weights, and the validation figure is the average's. (A second run repeating it from the stored
+    states: the slow test below.)"""
     import pyarrow.parquet as pq
 
     from alro_ray.model.loading import cache_root
@@ -484,18 +483,10 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     from alro_ray.train.checkpoints import DS_TAG
     from alro_ray.train.trainer import run_training
 
-    cfg = _cfg("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
-               "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best", "train.ema_decay=0.9")
+    cfg = _cfg(*FROZEN)
     outcome = run_training(cfg, tmp_path)
     store = cache_root(cfg.model.cache_dir) / "frozen-states"
-    stored = {f: f.stat().st_ino for f in store.glob("*.pt")}
-    assert len(stored) >= 4  # train and valid states of each of the 2 workers
-    again = run_training(cfg, tmp_path / "again")
-    # read, not rewritten (a rewrite renames a new file into place; a read back only touches its time)
-    assert {f: f.stat().st_ino for f in store.glob("*.pt")} == stored
-    same = ("train_loss", "train_rank", "valid_ndcg@10")
-    assert [[h[k] for k in same] for h in again.history] == [[h[k] for k in same] for h in outcome.history]
-    repeated = load_file(again.final_dir / "head.safetensors")
+    assert len(list(store.glob("*.pt"))) >= 4  # train and valid states of each of the 2 workers
     assert [h["epoch"] for h in outcome.history] == [1, 2]
     assert all(h["train_rank"] > 0 and h["train_sft"] == 0 and h["tokens_per_s"] == 0 for h in outcome.history)
     epochs = [tmp_path / "ray" / cfg.train.run_name / f"epoch_00{e}" for e in (1, 2)]
@@ -513,7 +504,7 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     valid = [h["valid_ndcg@10"] for h in outcome.history]
     best = valid.index(max(valid))
     final = load_file(outcome.final_dir / "head.safetensors")
-    assert all(torch.equal(final[k], heads[best][k]) and torch.equal(final[k], repeated[k]) for k in final)
+    assert all(torch.equal(final[k], heads[best][k]) for k in final)
     assert len(json.loads((outcome.final_dir / "history.json").read_text())) == best + 1  # that epoch's ranker
     assert outcome.history == json.loads((tmp_path / "history.json").read_text())  # the whole run's
     rows = pq.read_table(outcome.data_dir / "valid").to_pylist()  # every valid row: train.eval_users is unset
@@ -521,6 +512,31 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     orders, _ = ranker.rank([prompt_ids(r) for r in rows], "score")
     ndcg = sum(ndcg_at_k([r["candidate_ratings"][j] for j in o], 10) for r, o in zip(rows, orders)) / len(rows)
     assert max(valid) == pytest.approx(ndcg, abs=1e-6)
+
+
+FROZEN = ("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
+          "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best", "train.ema_decay=0.9")
+
+
+@pytest.mark.slow  # two more Ray Train runs (issue 26 moved the rerun out of the default run)
+def test_a_second_frozen_run_reads_the_stored_states_and_repeats(ray_local, tmp_path):
+    """The same frozen-head config twice: the second run repeats the first exactly (each worker's
+    rows are a fixed share, not Ray Data's split), reading the states the first stored back from the
+    model cache (train.reuse_frozen_states)."""
+    from alro_ray.model.loading import cache_root
+    from alro_ray.train.trainer import run_training
+
+    cfg = _cfg(*FROZEN)
+    first = run_training(cfg, tmp_path / "first")
+    store = cache_root(cfg.model.cache_dir) / "frozen-states"
+    stored = {f: f.stat().st_ino for f in store.glob("*.pt")}
+    again = run_training(cfg, tmp_path / "again")
+    # read, not rewritten (a rewrite renames a new file into place; a read back only touches its time)
+    assert {f: f.stat().st_ino for f in store.glob("*.pt")} == stored
+    same = ("train_loss", "train_rank", "valid_ndcg@10")
+    assert [[h[k] for k in same] for h in again.history] == [[h[k] for k in same] for h in first.history]
+    a, b = load_file(first.final_dir / "head.safetensors"), load_file(again.final_dir / "head.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -49,6 +49,7 @@ def tracked(ray_local, tmp_path_factory):
     return uri, tmp
 
 
+@pytest.mark.slow  # default-run time (issue 26): a Train run and an evaluation of their own
 def test_train_run_logs_params_epoch_metrics_and_the_ranker(tracked):
     uri, tmp = tracked
     (run,) = _runs(uri, "train")
@@ -73,6 +74,7 @@ def test_train_run_logs_params_epoch_metrics_and_the_ranker(tracked):
     assert run.data.metrics["test_ndcg_at_10/one-pass"] == pytest.approx(test["modes"]["one-pass"]["ndcg@10"])
 
 
+@pytest.mark.slow  # default-run time (issue 26): the same fixture
 def test_evaluate_logs_a_run_per_call_with_metrics_per_mode_and_baseline(tracked):
     uri, tmp = tracked
     (run,) = _runs(uri, "evaluate")

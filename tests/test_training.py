@@ -54,6 +54,7 @@ def test_two_workers_train_log_every_term_and_change_lora(trained):
     assert lora_b and all(w.abs().sum() > 0 for w in lora_b)
 
 
+@pytest.mark.slow  # default-run time (issue 26): a second full run; the fixture's run covers the path
 def test_a_seeded_run_repeats(trained, tmp_path):
     """The same config from nothing in another directory: the same losses, validation and LoRA
     weights, bit for bit. Each worker trains on its own fixed share of the rows (train/shares.py);

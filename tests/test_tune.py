@@ -92,6 +92,7 @@ def test_study_writes_table_best_yaml_and_plot(study):
     assert sum(outcome.importances.values()) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # default-run time (issue 26): one more Train run of a config the study wrote
 def test_best_yaml_trains(study, tmp_path):
     _, _, outcome, out = study
     cfg = load_config(outcome.best_yaml, ["train.epochs=1", "train.max_steps_per_epoch=1", "train.eval_users=4"])
@@ -179,6 +180,7 @@ def test_study_in_which_asha_stops_trials_finishes_and_releases_them(ray_local, 
     assert _held_placement_groups(ray_local) == []
 
 
+@pytest.mark.slow  # default-run time (issue 26): a second study; the interrupted study covers Tune
 def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_path):
     # Another job holds one of the 2-CPU Ray's CPUs for the whole study, and the trial's Train run
     # wants 2. (The other CPU stays free: Ray Data, which reads the trial's data, waits while no
