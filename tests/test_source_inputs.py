@@ -217,6 +217,67 @@ def test_parquet_is_read_in_batches_with_running_row_numbers(tmp_path, monkeypat
     assert src.interactions["timestamp"].tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
 
 
+def columnar_cases():
+    """Interaction columns of many Parquet types, each as a clean batch and with odd rows planted."""
+    import pyarrow as pa
+
+    n, zone = 6, "Europe/Paris"
+    clean = {
+        "user_id": [pa.array([f"u{k % 3}" for k in range(n)]), pa.array(range(10, 10 + n), pa.int32()),
+                    pa.array([7.0, -0.0, 3.0, 1e15, 2.0, 7.0]),
+                    pa.array([f"u{k % 2}" for k in range(n)]).dictionary_encode()],
+        "item_id": [pa.array([f"i{k % 2 + 1}" for k in range(n)]), pa.array([1, 2] * 3, pa.uint8())],
+        "rating": [pa.array([3.0, 4.5, 1.0, 5.0, 2.0, 0.0]), pa.array([1, 2, 3, 4, 5, 5], pa.int8()),
+                   pa.array([1.5, 2.0, 3.0, 4.0, 5.0, 1.0], pa.float32())],
+        "timestamp": [pa.array(range(n), pa.int64()), pa.array(range(n), pa.uint64()),
+                      pa.array([1_520_640_000_750 + k for k in range(n)], pa.timestamp("ms", zone)),
+                      pa.array([10**18 + 999_999_999 * k for k in range(n)], pa.timestamp("ns")),
+                      pa.array([17_600 + k for k in range(n)], pa.date32())],
+    }
+    odd = {
+        "user_id": [pa.array([" u1", "u1 ", "\xa0u", "u\x1c", "ü", ""]), pa.array([1.5, None, 2.0, 3.0, 4.0, 5.0]),
+                    pa.array([True, False] * 3)],
+        "item_id": [pa.array(["i1", None, "i2", "i1", "i2", "i1"])],
+        "rating": [pa.array([3.0, float("nan"), 11.0, -1.0, 4.0, None]), pa.array(["3", "4", "x", "5", "1", "2"])],
+        "timestamp": [pa.array([5, -3, 1, 2, 3, 4]), pa.array([1.0, 2.5, 3.0, 4.0, 5.0, 6.0]),
+                      pa.array([2**63 + 1, 1, 2, 3, 4, 5], pa.uint64()), pa.array(["1", "2018-03-10", "x", "4", "5", "6"])],
+    }
+    base = {name: cases[0] for name, cases in clean.items()}
+    for name in clean:
+        for column in clean[name] + odd[name]:
+            yield pa.table({**base, name: column})
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_parquet_read_by_columns_equals_row_by_row(tmp_path, monkeypatch, skip):
+    """Whatever the columns hold, reading a batch as typed columns gives what the row parsers give:
+    the same frame (values and dtypes), counts and bad rows, the same error on the same row."""
+    import pyarrow.parquet as pq
+
+    pd.DataFrame({"item_id": ["i1", "i2", "1", "2"], "title": ["One", "Two", "Uno", "Dos"]}).to_parquet(
+        tmp_path / "items.parquet")
+    monkeypatch.setattr(readers, "BATCH_ROWS", 4)  # a clean batch beside one with an odd row
+    for table in columnar_cases():
+        pq.write_table(table, tmp_path / "interactions.parquet")
+
+        def read(rowwise: bool):
+            with monkeypatch.context() as m:
+                if rowwise:
+                    m.setattr(readers, "typed_interactions", lambda *a: None)
+                try:
+                    return read_source("table", tmp_path, on_bad_row="skip" if skip else "error")
+                except DataError as e:
+                    return str(e)
+
+        by_columns, by_rows = read(False), read(True)
+        where = (table.schema, table.to_pydict())
+        if isinstance(by_rows, str):
+            assert by_columns == by_rows, where
+            continue
+        pd.testing.assert_frame_equal(by_columns.interactions, by_rows.interactions, obj=str(where))
+        assert (by_columns.rows_read, by_columns.bad_rows) == (by_rows.rows_read, by_rows.bad_rows), where
+
+
 # ---------------------------------------------------------------------------------------------
 # Logs: a bad row's error quotes the offending field only, cut short.
 

@@ -69,22 +69,28 @@ class Retriever:
         x.data[:] = 1.0
         return x
 
+    def interaction_matrix(self, interactions: pd.DataFrame) -> sp.csr_matrix:
+        """The binary users x catalogue matrix of (user, item) pairs, a row per user in sorted
+        order: what `matrix` gives for each user's items, built from the columns at once (no
+        Python list per user, so a log of millions of ratings costs arrays, not objects)."""
+        rows, users = pd.factorize(interactions["user"].astype(str), sort=True)
+        cols = pd.Index(self.items).get_indexer(interactions["item"].astype(str))
+        known = cols >= 0
+        x = sp.csr_matrix((np.ones(int(known.sum()), dtype=np.float32), (rows[known], cols[known])),
+                          shape=(len(users), len(self.items)))
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        return x
+
     def fit(self, interactions: pd.DataFrame) -> "Retriever":
         """Fit on (user, item) pairs (columns user, item; ratings are not used: what a user chose
         to rate is the signal retrieval needs)."""
-        users = interactions["user"].astype(str)
-        groups = interactions.assign(user=users, item=interactions["item"].astype(str)).groupby("user", sort=True)
-        x = self.matrix([g["item"].tolist() for _, g in groups])
+        x = self.interaction_matrix(interactions)
         kind = self.spec.name
         if kind == "popularity":
             self.weights["counts"] = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
         elif kind == "ease":
-            gram = (x.T @ x).toarray().astype(np.float64)
-            gram[np.diag_indices_from(gram)] += self.spec.reg
-            p = np.linalg.inv(gram)
-            b = -p / np.diag(p)
-            np.fill_diagonal(b, 0.0)
-            self.weights["b"] = b.astype(np.float32)
+            self.weights["b"] = _ease(x, self.spec.reg)
         elif kind == "als":
             self.weights["item_factors"] = _fit_als(x, self.spec)
         else:
@@ -151,6 +157,37 @@ def recall_at_n(retrieved: Sequence[Sequence[str]], targets: Sequence[Sequence[s
     """Mean over lists of |retrieved ∩ targets| / |targets| (lists without targets are skipped)."""
     values = [len(set(map(str, r)) & set(map(str, t))) / len(set(t)) for r, t in zip(retrieved, targets) if len(t)]
     return float(np.mean(values)) if values else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# EASE in bounded memory: the item x item Gram matrix is dense (n² float64), so nothing else of
+# that size is kept beside it but the inverse (numpy's inv copies its input: 3 n² float64 at the
+# peak, 2.4 GB at 10,000 items), and the user x item products are summed a slice of users at a time.
+
+GRAM_USERS = 10_000  # users per slice of X'X
+
+
+def _gram(x: sp.csr_matrix) -> np.ndarray:
+    """X'X as a dense float64 matrix (exact: the entries are co-occurrence counts)."""
+    n = x.shape[1]
+    gram = np.zeros((n, n), dtype=np.float64)
+    flat = gram.reshape(-1)
+    for start in range(0, x.shape[0], GRAM_USERS):
+        part = x[start:start + GRAM_USERS]
+        g = (part.T @ part).tocoo()  # a sparse product holds each position once
+        flat[g.row.astype(np.int64) * n + g.col] += g.data
+    return gram
+
+
+def _ease(x: sp.csr_matrix, reg: float) -> np.ndarray:
+    """B = I - P / diag(P), P = (X'X + λI)^-1, diagonal 0, as float32."""
+    gram = _gram(x)
+    gram[np.diag_indices_from(gram)] += reg
+    p = np.linalg.inv(gram)
+    del gram
+    p /= -np.diag(p)  # -P_ij / P_jj, in place
+    np.fill_diagonal(p, 0.0)
+    return p.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

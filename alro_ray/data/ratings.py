@@ -58,6 +58,15 @@ class RatingRule:
                                                f"[{self.low:g}, {self.high:g}]")
         return level
 
+    def levels(self, raw: np.ndarray) -> np.ndarray | None:
+        """`level` of many raw ratings at once (the same values); None when any is off the scale,
+        for the caller to find and report it row by row."""
+        g = self.grading
+        if g.method == "quantiles":
+            return raw
+        levels = grade(raw, g.bins).astype(np.float64) if g.method == "bins" else raw
+        return levels if bool(np.all((self.low <= levels) & (levels <= self.high))) else None
+
     def finish(self, ratings: np.ndarray) -> tuple[np.ndarray, dict]:
         """The levels of all kept ratings (each already through `level`), and what stats report."""
         g = self.grading

@@ -1,7 +1,9 @@
 """The per-format readers: MovieLens 100K and 1M, Amazon 2014/2018 reviews, generic tables.
 
 Each streams its files through a `Reader` (source_data.py), which checks every row and applies
-the bad-row policy and the rating rule; `READERS` maps a dataset name to its reader.
+the bad-row policy and the rating rule; `READERS` maps a dataset name to its reader. A `table`'s
+Parquet interactions are read in batches, column by column where no row can be bad (columns.py),
+row by row, numbered, where one might.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from alro_ray.data.columns import typed_interactions
 from alro_ray.data.rows import (BadRow, clean_text, json_object, numbered_lines, parse_id, parse_rating,
                                 parse_timestamp, rating_row, require_field, show, split_fields)
 from alro_ray.data.source_data import Reader, SourceData
 from alro_ray.errors import DataError
 
 BATCH_ROWS = 65_536  # Parquet rows decoded at a time: a large table is never held twice
+RATING_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]  # of a `table` dataset's interactions
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -139,9 +143,12 @@ def _read_table(directory: Path, reader: Reader) -> SourceData:
     """`interactions.{parquet,csv}` and `items.{parquet,csv}`; Parquet wins when both exist."""
     interactions, items = _require(directory, "table", [["interactions.parquet", "interactions.csv"],
                                                         ["items.parquet", "items.csv"]])
-    header, rows = _table_records(interactions)
-    pick = _picker(interactions, header, ["user_id", "item_id", "rating", "timestamp"])
-    reader.add_interactions(reader.records(interactions, rows, lambda rec: rating_row(pick(rec))))
+    if interactions.suffix == ".parquet":
+        _read_parquet_interactions(interactions, reader)
+    else:
+        header, rows = _table_records(interactions)
+        pick = _picker(interactions, header, RATING_COLUMNS)
+        reader.add_interactions(reader.records(interactions, rows, lambda rec: rating_row(pick(rec))))
 
     header, rows = _table_records(items)
     pick = _picker(items, header, ["item_id", "title"] + [c for c in header if c not in ("item_id", "title")])
@@ -153,6 +160,21 @@ def _read_table(directory: Path, reader: Reader) -> SourceData:
     reader.add_items(reader.records(items, rows, parse_item, metadata=True))
     extra_names = [c for c in header if c not in ("item_id", "title")]
     return reader.result("/".join(extra_names) or "attributes", "items")
+
+
+def _read_parquet_interactions(path: Path, reader: Reader) -> None:
+    """Batch by batch: a batch that no row rule can object to goes in as typed columns
+    (`columns.typed_interactions`: no Python object per value), any other row by row, numbered."""
+    header, batches = _parquet_batches(path)
+    _unique_header(path, header)
+    pick = _picker(path, header, RATING_COLUMNS)
+    index = [header.index(c) for c in RATING_COLUMNS]
+    reader.files.append(str(path))
+    for start, batch in batches:
+        typed = typed_interactions(*(batch.column(i) for i in index), reader.allow_negative)
+        if typed is None or not reader.add_columns(*typed):
+            reader.add_interactions(reader.parse(path, _batch_rows(path, start, batch),
+                                                 lambda rec: rating_row(pick(rec))))
 
 
 def _picker(path: Path, header: list[str], names: list[str]) -> Callable[[list], list]:
@@ -186,16 +208,25 @@ def _decoded(text: str) -> bool:
 
 def _table_records(path: Path) -> tuple[list[str], Iterator[tuple[int, list]]]:
     """The header and the numbered rows (CSV line numbers; Parquet 1-based row numbers), streamed."""
-    header, rows = _parquet_rows(path) if path.suffix == ".parquet" else (_csv_header(path), _csv_rows(path))
+    if path.suffix == ".parquet":
+        header, batches = _parquet_batches(path)
+        rows = (row for start, batch in batches for row in _batch_rows(path, start, batch))
+    else:
+        header, rows = _csv_header(path), _csv_rows(path)
+    _unique_header(path, header)
+    return header, rows
+
+
+def _unique_header(path: Path, header: list[str]) -> None:
     repeated = [name for name, n in Counter(header).items() if n > 1]
     if repeated:
         where = f"{path}:1" if path.suffix != ".parquet" else str(path)
         raise DataError(f"{where}: column {repeated[0]!r} appears {header.count(repeated[0])} times in the "
                         f"header; give each column its own name (columns: {', '.join(header)})")
-    return header, rows
 
 
-def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list]]]:
+def _parquet_batches(path: Path) -> tuple[list[str], Iterator[tuple[int, object]]]:
+    """The header and the record batches, each with the number of rows before it, streamed."""
     import pyarrow.parquet as pq  # here: only Parquet tables need it
 
     try:
@@ -204,23 +235,31 @@ def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list]]]:
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
 
-    def rows() -> Iterator[tuple[int, list]]:
+    def batches() -> Iterator[tuple[int, object]]:
         number = 0
         with pq.ParquetFile(path) as f:
-            batches = f.iter_batches(batch_size=BATCH_ROWS)
+            it = f.iter_batches(batch_size=BATCH_ROWS)
             while True:
                 try:
-                    batch = next(batches, None)
-                    columns = None if batch is None else [c.to_pylist() for c in batch.columns]
-                except Exception as e:  # a corrupt page, a value Python cannot hold (year 10000)
+                    batch = next(it, None)
+                except Exception as e:  # a corrupt page
                     raise DataError(f"{path}: unreadable Parquet after row {number}: {e}") from e
-                if columns is None:
+                if batch is None:
                     return
-                for row in zip(*columns):
-                    number += 1
-                    yield number, list(row)
+                yield number, batch
+                number += batch.num_rows
 
-    return header, rows()
+    return header, batches()
+
+
+def _batch_rows(path: Path, start: int, batch) -> Iterator[tuple[int, list]]:
+    """A batch's rows as Python values, numbered from start + 1 (1-based row numbers)."""
+    try:
+        columns = [c.to_pylist() for c in batch.columns]
+    except Exception as e:  # a value Python cannot hold (year 10000)
+        raise DataError(f"{path}: unreadable Parquet after row {start}: {e}") from e
+    for k, row in enumerate(zip(*columns), start + 1):
+        yield k, list(row)
 
 
 def _open_csv(path: Path):

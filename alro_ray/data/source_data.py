@@ -8,6 +8,11 @@ Metadata reasons carry the prefix `metadata: `, so `rows_read == len(interaction
 bad_interaction_rows`. Every interaction's rating goes through the `RatingRule` (grading and
 `data.rating_scale`) as it is read, so an off-scale rating is a bad row like any other; so is a
 negative timestamp unless `data.allow_negative_timestamps`.
+
+Interactions are kept as typed chunks (Arrow text for the ids, NumPy for ratings and timestamps):
+rows parsed one at a time are turned into a chunk every CHUNK_ROWS, and a Parquet batch that
+needs no row rule arrives as columns (`add_columns`), so a large log is never held as a Python
+object per value.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from alro_ray.data.ratings import RatingRule
 from alro_ray.data.rows import BadRow, decode, numbered_lines
@@ -26,6 +32,7 @@ from alro_ray.errors import DataError
 
 METADATA_PREFIX = "metadata: "
 NEGATIVE_TIMESTAMP = "negative timestamp"
+CHUNK_ROWS = 65_536  # rows parsed one at a time are turned into typed columns this many at a time
 T = TypeVar("T")
 
 
@@ -45,8 +52,9 @@ class SourceData:
         return sum(n for r, n in self.bad_rows.items() if not r.startswith(METADATA_PREFIX))
 
 
-def interactions_frame(users: list[str], items: list[str], ratings: Iterable[float],
-                       timestamps: Iterable[int]) -> pd.DataFrame:
+def interactions_frame(users: list[str] | pa.ChunkedArray, items: list[str] | pa.ChunkedArray,
+                       ratings: Iterable[float], timestamps: Iterable[int]) -> pd.DataFrame:
+    """Ids as pandas' text dtype (Arrow-backed: built from Arrow text without a Python str each)."""
     return pd.DataFrame({
         "user": pd.Series(users, dtype=str),
         "item": pd.Series(items, dtype=str),
@@ -75,10 +83,8 @@ class Reader:
         self.bad_rows: dict[str, int] = {}
         self.files: list[str] = []
         self.rows_read = 0
-        self.users: list[str] = []
-        self.items: list[str] = []
-        self.ratings: list[float] = []
-        self.timestamps: list[int] = []
+        self.chunks: list[tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]] = []  # file order
+        self.pending: tuple[list, list, list, list] = ([], [], [], [])  # rows not in a chunk yet
         self.meta: dict[str, tuple[str, str]] = {}  # item -> (title, attributes), file order
 
     def records(self, path: Path, records: Iterable[tuple[int, Any]], parse: Callable[[Any], T],
@@ -87,6 +93,11 @@ class Reader:
         Interaction rows (not `metadata`) are (user, item, rating, timestamp), rating graded
         and timestamp checked."""
         self.files.append(str(path))
+        return self.parse(path, records, parse, metadata)
+
+    def parse(self, path: Path, records: Iterable[tuple[int, Any]], parse: Callable[[Any], T],
+              metadata: bool = False) -> Iterator[T]:
+        """`records` for a file already named in `files` (a Parquet file read batch by batch)."""
         for number, record in records:
             if not metadata:
                 self.rows_read += 1
@@ -117,11 +128,41 @@ class Reader:
         self.bad_rows[reason] = self.bad_rows.get(reason, 0) + 1
 
     def add_interactions(self, rows: Iterable[tuple[str, str, float, int]]) -> None:
+        users, items, ratings, timestamps = self.pending
         for user, item, rating, timestamp in rows:
-            self.users.append(user)
-            self.items.append(item)
-            self.ratings.append(rating)
-            self.timestamps.append(timestamp)
+            users.append(user)
+            items.append(item)
+            ratings.append(rating)
+            timestamps.append(timestamp)
+            if len(users) >= CHUNK_ROWS:
+                self._flush()
+
+    def add_columns(self, users: pa.Array, items: pa.Array, ratings: np.ndarray, timestamps: np.ndarray) -> bool:
+        """A batch of interactions whose every field is known good (`columns.typed_interactions`),
+        counted as read; False, adding nothing, when a rating is off the scale: the caller then
+        reads the batch row by row, so the row rules report or count it."""
+        levels = self.rule.levels(ratings)
+        if levels is None:
+            return False
+        self._flush()  # keep file order
+        self.rows_read += len(levels)
+        self.chunks.append((users, items, levels, timestamps))
+        return True
+
+    def _flush(self) -> None:
+        users, items, ratings, timestamps = self.pending
+        if users:
+            self.chunks.append((pa.array(users, pa.string()), pa.array(items, pa.string()),
+                                np.asarray(ratings, dtype=np.float64), np.asarray(timestamps, dtype=np.int64)))
+            for values in self.pending:  # emptied in place: add_interactions holds these lists
+                values.clear()
+
+    def _ids(self, k: int) -> pa.ChunkedArray:
+        return pa.chunked_array([c[k].cast(pa.large_string()) for c in self.chunks], pa.large_string())
+
+    def _numbers(self, k: int, dtype: type) -> np.ndarray:
+        return np.concatenate([c[k] for c in self.chunks]).astype(dtype, copy=False) if self.chunks \
+            else np.zeros(0, dtype)
 
     def add_items(self, rows: Iterable[tuple[str, str, str]]) -> None:
         for item, title, attributes in rows:
@@ -131,9 +172,12 @@ class Reader:
                 self.meta[item] = (title, attributes)
 
     def result(self, attribute_name: str, domain_plural: str) -> SourceData:
-        ratings, grading = self.rule.finish(np.asarray(self.ratings, dtype=np.float64))
+        self._flush()
+        ratings, grading = self.rule.finish(self._numbers(2, np.float64))
+        users, items, timestamps = self._ids(0), self._ids(1), self._numbers(3, np.int64)
+        self.chunks = []
         return SourceData(
-            interactions=interactions_frame(self.users, self.items, ratings, self.timestamps),
+            interactions=interactions_frame(users, items, ratings, timestamps),
             items=items_frame(list(self.meta), [t for t, _ in self.meta.values()],
                               [a for _, a in self.meta.values()]),
             attribute_name=attribute_name,

@@ -54,16 +54,27 @@ def mark_roles(df: pd.DataFrame, history: int, holdout: int, windows: int) -> pd
     return df.assign(pos=pos, role=role, window=np.where(fits, w, -1))
 
 
-def fit_frames(marked: pd.DataFrame, folds: int, seed: int) -> dict[str, pd.DataFrame]:
-    """The interactions each retriever fit may see (module docstring): "test", "valid" and
-    "train-<k>" for each fold k."""
-    role = marked["role"]
-    out = {TEST: marked[role != TEST], VALID: marked[role == TRAIN]}
-    fold = marked["user"].astype(str).map(lambda u: fold_of(u, folds, seed))
-    in_window = (role == TRAIN) & (marked["window"] >= 0)
+def fit_masks(marked: pd.DataFrame, folds: int, seed: int) -> dict[str, np.ndarray]:
+    """Which rows of `marked` each retriever fit may see (module docstring), as boolean arrays:
+    "test", "valid" and "train-<k>" for each fold k. A user's fold is hashed once, not per rating."""
+    train = marked["role"].eq(TRAIN).to_numpy()
+    codes, users = pd.factorize(marked["user"].astype(str))
+    fold = np.array([fold_of(u, folds, seed) for u in users], dtype=np.int64)[codes]
+    in_window = train & (marked["window"].to_numpy() >= 0)
+    out = {TEST: ~marked["role"].eq(TEST).to_numpy(), VALID: train}
     for k in range(folds):
-        out[f"{TRAIN}-{k}"] = marked[(role == TRAIN) & ~(in_window & (fold == k))]
-    return {name: f[["user", "item", "rating", "timestamp"]].reset_index(drop=True) for name, f in out.items()}
+        out[f"{TRAIN}-{k}"] = train & ~(in_window & (fold == k))
+    return out
+
+
+def fit_frame(marked: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """The interactions of one fit (`fit_masks`)."""
+    return marked.loc[mask, ["user", "item", "rating", "timestamp"]].reset_index(drop=True)
+
+
+def fit_frames(marked: pd.DataFrame, folds: int, seed: int) -> dict[str, pd.DataFrame]:
+    """The interactions each retriever fit may see: `fit_frame` of each of `fit_masks`."""
+    return {name: fit_frame(marked, mask) for name, mask in fit_masks(marked, folds, seed).items()}
 
 
 def fit_name(split: str, user: str, folds: int, seed: int) -> str:
