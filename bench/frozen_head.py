@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from alro_ray.config import HeadConfig, load_config  # noqa: E402
 from alro_ray.model.loading import add_lora, load_base_model  # noqa: E402
+from alro_ray.model.hidden import hidden_states_at  # noqa: E402
 from alro_ray.model.padding import left_pad, positions  # noqa: E402
 from alro_ray.model.score_head import attach_head, head_of, scorer_of  # noqa: E402
 from alro_ray.rank.evaluation import prompt_ids  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> None:
                     model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
                           logits_to_keep=1, output_hidden_states=True)
                 else:
-                    frozen.hidden_states_at(model, args.layer, ids, mask)
+                    hidden_states_at(model, args.layer, ids, mask)
         model.zero_grad(set_to_none=True)
 
     names = ("recompute", "read_full", "read_to_layer", "cached_step")

@@ -94,7 +94,7 @@ def test_history_lines_on_a_planted_prompt(tok):
 
 def test_hidden_states_at_a_layer_stop_early_and_equal_the_full_forward():
     from alro_ray.model.padding import left_pad, positions
-    from alro_ray.train.frozen import hidden_states_at
+    from alro_ray.model.hidden import hidden_states_at
 
     model = add_lora(load_base_model(_cfg().model), _cfg().model).eval()
     ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4, 5]], 0, "cpu")
@@ -571,6 +571,7 @@ def test_frozen_lm_cached_states_train_the_head_as_recomputing_them_does(ray_loc
 def test_serve_ranks_in_mode_score_with_a_head_and_refuses_it_without(tok, tmp_path):
     """The ranker deployment's batch path in-process (no Serve started): one base model, an adapter
     with a head and one without, every mode in one batch."""
+    from alro_ray.serve.contract import RankJob
     from alro_ray.serve.deployments import RankerDeployment
     from alro_ray.serve.registry import load_registry
     from alro_ray.serve.schemas import make_schemas
@@ -589,8 +590,8 @@ def test_serve_ranks_in_mode_score_with_a_head_and_refuses_it_without(tok, tmp_p
     deployment = RankerDeployment.func_or_class(settings, load_registry(settings.adapters))
 
     def request(adapter, mode):
-        return {"adapter": adapter, "mode": mode, "history": [["Old", "Noir", 4.0], ["New", "War", 1.0]],
-                "candidates": [[f"T{j}", "Noir"] for j in range(3)]}
+        return RankJob(adapter, mode, [(Item("Old", "Noir"), 4.0), (Item("New", "War"), 1.0)],
+                       [Item(f"T{j}", "Noir") for j in range(3)], [f"t{j}" for j in range(3)])
 
     head, no_head, one_pass = deployment._run_batch([request("head", "score"), request("plain", "score"),
                                                      request("plain", "one-pass")])
@@ -599,9 +600,9 @@ def test_serve_ranks_in_mode_score_with_a_head_and_refuses_it_without(tok, tmp_p
     ids = ranker.prompt_ids([(Item("Old", "Noir"), 4.0), (Item("New", "War"), 1.0)],
                             [Item(f"T{j}", "Noir") for j in range(3)])
     orders, scores = ranker.rank([ids], "score", 3)
-    assert head["order"] == orders[0] and head["scores"] == pytest.approx(scores[0], abs=1e-5)
-    assert no_head["status"] == 422 and "no score head" in no_head["error"]
-    assert sorted(one_pass["order"]) == [0, 1, 2]
+    assert head.order == orders[0] and head.scores == pytest.approx(scores[0], abs=1e-5)
+    assert no_head.status == 422 and "no score head" in no_head.error
+    assert sorted(one_pass.order) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------

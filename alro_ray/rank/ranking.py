@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from alro_ray.errors import NonFiniteError
+from alro_ray.model.hidden import hidden_states_at
 from alro_ray.model.padding import left_pad, positions
 from alro_ray.rank.decoding import borda, constrained_greedy_order, parse_ranking_text, permutations_for_bootstrap
 from alro_ray.rank.modes import MODES
@@ -61,13 +62,13 @@ def rank_batch(model, prompts: Sequence[Sequence[int]], identifier_ids: Sequence
     ident = torch.tensor(list(identifier_ids), dtype=torch.long, device=device)
     ids, mask = left_pad(prompts, pad_id, device)
     position_ids = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                use_cache=(mode == "generate"), logits_to_keep=1, output_hidden_states=(mode == "score"))
-    if mode == "score":
-        scores = scorer.scores(out.hidden_states, prompts, c)
+    if mode == "score":  # the head's layer only: the layers above it need not run
+        scores = scorer.scores({scorer.layer: hidden_states_at(model, scorer.layer, ids, mask)}, prompts, c)
         refuse_nonfinite(scores, mode)
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         return order.tolist(), scores.tolist()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=(mode == "generate"),
+                logits_to_keep=1)
     first = out.logits[:, -1, :].float()[:, ident]
     refuse_nonfinite(first, mode)
     if mode == "one-pass":
