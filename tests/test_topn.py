@@ -102,20 +102,32 @@ def test_compare_on_the_top_n_protocol(tmp_path, ray_local):
     assert {g["reference"] for g in details["intervals"]} >= {"retriever"}
 
 
-def test_a_top_n_ranker_recommends_from_the_catalogue(topn_data, tmp_path):
-    """A ranker saved from top-N data carries its retriever: a known user's history (or any rated
-    history) gives k items from the retriever's C candidates, none of them already rated."""
+@pytest.fixture(scope="module")
+def topn_ranker(topn_data, tmp_path_factory):
+    """A ranker checkpoint saved from the top-N data (a random adapter): it carries the retriever."""
     import torch
 
     from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-    from alro_ray.rank.ranker import load_ranker, save_ranker
-    from alro_ray.rank.recommend import Catalogue, UnknownUser, recommend
+    from alro_ray.rank.ranker import save_ranker
 
     cfg, out = topn_data
     torch.manual_seed(0)
     model = add_lora(load_base_model(cfg.model), cfg.model)
-    save_ranker(tmp_path / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(out), out)
-    ranker, catalogue = load_ranker(tmp_path / "ranker"), Catalogue(tmp_path / "ranker")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # at its zero init the adapter would change nothing
+            p.data.normal_(0, 0.5)
+    return save_ranker(tmp_path_factory.mktemp("topn-ranker") / "ranker", model, load_tokenizer("tiny-random"), cfg,
+                       read_stats(out), out)
+
+
+def test_a_top_n_ranker_recommends_from_the_catalogue(topn_data, topn_ranker):
+    """A ranker saved from top-N data carries its retriever: a known user's history (or any rated
+    history) gives k items from the retriever's C candidates, none of them already rated."""
+    from alro_ray.rank.ranker import load_ranker
+    from alro_ray.rank.recommend import Catalogue, UnknownUser, recommend
+
+    cfg, _ = topn_data
+    ranker, catalogue = load_ranker(topn_ranker), Catalogue(topn_ranker)
     assert ranker.info.protocol == "topn"
     user = next(iter(catalogue.histories))
     items, ratings = catalogue.history_of(user)
@@ -127,3 +139,44 @@ def test_a_top_n_ranker_recommends_from_the_catalogue(topn_data, tmp_path):
         catalogue.history_of("nobody")
     with pytest.raises(Exception, match="rated history"):
         recommend(ranker, catalogue, [], [], k=3)
+
+
+def test_serve_recommends_over_http(topn_ranker, ray_local):
+    """POST /recommend on a real Serve app: a known user id or a rated history gives the top k of
+    the retriever's candidates, as the checkpoint ranks them in-process; an unknown user is a 404
+    and an empty history, both or neither a 422, each with a JSON reason."""
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from alro_ray.rank.ranker import load_ranker
+    from alro_ray.rank.recommend import Catalogue, recommend
+    from alro_ray.serve.app import run_serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = run_serve({"default": str(topn_ranker)}, port=port, blocking=False, num_cpus=1, ingress_num_cpus=0,
+                    default_mode="one-pass")
+    try:
+        catalogue = Catalogue(topn_ranker)
+        user = sorted(catalogue.histories)[0]
+        items, ratings = catalogue.history_of(user)
+        local = recommend(load_ranker(topn_ranker), catalogue, items, ratings, k=4, mode="one-pass")
+        with httpx.Client(base_url=url, timeout=120) as client:
+            by_id = client.post("/recommend", json={"user": user, "k": 4})
+            assert by_id.status_code == 200, by_id.text
+            body = by_id.json()
+            assert body["items"] == local.items and body["retrieved"] == local.retrieved
+            history = [{"id": i, "rating": r} for i, r in zip(items, ratings)][-8:]
+            by_history = client.post("/recommend", json={"history": history, "k": 2})
+            assert by_history.status_code == 200 and len(by_history.json()["items"]) == 2
+            assert not set(by_history.json()["retrieved"]) & {h["id"] for h in history}
+            for req, status, says in [({"user": "nobody"}, 404, "not known"), ({"history": []}, 422, "history"),
+                                      ({"user": user, "history": history}, 422, "either"), ({}, 422, "either"),
+                                      ({"user": user, "k": 999}, 422, "k")]:
+                r = client.post("/recommend", json=req)
+                assert r.status_code == status and says in r.json()["error"], (req, r.status_code, r.text)
+    finally:
+        serve.shutdown()

@@ -96,13 +96,14 @@ class Ranker:
     def hint_notes(self, candidate_ids: Sequence, given: Sequence[dict | None] | None = None,
                    history_ids: Sequence = (), history_ratings: Sequence = ()) -> list[str] | None:
         """Hint text per candidate (None: the ranker has no hints). given[j]: values a request passed
-        for candidate j (data/hints.VALUE_KEYS), else computed from the saved fit by id ("none"
-        for an unknown item); MF's user part from the history items that have ids."""
+        for candidate j (data/hints.VALUE_KEYS), each over the saved fit's value by id; the others
+        from the fit ("none" for an unknown item); MF's user part from the history items that have ids."""
         if self.hints is None:
             return None
         fitted = self.hints.values(candidate_ids, history_ids, history_ratings)
         given = given or [None] * len(fitted)
-        return prompt_hints.render_hints([g if g is not None else f for g, f in zip(given, fitted)], self.hints.names)
+        return prompt_hints.render_hints([{**(f or {}), **(g or {})} for g, f in zip(given, fitted)],
+                                         self.hints.names)
 
     def classical_scores(self, classical: str, candidate_ids: Sequence, given: Sequence[dict | None] | None = None,
                          history_ids: Sequence = (), history_ratings: Sequence = ()) -> list[float | None]:

@@ -15,7 +15,6 @@ from typing import Sequence
 import pandas as pd
 
 from alro_ray.classical.retrievers import Retriever, load_retriever
-from alro_ray.data.hints import render_hints
 from alro_ray.data.prompts import Item
 from alro_ray.data.retrieval import HISTORY_FILE, RETRIEVER_DIR
 from alro_ray.errors import AlroError
@@ -56,22 +55,25 @@ class Catalogue:
         return self.items.get(str(item_id), Item(str(item_id), ""))
 
 
-def recommend(ranker, catalogue: Catalogue, history_items: Sequence[str], history_ratings: Sequence[float | None],
-              k: int, mode: str = "score") -> Recommendation:
-    """The k best of the retriever's C candidates for a rated history (time order, latest last)."""
+def retrieve(catalogue: Catalogue, history_items: Sequence[str], c: int) -> tuple[list[str], list[float]]:
+    """The retriever's c best items outside the history (its best first) and their scores."""
     if not len(history_items):
         raise AlroError("a recommendation needs a rated history (at least one item)")
-    c, h = ranker.candidates, ranker.info.history
     ids, scores = catalogue.retriever.top_n([list(map(str, history_items))], c)
-    candidates, retrieved_scores = ids[0], scores[0]
-    if len(candidates) < c:
-        raise AlroError(f"only {len(candidates)} unrated items are left to retrieve; the ranker ranks {c}")
-    shown = list(zip(history_items, history_ratings))[-h:]
-    notes = None
-    if ranker.hints is not None:  # the fitted hints of each candidate, and the retriever's score as in training
-        fitted = ranker.hints.values(candidates, history_items, history_ratings, recent=[i for i, _ in shown])
-        notes = render_hints([{**(v or {}), "retriever_score": s} for v, s in zip(fitted, retrieved_scores)],
-                             ranker.hints.names)
+    if len(ids[0]) < c:
+        raise AlroError(f"only {len(ids[0])} unrated items are left to retrieve; the ranker ranks {c}")
+    return ids[0], scores[0]
+
+
+def recommend(ranker, catalogue: Catalogue, history_items: Sequence[str], history_ratings: Sequence[float | None],
+              k: int, mode: str = "score") -> Recommendation:
+    """The k best of the retriever's C candidates for a rated history (time order, latest last):
+    shown as in training, the last H rated items as history and the retriever's score of each
+    candidate among its hints (Serve's POST /recommend builds the same prompt)."""
+    candidates, retrieved_scores = retrieve(catalogue, history_items, ranker.candidates)
+    shown = list(zip(map(str, history_items), history_ratings))[-ranker.info.history:]
+    notes = ranker.hint_notes(candidates, [{"retriever_score": s} for s in retrieved_scores],
+                              [i for i, _ in shown], [r for _, r in shown])
     prompt = ranker.prompt_ids([(catalogue.item(i), r) for i, r in shown], [catalogue.item(i) for i in candidates],
                                notes)
     orders, list_scores = ranker.rank([prompt], mode)

@@ -9,7 +9,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alro_ray.serve.auth import ApiKey, ApiKeyMiddleware
 from alro_ray.serve.registry import AdapterEntry
-from alro_ray.serve.routes import add_info_routes, add_rank_route, json_error
+from alro_ray.rank.recommend import Catalogue
+from alro_ray.serve.routes import add_info_routes, add_rank_route, add_recommend_route, json_error
 from alro_ray.serve.schemas import make_schemas, safe_text
 from alro_ray.serve.settings import ServeSettings
 
@@ -120,7 +121,8 @@ def _error_responses(error_body: type) -> dict:
     """The error statuses of POST /rank, for the OpenAPI document."""
     return {code: {"model": error_body, "description": text} for code, text in
             [(400, "invalid JSON"), (401, "an API key is set and the request did not carry it"),
-             (404, "unknown adapter"), (413, "request body too large"), (415, "a compressed request body"),
+             (404, "unknown adapter (or, for /recommend, unknown user)"), (413, "request body too large"),
+             (415, "a compressed request body"),
              (422, "request does not match the schema or the limits"),
              (500, "the adapter is broken (non-finite weights or scores), or an internal error"),
              (503, "overloaded (the ranker's queue is full), or the ranker replica died and none answered "
@@ -131,7 +133,9 @@ def _error_responses(error_body: type) -> dict:
 def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry], ranker,
                      api_key: ApiKey | None = None) -> FastAPI:
     """The ingress's app: the schemas from the limits, the API key (if one is set), the body-size
-    limit, JSON errors, the routes."""
+    limit, JSON errors, the routes. Adapters trained on top-N lists bring their catalogue (the
+    retriever, its users' ratings, the items' text: /recommend retrieves in the ingress)."""
+    catalogues = {name: Catalogue(e.path) for name, e in registry.items() if e.info.protocol == "topn"}
     schemas = make_schemas(settings, max(e.candidates for e in registry.values()))
     app = FastAPI(
         title="ALRO ranker",
@@ -145,5 +149,6 @@ def make_fastapi_app(settings: ServeSettings, registry: dict[str, AdapterEntry],
     app.add_middleware(ApiKeyMiddleware, key=api_key or ApiKey(None))  # added last: runs first
     add_error_handlers(app)
     add_rank_route(app, settings, registry, ranker, schemas, _error_responses(schemas["ErrorBody"]))
+    add_recommend_route(app, settings, registry, ranker, catalogues, schemas, _error_responses(schemas["ErrorBody"]))
     add_info_routes(app, settings, registry, ranker)
     return app

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 
 from alro_ray.data.prompts import Item
+from alro_ray.errors import AlroError
+from alro_ray.rank.recommend import Catalogue, UnknownUser, retrieve
 from alro_ray.serve.contract import RankFailure, RankJob, RankOutcome
 from alro_ray.serve.registry import AdapterEntry
 from alro_ray.serve.retry import ReplicaLost, call_with_retry
@@ -114,6 +116,55 @@ def add_rank_route(app: FastAPI, settings: ServeSettings, registry: dict[str, Ad
         if isinstance(out, JSONResponse):
             return out
         return answer(out, [c.id for c in req.candidates], name, mode)
+
+
+def recommend_job(req, name: str, mode: str, catalogue: Catalogue, entry: AdapterEntry) -> RankJob:
+    """Retrieve the adapter's C candidates for the request's user or rated history (rank/recommend.py)
+    and show them as training did: the last H rated items, the retriever's score among the hints.
+    Raises UnknownUser (404) or AlroError (422)."""
+    if req.user is not None:
+        items, ratings = catalogue.history_of(str(req.user))
+    else:
+        items, ratings = [str(h.id) for h in req.history], [h.rating for h in req.history]
+    candidates, scores = retrieve(catalogue, items, entry.candidates)
+    shown = list(zip(items, ratings))[-entry.info.history:]
+    return RankJob(adapter=name, mode=mode, history=[(catalogue.item(i), r) for i, r in shown],
+                   candidates=[catalogue.item(c) for c in candidates], candidate_ids=candidates,
+                   candidate_hints=[{"retriever_score": s} for s in scores], history_ids=[i for i, _ in shown])
+
+
+def add_recommend_route(app: FastAPI, settings: ServeSettings, registry: dict[str, AdapterEntry], ranker,
+                        catalogues: dict[str, Catalogue], schemas: dict[str, type], responses: dict) -> None:
+    RecommendRequest = schemas["RecommendRequest"]
+
+    @app.post("/recommend", response_model=schemas["RecommendResponse"], responses=responses,
+              summary="Retrieve from the catalogue, rerank, return the top k (adapters trained on top-N lists)")
+    async def recommend(req: RecommendRequest):
+        name = req.adapter if req.adapter is not None else settings.default_name
+        entry = registry.get(name)
+        if entry is None:
+            return json_error(404, f"unknown adapter {safe_text(name, 80)!r}; available: {sorted(registry)}")
+        catalogue = catalogues.get(name)
+        if catalogue is None:
+            return json_error(422, f"adapter {name!r} was not trained on the top-N protocol (data.protocol topn): "
+                                   f"it has no retriever to recommend from; POST /rank ranks given candidates")
+        k = req.k if req.k is not None else min(10, entry.candidates)
+        if k > entry.candidates:
+            return json_error(422, f"k={k}: adapter {name!r} reranks C={entry.candidates} retrieved items")
+        mode = req.mode or settings.default_mode
+        try:
+            job = recommend_job(req, name, mode, catalogue, entry)
+        except UnknownUser as e:
+            return json_error(404, str(e))
+        except AlroError as e:
+            return json_error(422, str(e))
+        out = await ask_ranker(ranker, job, settings)
+        if isinstance(out, JSONResponse):
+            return out
+        best = out.order[:k]
+        return {"items": [job.candidate_ids[j] for j in best],
+                "scores": {job.candidate_ids[j]: float(out.scores[j]) for j in best},
+                "retrieved": job.candidate_ids, "adapter": name, "mode": mode, "batch_size": out.batch_size}
 
 
 def add_info_routes(app: FastAPI, settings: ServeSettings, registry: dict[str, AdapterEntry], ranker) -> None:

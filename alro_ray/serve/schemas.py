@@ -149,12 +149,44 @@ def make_schemas(settings: ServeSettings, max_candidates: int) -> dict[str, type
         fusion: Optional[dict[str, Any]] = Field(None, description="the fusion applied (then `scores` are fused)")
         batch_size: int = Field(description="requests in the server-side batch this one ran in")
 
+    class RatedItem(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        id: CandidateId = Field(description="catalog id (an item the adapter's retriever knows)")
+        rating: Optional[Rating] = Field(None, description="the user's rating; left out of the prompt if null")
+
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user": "196", "k": 10}]})
+        user: Optional[CandidateId] = Field(None, description="a user id the adapter's retriever knows: her "
+                                                              "rated history is taken from its fit")
+        history: Optional[list[RatedItem]] = Field(
+            None, min_length=1, max_length=s.max_history, description="or the rated items themselves, oldest first")
+        k: Optional[int] = Field(None, ge=1, le=max_candidates,
+                                 description="how many to return (at most the adapter's C); default min(10, C)")
+        mode: Optional[Literal[MODES]] = Field(None, description=f"ranking mode; default {s.default_mode!r}")
+        adapter: Optional[StrictStr] = Field(None, max_length=64,
+                                             description=f"adapter name (GET /adapters); default {s.default_name!r}")
+
+        @model_validator(mode="after")
+        def _one_source(self):
+            if (self.user is None) == (self.history is None):
+                raise ValueError("give either `user` (a known user id) or `history` (rated items), not both or neither")
+            return self
+
+    class RecommendResponse(BaseModel):
+        items: list[Union[str, int]] = Field(description="the k best item ids, best first")
+        scores: dict[str, float] = Field(description="the ranker's score of each returned item (higher is better)")
+        retrieved: list[str] = Field(description="the C candidates the retriever gave, its best first")
+        adapter: str
+        mode: str
+        batch_size: int = Field(description="requests in the server-side batch this one ran in")
+
     class ErrorBody(BaseModel):
         error: str = Field(description="what is wrong")
         detail: Optional[list[dict[str, Any]]] = Field(None, description="per-field validation errors")
 
     return {"HistoryItem": HistoryItem, "Candidate": Candidate, "RankRequest": RankRequest,
-            "RankResponse": RankResponse, "ErrorBody": ErrorBody}
+            "RankResponse": RankResponse, "RecommendRequest": RecommendRequest,
+            "RecommendResponse": RecommendResponse, "ErrorBody": ErrorBody}
 
 
 EXAMPLE_REQUEST = {
