@@ -3,13 +3,8 @@ with dynamic batching on and off, for the Serve app of `alro_ray.serve.app`.
 
     python bench/serve.py                      # smollm2-135m, untrained LoRA adapter, ~4 min on 2 CPUs
     python bench/serve.py --model tiny-random  # quick run (~2 min, most of it Ray and Serve start-up)
-    python bench/serve.py --model tiny-random --fault kill-ranker   # SIGKILL the ranker mid-load
 
---fault kill-ranker: 32 clients send 3,000 requests (batching on, one ranker replica); after a
-third of them have been answered the ranker replica's process (its pid from GET /stats) gets
-SIGKILL. Prints requests ok/failed, p50/p99 before the kill and from it on, and the time to
-recover (until GET /stats answers from a new replica). `--retry-attempts 0` turns the ingress's
-retry off, to see what it saves.
+Load and faults (10,000 requests, overload, the ranker SIGKILLed) are bench/serve_load.py's.
 
 A fresh untrained checkpoint is written to a temp dir (no training needed: speed does not depend
 on the adapter's values). Ray runs locally and all traffic goes to 127.0.0.1; every level sends a
@@ -22,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import sys
 import tempfile
@@ -92,103 +86,6 @@ async def load_level(url: str, requests: list[dict], clients: int) -> dict:
             "rps": len(latencies) / wall, "p50_ms": 1000 * pct(latencies, 50), "p99_ms": 1000 * pct(latencies, 99)}
 
 
-async def fault_level(url: str, requests: list[dict], clients: int, kill_after: int) -> dict:
-    """`clients` concurrent clients send `requests`; after `kill_after` answers the ranker replica
-    is SIGKILLed. Returns counts, latencies before and from the kill, and the recovery time."""
-    import httpx
-
-    done: list[tuple[float, float, int]] = []  # (start, end, status), perf_counter seconds
-    queue = list(reversed(requests))
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    fault: dict = {}
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        async def worker():
-            while queue:
-                body = queue.pop()
-                t0 = time.perf_counter()
-                try:
-                    status = (await client.post("/rank", json=body)).status_code
-                except httpx.HTTPError:
-                    status = 0  # no answer at all
-                done.append((t0, time.perf_counter(), status))
-
-        async def killer():
-            while len(done) < kill_after and queue:
-                await asyncio.sleep(0.05)
-            while True:  # /stats can time out (503) on a very busy machine: ask again
-                r = await client.get("/stats")
-                if r.status_code == 200:
-                    pid = r.json()["pid"]
-                    break
-            os.kill(pid, signal.SIGKILL)  # the ranker replica's process, on this machine
-            fault.update(pid=pid, t_kill=time.perf_counter())
-            while True:  # until a new replica answers (bounded: the run itself is)
-                await asyncio.sleep(0.25)
-                try:
-                    r = await client.get("/stats", timeout=15)
-                except httpx.HTTPError:
-                    continue
-                if r.status_code == 200 and r.json().get("pid") != pid:
-                    fault.update(t_recovered=time.perf_counter(), new_pid=r.json()["pid"])
-                    return
-                if not queue and len(done) == len(requests):
-                    return
-
-        t0 = time.perf_counter()
-        await asyncio.gather(killer(), *(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    t_kill = fault["t_kill"]
-    before = sorted(e - s for s, e, st in done if e < t_kill)
-    after = sorted(e - s for s, e, st in done if e >= t_kill)
-    ok_ends = sorted(e for s, e, st in done if st == 200)
-    gaps = [b - a for a, b in zip(ok_ends, ok_ends[1:]) if b >= t_kill]
-    statuses: dict[str, int] = {}
-    for _, _, st in done:
-        statuses[str(st)] = statuses.get(str(st), 0) + 1
-    return {"requests": len(done), "ok": statuses.get("200", 0), "failed": len(done) - statuses.get("200", 0),
-            "statuses": statuses, "wall_s": wall, "killed_pid": fault["pid"], "new_pid": fault.get("new_pid"),
-            "kill_at_s": t_kill - t0, "recover_s": fault.get("t_recovered", float("nan")) - t_kill,
-            "longest_gap_s": max(gaps, default=0.0),
-            "before": {"requests": len(before), "p50_ms": 1000 * pct(before, 50), "p99_ms": 1000 * pct(before, 99)},
-            "after": {"requests": len(after), "p50_ms": 1000 * pct(after, 50), "p99_ms": 1000 * pct(after, 99),
-                      "max_ms": 1000 * (after[-1] if after else 0.0)}}
-
-
-def run_fault(args, ckpt: Path, port: int, rng: random.Random) -> int:
-    """--fault kill-ranker: one ranker replica, batching on, SIGKILL mid-load."""
-    from ray import serve
-
-    from alro_ray.serve.app import run_serve
-
-    clients = args.clients[-1]
-    n = (args.requests or [3000])[-1]
-    url = run_serve({"default": str(ckpt)}, host="127.0.0.1", port=port, blocking=False,
-                    max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait,
-                    num_cpus=args.num_cpus, torch_threads=args.num_cpus, ingress_num_cpus=0,
-                    max_ongoing_requests=4 * clients, retry_attempts=args.retry_attempts)
-    try:
-        asyncio.run(load_level(url, [make_request(rng, args.candidates, args.history, args.mode)
-                                     for _ in range(args.warmup)], 1))
-        reqs = [make_request(rng, args.candidates, args.history, args.mode) for _ in range(n)]
-        res = asyncio.run(fault_level(url, reqs, clients, kill_after=n // 3))
-    finally:
-        serve.shutdown()
-    res.update(clients=clients, retry_attempts=args.retry_attempts, model=args.model)
-    b, a = res["before"], res["after"]
-    print(f"\nfault kill-ranker: model {args.model}, {clients} clients, {res['requests']} requests, "
-          f"retry_attempts {args.retry_attempts}, wall {res['wall_s']:.0f} s")
-    print(f"  ok {res['ok']}, failed {res['failed']} (statuses {res['statuses']})")
-    print(f"  SIGKILL pid {res['killed_pid']} at {res['kill_at_s']:.1f} s; a new replica (pid {res['new_pid']}) "
-          f"answered {res['recover_s']:.1f} s later; longest gap between answers {res['longest_gap_s']:.1f} s")
-    print(f"  before the kill: {b['requests']} requests, p50 {b['p50_ms']:.0f} ms, p99 {b['p99_ms']:.0f} ms")
-    print(f"  from the kill:   {a['requests']} requests, p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms, "
-          f"max {a['max_ms']:.0f} ms")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args),
-                                              "fault": res, "loadavg": os.getloadavg()[0]}, indent=2))
-    return 1 if res["failed"] else 0
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=5, help="C of the checkpoint and of every request")
     p.add_argument("--history", type=int, default=5, help="history items per request")
     p.add_argument("--mode", default="generate", choices=["generate", "one-pass"])
-    p.add_argument("--clients", type=int, nargs="+", default=None, help="default 1 8 32; --fault: 32")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, nargs="+", default=None,
                    help="requests per level (default: 12, 40, 96 for 1, 8, 32 clients)")
     p.add_argument("--max-batch-size", type=int, default=8, help="batching on: @serve.batch max size")
@@ -211,11 +108,7 @@ def main(argv=None) -> int:
                         "2 threads were 3-20x slower, as OpenMP threads wait on each other under load)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--fault", choices=["kill-ranker"], help="SIGKILL the ranker replica mid-load (see above)")
-    p.add_argument("--retry-attempts", type=int, default=4,
-                   help="the ingress's retries of a request whose replica died (0: off)")
     args = p.parse_args(argv)
-    args.clients = args.clients or ([32] if args.fault else [1, 8, 32])
     # bounded: about 2 min of load for tiny-random, 3 min for smollm2-135m on the 2-core container
     default_requests = {1: 12, 8: 40, 32: 96} if args.model == "tiny-random" else {1: 4, 8: 16, 32: 32}
     counts = args.requests or [default_requests.get(c, 2 * c) for c in args.clients]
@@ -236,12 +129,6 @@ def main(argv=None) -> int:
              object_store_memory=512 * 1024 ** 2,
              log_to_driver=False)
     port = free_port()
-    if args.fault:
-        try:
-            return run_fault(args, ckpt, port, rng)
-        finally:
-            ray.shutdown()
-            tmp.cleanup()
     levels = [(c, [make_request(rng, args.candidates, args.history, args.mode) for _ in range(n)])
               for c, n in zip(args.clients, counts)]
     rows = []
@@ -266,6 +153,7 @@ def main(argv=None) -> int:
                 print(f"  batching {batching:3s} clients {clients:3d}: {res['rps']:.2f} req/s, "
                       f"p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms, mean batch {res['mean_batch']:.1f}"
                       + (f", {res['failures']} FAILED" if res["failures"] else ""), flush=True)
+            serve.delete("alro")  # the next setting is a new app (run_serve refuses to replace one)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -405,6 +405,42 @@ def test_registry_checks_at_start(checkpoints, tmp_path):
         adapters_from_args(None, ["a"])
 
 
+def test_the_ingress_maps_a_full_queue_to_503_and_a_slow_ranker_to_504():
+    """ask_ranker on a stand-in handle (no Serve): Serve's back-pressure error becomes 503 with
+    Retry-After, a ranker that does not answer in request_timeout_s a 504, both with a reason."""
+    from ray.serve.exceptions import BackPressureError
+
+    from alro_ray.data.prompts import Item
+    from alro_ray.serve.app import ServeSettings
+    from alro_ray.serve.contract import RankJob
+    from alro_ray.serve.routes import ask_ranker
+
+    class Handle:  # what the ingress calls: handle.options(...).rank.remote(job)
+        def __init__(self, answer):
+            self.answer = answer
+            self.rank = self
+
+        def options(self, **_):
+            return self
+
+        def remote(self, job):
+            return self.answer()
+
+    async def full():
+        raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+
+    async def never():
+        await asyncio.sleep(60)
+
+    settings = ServeSettings.from_dict({"adapters": {"default": "x"}, "request_timeout_s": 0.2, "retry_after_s": 3})
+    job = RankJob("default", "generate", [(Item("a"), None)], [Item("b"), Item("c")], ["b", "c"])
+    r = asyncio.run(ask_ranker(Handle(full), job, settings))
+    assert r.status_code == 503 and r.headers["retry-after"] == "3"
+    assert json.loads(r.body)["error"].startswith("overloaded: the ranker's queue is full")
+    r = asyncio.run(ask_ranker(Handle(never), job, settings))
+    assert r.status_code == 504 and "request_timeout_s" in json.loads(r.body)["error"]
+
+
 def test_yaml_config_is_a_valid_serve_config(checkpoints):
     import yaml
     from ray.serve.schema import ServeDeploySchema

@@ -32,7 +32,7 @@ class Fusion:
 @dataclass(frozen=True)
 class RankJob:
     """One request, as the ranker needs it: item texts as the client sent them (the ranker cuts
-    them as training did), catalog ids only for hints and fusion."""
+    them as training did, unless `texts_as_trained`), catalog ids only for hints and fusion."""
 
     adapter: str
     mode: str
@@ -42,6 +42,9 @@ class RankJob:
     candidate_hints: list[dict | None] = field(default_factory=list)  # the request's own hint values
     history_ids: list[CatalogId | None] = field(default_factory=list)  # MF's user part: rated items with ids
     fusion: Fusion | None = None
+    # True: the item texts are the prepared catalogue's (a top-N adapter's), already cut as training
+    # cut them; shown as they are (cutting again would drop a space the cut left at the end)
+    texts_as_trained: bool = False
 
     @property
     def history_ratings(self) -> list[float | None]:

@@ -230,8 +230,11 @@ class RankerDeployment:
             # by candidate id ("none" for unknown ids); MF's user part from history items with ids.
             hint_args = (job.candidate_ids, job.candidate_hints or [None] * c, job.history_ids, job.history_ratings)
             notes = ranker.hint_notes(*hint_args)
-            history = [(_as_trained(item, ranker), rating) for item, rating in job.history]
-            ids = ranker.prompt_ids(history, [_as_trained(item, ranker) for item in job.candidates], notes)
+            history, candidates = job.history, job.candidates
+            if not job.texts_as_trained:
+                history = [(_as_trained(item, ranker), rating) for item, rating in history]
+                candidates = [_as_trained(item, ranker) for item in candidates]
+            ids = ranker.prompt_ids(history, candidates, notes)
             classical = None
             if job.fusion:
                 values = ranker.classical_scores(job.fusion.classical, *hint_args)
@@ -289,7 +292,7 @@ class RankerDeployment:
             "device": self.device,
             "torch_threads": torch.get_num_threads(),
             "uptime_s": round(time.time() - self.started, 1),
-            "pid": os.getpid(),  # which replica answered (bench/serve.py --fault watches it change)
+            "pid": os.getpid(),  # which replica answered (bench/serve_load.py kill-ranker watches it change)
         }
 
     def ping(self) -> str:
