@@ -441,6 +441,34 @@ def test_the_ingress_maps_a_full_queue_to_503_and_a_slow_ranker_to_504():
     assert r.status_code == 504 and "request_timeout_s" in json.loads(r.body)["error"]
 
 
+def test_a_retry_waits_for_room_in_a_full_queue_but_a_first_attempt_is_refused():
+    """After its replica died, a request waits while the queue is full of the dead replica's other
+    requests (budget, not attempts); a new request that finds it full is refused at once."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from alro_ray.serve.retry import call_with_retry
+
+    def flaky(failures):
+        calls = []
+
+        async def call():
+            calls.append(1)
+            if len(calls) <= len(failures):
+                raise failures[len(calls) - 1]
+            return "ranked"
+
+        return call, calls
+
+    full = BackPressureError(num_queued_requests=2, max_queued_requests=2)
+    call, calls = flaky([ActorDiedError()] + [full] * 6)  # more than `attempts` tries, within the budget
+    assert asyncio.run(call_with_retry(call, attempts=2, budget_s=30)) == "ranked" and len(calls) == 8
+    call, calls = flaky([full])
+    with pytest.raises(BackPressureError):
+        asyncio.run(call_with_retry(call, attempts=4, budget_s=30))
+    assert len(calls) == 1
+
+
 def test_yaml_config_is_a_valid_serve_config(checkpoints):
     import yaml
     from ray.serve.schema import ServeDeploySchema

@@ -7,6 +7,11 @@ awaiting the DeploymentResponse raises `ActorDiedError` (the process is gone) or
 replica, so a new call goes to another replica, or waits in the router's queue until Serve's
 controller has started a new one. Ranking is a pure function of the request, so sending it
 again is safe.
+
+With the ranker's queue bounded (max_queued_requests), a retry can find it full: the dead
+replica's other requests wait there for its successor. Such a request was accepted before the
+replica died, so it waits for room (within the budget, not counted as an attempt); only a first
+attempt that finds the queue full is refused (the caller answers 503: overload).
 """
 
 import asyncio
@@ -15,7 +20,7 @@ import time
 from typing import Awaitable, Callable
 
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 log = logging.getLogger("alro_ray")
 
@@ -64,10 +69,13 @@ async def call_with_retry(call: Callable[[], Awaitable], attempts: int, budget_s
                 raise
             break
         except Exception as e:
-            if not replica_died(e):
+            queue_full = failed_at is not None and isinstance(e, BackPressureError)
+            if not (replica_died(e) or queue_full):
                 raise
             last = e
             failed_at = failed_at if failed_at is not None else time.monotonic()
+            if queue_full:  # room in the queue comes when the new replica answers: time, not an attempt
+                tries -= 1
         delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (tries - 1))
         if tries > attempts or time.monotonic() - failed_at + delay >= budget_s:
             break
