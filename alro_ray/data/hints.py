@@ -78,6 +78,13 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+# hint -> (its label on the candidate line, how its value is written); item_mean has two values
+SHOWN = {"popularity_rank": ("popularity rank", int), "mf_score": ("predicted rating", _fmt),
+         "mf_rank": ("MF rank", int), "knn_score": ("similarity to recent", lambda x: f"{x:.2f}"),
+         "knn_rank": ("similarity rank", int), "retriever_score": ("retriever score", lambda x: f"{x:.3g}"),
+         "retriever_rank": ("retriever rank", int)}
+
+
 def render_hint(values: dict | None, names: Sequence[str]) -> str:
     """The hint text of one candidate; a missing value (an item the fit never saw) shows "none"."""
     v = values or {}
@@ -89,27 +96,10 @@ def render_hint(values: dict | None, names: Sequence[str]) -> str:
             if mean is not None and n is not None:
                 text += f" ({int(n)} rating{'' if int(n) == 1 else 's'})"
             parts.append(f"mean rating: {text}")
-        elif name == "popularity_rank":
-            r = v.get("popularity_rank")
-            parts.append(f"popularity rank: {'none' if r is None else int(r)}")
-        elif name == "mf_score":
-            s = v.get("mf_score")
-            parts.append(f"predicted rating: {'none' if s is None else _fmt(s)}")
-        elif name == "mf_rank":
-            r = v.get("mf_rank")
-            parts.append(f"MF rank: {'none' if r is None else int(r)}")
-        elif name == "knn_score":
-            s = v.get("knn_score")
-            parts.append(f"similarity to recent: {'none' if s is None else f'{s:.2f}'}")
-        elif name == "knn_rank":
-            r = v.get("knn_rank")
-            parts.append(f"similarity rank: {'none' if r is None else int(r)}")
-        elif name == "retriever_score":
-            s = v.get("retriever_score")
-            parts.append(f"retriever score: {'none' if s is None else f'{s:.3g}'}")
-        elif name == "retriever_rank":
-            r = v.get("retriever_rank")
-            parts.append(f"retriever rank: {'none' if r is None else int(r)}")
+        elif name in SHOWN:
+            label, shown = SHOWN[name]
+            x = v.get(name)
+            parts.append(f"{label}: {'none' if x is None else shown(x)}")
     return " ".join(parts)
 
 

@@ -85,6 +85,12 @@ async def ask_ranker(ranker, job: RankJob, settings: ServeSettings) -> RankOutco
     return out
 
 
+def adapter_of(req, settings: ServeSettings, registry: dict[str, AdapterEntry]) -> tuple[str, AdapterEntry | None]:
+    """The adapter a request names (default: the settings'), and its entry (None: unknown, a 404)."""
+    name = req.adapter if req.adapter is not None else settings.default_name
+    return name, registry.get(name)
+
+
 def answer(out: RankOutcome, ids: list, name: str, mode: str) -> dict:
     """The response body: candidate ids best first and each one's score."""
     return {"ranking": [ids[j] for j in out.order],
@@ -100,8 +106,7 @@ def add_rank_route(app: FastAPI, settings: ServeSettings, registry: dict[str, Ad
     @app.post("/rank", response_model=schemas["RankResponse"], responses=responses,
               summary="Rank candidate items for a user history")
     async def rank(req: RankRequest):
-        name = req.adapter if req.adapter is not None else settings.default_name
-        entry = registry.get(name)
+        name, entry = adapter_of(req, settings, registry)
         if entry is None:
             return json_error(404, f"unknown adapter {safe_text(name, 80)!r}; available: {sorted(registry)}")
         if len(req.candidates) > entry.candidates:
@@ -140,8 +145,7 @@ def add_recommend_route(app: FastAPI, settings: ServeSettings, registry: dict[st
     @app.post("/recommend", response_model=schemas["RecommendResponse"], responses=responses,
               summary="Retrieve from the catalogue, rerank, return the top k (adapters trained on top-N lists)")
     async def recommend(req: RecommendRequest):
-        name = req.adapter if req.adapter is not None else settings.default_name
-        entry = registry.get(name)
+        name, entry = adapter_of(req, settings, registry)
         if entry is None:
             return json_error(404, f"unknown adapter {safe_text(name, 80)!r}; available: {sorted(registry)}")
         catalogue = catalogues.get(name)
