@@ -135,7 +135,8 @@ def recommend_job(req, name: str, mode: str, catalogue: Catalogue, entry: Adapte
     shown = list(zip(items, ratings))[-entry.info.history:]
     return RankJob(adapter=name, mode=mode, history=[(catalogue.item(i), r) for i, r in shown],
                    candidates=[catalogue.item(c) for c in candidates], candidate_ids=candidates,
-                   candidate_hints=[{"retriever_score": s} for s in scores], history_ids=[i for i, _ in shown])
+                   candidate_hints=[{"retriever_score": s} for s in scores], history_ids=[i for i, _ in shown],
+                   texts_as_trained=True)  # the catalogue's texts are the prepared ones, cut already
 
 
 def add_recommend_route(app: FastAPI, settings: ServeSettings, registry: dict[str, AdapterEntry], ranker,
