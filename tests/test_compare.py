@@ -13,7 +13,7 @@ from alro_ray.evaluate.results import ndcg_from_predictions, read_predictions
 def test_compare_writes_one_table_with_ladder_and_baselines(ray_local, tmp_path):
     rc = main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path),
                "--ladder", "zero-shot,few-shot,SFT", "--baselines", "random,item-mean", "--few-shot", "1",
-               "--seeds", "0,1", "--limit", "6", "train.epochs=1", "train.max_steps_per_epoch=2",
+               "--seeds", "0,1", "--limit", "6", "--reorders", "1", "train.epochs=1", "train.max_steps_per_epoch=2",
                "data.synthetic.users=60"])
     assert rc == 0
     rows = json.loads((tmp_path / "compare.json").read_text())
@@ -30,6 +30,13 @@ def test_compare_writes_one_table_with_ladder_and_baselines(ray_local, tmp_path)
     assert all(abs(recomputed[m] - rows[m]["ndcg@10"]) < 1e-9 for m in rows)
     details = json.loads((tmp_path / "details.json").read_text())
     assert details["methods"]["llm-sft-generate"]["train_samples"] > 0
+    for name, m in details["methods"].items():  # --reorders 1: the llm- rows' stability, not the classical rows'
+        if name.startswith("llm-"):
+            assert m["reorders"] == 1 and -1 <= m["stability_tau"] <= 1 and 0 <= m["ndcg@10_spread"] <= 1
+            assert 1 <= m["first_shown_mean_rank"] <= 5
+        else:
+            assert "stability_tau" not in m
+    assert "τ across reorders" in (tmp_path / "compare.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -42,6 +49,12 @@ def test_bad_compare_arguments_stop_before_any_work(tmp_path, capsys, args, mess
     assert main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_negative_reorders_stop_before_any_training(tmp_path, capsys):
+    assert main(["compare", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path), "--reorders", "-1"]) == 2
+    assert "--reorders -1: expected a number of reorders >= 0" in capsys.readouterr().err
+    assert [f.name for f in tmp_path.iterdir()] == [".alro-run.lock"]  # no data, no runs
 
 
 @pytest.mark.slow  # default-run time (issue 26): two prepares of the tiny data

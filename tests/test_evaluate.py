@@ -13,7 +13,9 @@ from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-from alro_ray.data.dataset import read_split, read_stats
+from alro_ray.data.dataset import load_renderer, read_split, read_stats
+from alro_ray.evaluate.stability import reorders_for
+from alro_ray.rank.metrics import item_ranks
 from alro_ray.data.prepare import prepare
 from alro_ray.rank.ranking import bootstrap_orders, rank_batch
 
@@ -60,7 +62,7 @@ def test_bootstrap_copies_use_their_own_orders(ranker_dir):
 
 def test_evaluation_job_writes_predictions_metrics_and_report(ranker_dir, tmp_path):
     metrics = run_evaluation(ranker_dir / "ranker", tmp_path, settings=EvalSettings(
-        modes="generate,one-pass,free,bootstrap@2", baselines=["random", "popularity"], batch_size=3))
+        modes="generate,one-pass,free,bootstrap@2", baselines=["random", "popularity"], batch_size=3, reorders=2))
     import pandas as pd
 
     preds = pd.read_parquet(tmp_path / "predictions.parquet")
@@ -72,10 +74,23 @@ def test_evaluation_job_writes_predictions_metrics_and_report(ranker_dir, tmp_pa
         assert m["lists"] == len(test) and 0 < m["ndcg@3"] <= 1 and m["tpq_seconds"] > 0
         assert 0 <= m["repair_rate"] <= 1 and len(m["position_bias"]["mean_rank_by_position"]) == 5
     assert metrics["modes"]["generate"]["repair_rate"] == 0
+    for m in metrics["modes"].values():  # --reorders 2: every mode's lists ranked under 2 more orders
+        assert m["reorders"] == 2 and -1 <= m["stability_tau"] <= 1 and 0 <= m["ndcg@10_spread"] <= 1
+        assert 1 <= m["first_shown_mean_rank"] <= 5
+    assert all(len(r) == 2 and all(sorted(x) == [1, 2, 3, 4, 5] for x in r) for r in preds["reorder_ranks"])
+    # Each reorder, ranked here by hand, is what the job stored for it (mapped back to the list's
+    # candidates; mapped back the wrong way, by the inverse order, few of these 8 rankings match).
+    ranker, renderer = load_ranker(ranker_dir / "ranker"), load_renderer(ranker_dir / "data")
+    for row in test.to_dict("records"):
+        stored = preds[(preds["user"] == row["user"]) & (preds["mode"] == "generate")]["reorder_ranks"].iloc[0]
+        for shown, ranks in zip(reorders_for(str(row["user"]), 5, 2, seed=0), stored):
+            prompt, _ = ranker.rank_tokenizer.prompt_ids(renderer.prefix(row), renderer.suffix(row, shown))
+            (order,), _ = ranker.rank([prompt], "generate")
+            assert list(ranks) == item_ranks([shown[j] for j in order])
     assert set(metrics["baselines"]) == {"random", "popularity"}
     assert json.loads((tmp_path / "metrics.json").read_text())["split"] == "test"
     report = (tmp_path / "report.md").read_text()
-    assert "ranker: bootstrap@2" in report and "popularity" in report
+    assert "ranker: bootstrap@2" in report and "popularity" in report and "τ across reorders" in report
     assert (tmp_path / "ndcg.png").stat().st_size > 1000 and (tmp_path / "position_bias.png").exists()
 
 

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from alro_ray.rank.metrics import (
+    item_ranks,
     list_metrics,
+    list_stability,
     mean_metrics,
+    mean_stability,
     dcg_at_k,
     kendall_tau,
     mean_ndcg,
@@ -164,6 +167,50 @@ def test_position_bias_single_position_and_bad_shape():
     assert out == {"mean_rank_by_position": [1.0], "spearman": 0.0, "kendall_tau": 0.0}
     with pytest.raises(ValueError):
         position_bias(np.array([1, 2, 3]))
+
+
+def test_item_ranks():
+    assert item_ranks([2, 0, 1]) == [2, 3, 1]  # candidate 2 first, 0 second, 1 third
+    assert item_ranks([0]) == [1]
+    with pytest.raises(ValueError, match="not an order"):
+        item_ranks([0, 0, 1])
+
+
+# One list of 3 candidates with ratings [3, 1, 0] (by candidate), ranked under 3 orders:
+# ranks [1, 2, 3] (candidates 0, 1, 2 best first), [1, 3, 2] (0, 2, 1), [2, 3, 1] (2, 0, 1).
+STABILITY_RANKS = [[1, 2, 3], [1, 3, 2], [2, 3, 1]]
+STABILITY_RATINGS = [[3, 1, 0], [3, 0, 1], [0, 3, 1]]  # the ratings in each order's ranking
+
+
+def test_list_stability_by_hand():
+    # Kendall tau over the 3 pairs of candidates (0,1), (0,2), (1,2), concordant or discordant:
+    #   [1,2,3] vs [1,3,2]: C, C, D -> 1/3;  [1,2,3] vs [2,3,1]: C, D, D -> -1/3;
+    #   [1,3,2] vs [2,3,1]: C, D, C -> 1/3;  mean over all 3 pairs of orders 1/9 (the original
+    #   against the reorders alone would give 0)
+    # NDCG@10 (gains 7, 1, 0; ideal 7 + 1/log2(3) = 7.63093): 1; (7 + 0 + 1/2) / 7.63093 = 0.98283;
+    #   (0 + 7/log2(3) + 1/2) / 7.63093 = 0.64428;  spread 1 - 0.64428 = 0.35572
+    tau, spread = list_stability(STABILITY_RANKS, STABILITY_RATINGS, [3, 1, 0])
+    assert tau == pytest.approx(1 / 9)
+    assert spread == pytest.approx(1 - (7 / L3 + 1 / 2) / (7 + 1 / L3))
+    assert spread == pytest.approx(0.35572, abs=1e-5)
+    # the same ranking under every order: tau 1, spread 0
+    assert list_stability([[2, 1, 3]] * 3, [[1, 3, 0]] * 3, [3, 1, 0]) == (pytest.approx(1.0), 0.0)
+    # no positive target: NDCG undefined, so no spread; tau still measured
+    assert list_stability(STABILITY_RANKS, [[0, 0, 0]] * 3, [0, 0, 0]) == (pytest.approx(1 / 9), None)
+    with pytest.raises(ValueError, match=">= 2 orders"):
+        list_stability([[1, 2, 3]], [[3, 1, 0]], [3, 1, 0])
+
+
+def test_mean_stability_by_hand():
+    lists = [(STABILITY_RANKS, STABILITY_RATINGS, [3, 1, 0]),  # tau 1/9, spread 0.35572
+             ([[2, 1, 3]] * 3, [[0, 0, 0]] * 3, [0, 0, 0])]  # tau 1, spread undefined (skipped)
+    out = mean_stability(lists)
+    assert out["stability_tau"] == pytest.approx((1 / 9 + 1) / 2)
+    assert out["ndcg@10_spread"] == pytest.approx(0.35572, abs=1e-5)
+    assert out["reorders"] == 2
+    assert mean_stability(lists[1:])["ndcg@10_spread"] is None
+    with pytest.raises(ValueError, match="same number of orders"):
+        mean_stability([lists[0], (STABILITY_RANKS[:2], STABILITY_RATINGS[:2], [3, 1, 0])])
 
 
 def test_time_per_query():

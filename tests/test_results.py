@@ -55,6 +55,24 @@ def test_written_results_read_back_for_merging(tmp_path):
         read_results(tmp_path / "nothing")
 
 
+def test_stability_columns_of_the_llm_rows(tmp_path):
+    """`--reorders p`: an llm- row carries its mode's first-shown rank and stability across
+    candidate orders into details.json and compare.md; classical and fused rows show '-'."""
+    order = {"u1": ["a", "b", "c"], "u2": ["b", "c", "a"]}
+    stable = {"first_shown_mean_rank": 1.25, "stability_tau": 0.375, "ndcg@10_spread": 0.0625, "reorders": 3}
+    rows = {"mf": _method(order), "llm-alro-generate": _method(order, **stable),
+            "fused-alro-generate-mf": _method(order, first_shown_mean_rank=2.0)}
+    table = write_results(tmp_path, rows, "header")
+    assert {k: table["llm-alro-generate"][k] for k in stable} == stable
+    md = (tmp_path / "compare.md").read_text()
+    assert "| first-shown rank | τ across reorders | NDCG@10 spread |" in md
+    assert "| 1.25 | 0.375 | 0.0625 |" in md and "| 2.00 | - | - |" in md and "under p = 3 seeded reorders" in md
+    assert "Measured on the llm- rows only" in md
+    assert read_results(tmp_path)["llm-alro-generate"].info == stable  # kept when merged
+    write_results(tmp_path, {"mf": _method(order), "llm-x": _method(order, first_shown_mean_rank=1.5)}, "header")
+    assert "τ across reorders" not in (tmp_path / "compare.md").read_text()  # no --reorders: no columns
+
+
 def test_methods_on_other_users_are_refused(tmp_path):
     results = {"mf": _method({"u1": ["a", "b", "c"]}), "llm-x": _method({"u2": ["a", "b", "c"]})}
     with pytest.raises(AlroError, match="ranked other users"):
@@ -68,10 +86,15 @@ def test_ranker_rows_are_named_by_variant_mode_and_baseline():
     ])
     fusion = {"fused-generate-mf": {"mode": "generate", "baseline": "mf", "method": "score", "weight": 0.3,
                                     "valid_ndcg@10": 0.9, "valid_lists": 5}}
-    out = ranker_results(preds, "alro", {"generate": {"tpq_seconds": 1.5}}, fusion, {"train_samples": 4})
+    modes = {"generate": {"tpq_seconds": 1.5, "ndcg@10": 0.5, "first_shown_mean_rank": 2.5, "stability_tau": 0.8},
+             "fused-generate-mf": {"tpq_seconds": 1.5, "first_shown_mean_rank": 3.0}}
+    out = ranker_results(preds, "alro", modes, fusion, {"train_samples": 4})
     assert set(out) == {"llm-alro-generate", "fused-alro-generate-mf"}
     assert out["fused-alro-generate-mf"].info["fusion"]["weight"] == 0.3
-    assert out["llm-alro-generate"].info == {"tpq_seconds": 1.5, "train_samples": 4}
+    assert out["fused-alro-generate-mf"].info["first_shown_mean_rank"] == 3.0  # its own, and no stability
+    assert "stability_tau" not in out["fused-alro-generate-mf"].info
+    assert out["llm-alro-generate"].info == {"tpq_seconds": 1.5, "train_samples": 4, "first_shown_mean_rank": 2.5,
+                                             "stability_tau": 0.8}
     score = ranker_results(preds.assign(mode="score"), "score", {"score": {"tpq_seconds": 0.1}}, {})
     assert set(score) == {"llm-score"}
 

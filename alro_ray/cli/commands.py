@@ -60,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
 
     ckpt = Path(args.checkpoint)
     settings = dict(data=args.data, modes=args.modes, baselines=args.baselines, split=args.split, limit=args.limit,
-                    seed=args.seed, few_shot=args.few_shot, fuse=args.fuse, fusion=args.fusion)
+                    seed=args.seed, few_shot=args.few_shot, fuse=args.fuse, fusion=args.fusion, reorders=args.reorders)
     # The MLflow run (if tracking.mlflow is set) starts first: a bad store fails before any scoring.
     with run_lock(args.out, "alro evaluate"), tracked(
             cfg.tracking, f"evaluate {ckpt.resolve().parent.name}/{ckpt.name}",
@@ -69,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
             modes=args.modes, baselines=[b for b in args.baselines.split(",") if b], split=args.split,
             actors=args.actors, batch_size=args.batch_size, limit=args.limit, seed=args.seed, use_gpu=args.gpu,
             few_shot=args.few_shot, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
-            save_fusion=args.save_fusion))
+            save_fusion=args.save_fusion, reorders=args.reorders))
         log_evaluation(run, metrics, args.out)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
@@ -96,7 +96,7 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
         baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
         bootstrap=[int(p) for p in bootstrap], limit=args.limit, actors=args.actors,
         fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion, variants=variants, merge=args.merge or [],
-        seeds=[int(x) for x in seeds])
+        seeds=[int(x) for x in seeds], reorders=args.reorders)
     with run_lock(args.output_dir, "alro compare"):
         run_compare(cfg, args.output_dir, settings)
     print((Path(args.output_dir) / "compare.md").read_text())

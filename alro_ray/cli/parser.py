@@ -39,6 +39,12 @@ def add_fusion_args(p: argparse.ArgumentParser) -> None:
                    help="fusion method: z-scored scores, Borda points or reciprocal rank")
 
 
+def add_reorders_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reorders", type=int, default=0, metavar="P",
+                   help="also rank every scored list under P seeded reorders of its candidates (LLM modes): "
+                        "Kendall tau between the rankings, the spread of NDCG@10 across them (0: off)")
+
+
 def add_tune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, metavar="N", help="trials in the study (sets tune.num_samples)")
     parser.add_argument("--max-concurrent", type=int, metavar="M",
@@ -82,6 +88,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds bootstrap orders and random baselines")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--few-shot", type=int, default=0, help="prepend k training samples to every prompt")
+    add_reorders_arg(p)
     add_fusion_args(p)
     p.add_argument("--save-fusion", action="store_true",
                    help="with --fuse: save the chosen weights in the checkpoint (fusion.json), Serve's "
@@ -111,6 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "the others' get -seed<s>; the table adds each recipe's mean over its seeds")
     p.add_argument("--results", metavar="DIR", help="copy the configs, compare.json/md, details.json and "
                                                    "predictions.parquet to DIR (e.g. docs/results/ml100k)")
+    add_reorders_arg(p)
     add_fusion_args(p)
     p.set_defaults(func=commands.cmd_compare)
 

@@ -2,8 +2,9 @@
 
   read split -> map_batches(RankActor, ActorPoolStrategy): one ranker per actor, every mode on
   each batch -> predictions.parquet (user, mode, predicted order, ratings in that order, repair
-  flag, seconds per query, predicted rank of each prompt position) -> metrics per mode, baselines
-  on the same candidate lists -> metrics.json, report.md, plots.
+  flag, seconds per query, predicted rank of each prompt position; with --reorders p the rankings
+  under p reorders of the candidates, evaluate/stability.py) -> metrics per mode, baselines on the
+  same candidate lists -> metrics.json, report.md, plots.
 
 Everything that can be wrong with the inputs is checked before an actor starts.
 """
@@ -31,11 +32,12 @@ from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.evaluate.baselines import evaluate_baselines
 from alro_ray.evaluate.fusion_fit import fuse_predictions
 from alro_ray.evaluate.report import write_report
+from alro_ray.evaluate.stability import COLUMNS as REORDER_COLUMNS, reorders_for, stability_of
 from alro_ray.files import write_json
 from alro_ray.model.ranker_info import read_ranker_info
 from alro_ray.rank.evaluation import prompt_ids, summary, targets_of, with_users
 from alro_ray.rank.fusion import save_fusion_defaults
-from alro_ray.rank.metrics import position_bias
+from alro_ray.rank.metrics import item_ranks, position_bias
 from alro_ray.rank.modes import parse_mode
 from alro_ray.rank.ranker import load_ranker
 from alro_ray.rank.ranking import bootstrap_orders, free_batch
@@ -73,7 +75,7 @@ class RankActor:
     """One loaded ranker; ranks each batch in every requested mode."""
 
     def __init__(self, checkpoint: str, data_dir: str, modes: list[str], seed: int, use_gpu: bool,
-                 few_shot: int = 0):
+                 few_shot: int = 0, reorders: int = 0, split: str = "test"):
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.ranker = load_ranker(checkpoint, device=device,
                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -81,26 +83,54 @@ class RankActor:
         self.modes = modes
         self.seed = seed
         self.demos = few_shot_prefix(self.ranker, data_dir, few_shot, seed)
+        self.reorders, self.split = reorders, split  # the scored split's lists are reordered, not valid's
 
-    def _rank(self, mode: str, rows: list[dict]) -> tuple[list[list[int]], list[bool], list | None]:
-        """Orders, repair flags, and per-candidate scores where the mode has them (else None)."""
+    def _rank(self, mode: str, rows: list[dict], shown: list[list[int]] | None = None
+              ) -> tuple[list[list[int]], list[bool], list | None]:
+        """Orders, repair flags, and per-candidate scores where the mode has them (else None), by the
+        rows' own candidate positions. shown[i]: row i's candidates re-rendered in that order
+        (shown[i][j] = the candidate at prompt position j; orders only, no scores); None: the
+        prompts as prepared."""
         r = self.ranker
         c = r.candidates
         kind, p = parse_mode(mode)
         pad = r.tokenizer.pad_token_id
+
+        def render(i: int, perm) -> list[int]:
+            """Row i's prompt showing at position j the candidate at position perm[j] of its shown order."""
+            own = perm if shown is None else [shown[i][j] for j in perm]
+            ids, _ = r.rank_tokenizer.prompt_ids(self.renderer.prefix(rows[i]), self.renderer.suffix(rows[i], own))
+            return self.demos + ids
+        repaired, scores = [False] * len(rows), None
         if kind == "bootstrap":
-            def prompt_for(i: int, perm: list[int]) -> list[int]:
-                ids, _ = r.rank_tokenizer.prompt_ids(self.renderer.prefix(rows[i]), self.renderer.suffix(rows[i], perm))
-                return self.demos + ids
             # Seeded by user, so a row gets the same copies whatever batch it lands in.
             seeds = [self.seed + stable_hash(str(row["user"])) for row in rows]
-            orders = bootstrap_orders(r.model, prompt_for, seeds, c, p, pad, r.rank_tokenizer.identifier_ids)
-            return orders, [False] * len(rows), None
-        prompts = [self.demos + prompt_ids(row) for row in rows]
-        if kind == "free":
-            return (*free_batch(r.model, prompts, c, pad, r.tokenizer.eos_token_id, r.tokenizer), None)
-        orders, scores = r.rank(prompts, kind)
-        return orders, [False] * len(rows), scores
+            orders = bootstrap_orders(r.model, render, seeds, c, p, pad, r.rank_tokenizer.identifier_ids)
+        else:
+            prompts = [self.demos + prompt_ids(row) if shown is None else render(i, range(len(shown[i])))
+                       for i, row in enumerate(rows)]
+            if kind == "free":
+                orders, repaired = free_batch(r.model, prompts, c, pad, r.tokenizer.eos_token_id, r.tokenizer)
+            else:
+                orders, scores = r.rank(prompts, kind)
+        if shown is None:
+            return orders, repaired, scores
+        return [[order[j] for j in o] for order, o in zip(shown, orders)], repaired, None  # shown -> own positions
+
+    def _reordered(self, mode: str, rows: list[dict]) -> list[list[list[int]] | None]:
+        """Per row of the scored split, its orders under its p reorders (by its own candidate
+        positions); None for the other rows and without --reorders."""
+        keep = [i for i, row in enumerate(rows) if self.reorders and row["split"] == self.split]
+        out: list[list[list[int]] | None] = [None] * len(rows)
+        if not keep:
+            return out
+        picked = [rows[i] for i in keep]
+        shown = [reorders_for(str(row["user"]), len(row["candidate_ids"]), self.reorders, self.seed)
+                 for row in picked]
+        by_reorder = [self._rank(mode, picked, [s[r] for s in shown])[0] for r in range(self.reorders)]
+        for k, i in enumerate(keep):
+            out[i] = [orders[k] for orders in by_reorder]
+        return out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
@@ -109,13 +139,16 @@ class RankActor:
             t0 = time.perf_counter()
             try:
                 orders, repaired, scores = self._rank(mode, rows)
+                per_query = (time.perf_counter() - t0) / max(1, len(rows))  # the original order's cost only
+                again = self._reordered(mode, rows)
             except NonFiniteError as e:  # stops the job: no metric may come from these scores
                 raise with_users(e, rows) from None
-            per_query = (time.perf_counter() - t0) / max(1, len(rows))
             for k, (row, order, fixed) in enumerate(zip(rows, orders, repaired)):
                 ids, ratings = list(row["candidate_ids"]), list(row["candidate_ratings"])
-                rank_of_position = np.empty(len(order), dtype=np.int32)
-                rank_of_position[list(order)] = np.arange(1, len(order) + 1)
+                rank_of_position = np.asarray(item_ranks(order))
+                reordered = {} if not self.reorders else {  # evaluate/stability.py; None: not reordered
+                    "reorder_ranks": again[k] and [item_ranks(o) for o in again[k]],
+                    "reorder_ratings": again[k] and [[float(ratings[j]) for j in o] for o in again[k]]}
                 out.append({
                     "user": row["user"], "split": row["split"], "mode": mode,
                     # per prompt position, higher = better (fusion reads them); order-only modes: -rank
@@ -124,7 +157,7 @@ class RankActor:
                     "predicted_ratings": [float(ratings[j]) for j in order],
                     "target_ratings": targets_of(row),  # what the list is scored against
                     "rank_of_position": rank_of_position.tolist(),
-                    "repaired": bool(fixed), "seconds": per_query,
+                    "repaired": bool(fixed), "seconds": per_query, **reordered,
                 })
         return pd.DataFrame(out)
 
@@ -156,14 +189,16 @@ def few_shot_prefix(ranker, data_dir: str, k: int, seed: int) -> list[int]:
 
 
 def summarize(predictions: pd.DataFrame, protocol: str = "rated") -> dict[str, dict]:
-    """Per mode: NDCG@k (and the top-N protocol's metrics), time per query, repair rate, position bias."""
+    """Per mode: NDCG@k (and the top-N protocol's metrics), time per query, repair rate, position bias
+    and the first-shown candidate's mean rank; with --reorders, stability across candidate orders."""
     out = {}
     for mode, part in predictions.groupby("mode", sort=False):
         metrics = summary([list(r) for r in part["predicted_ratings"]], [list(t) for t in part["target_ratings"]],
                           protocol)
         bias = position_bias(np.array([list(r) for r in part["rank_of_position"]]))
         out[mode] = {**metrics, "tpq_seconds": float(part["seconds"].mean()),
-                     "repair_rate": float(part["repaired"].mean()), "position_bias": bias}
+                     "repair_rate": float(part["repaired"].mean()), "position_bias": bias,
+                     "first_shown_mean_rank": bias["mean_rank_by_position"][0], **stability_of(part)}
     return out
 
 
@@ -183,6 +218,7 @@ class EvalSettings:
     fuse: Sequence[str] = ()  # baselines to fuse each mode with (weight chosen on valid)
     fusion: str = "score"  # rank/fusion.py METHODS
     save_fusion: bool = False  # the chosen weights into the checkpoint's fusion.json (Serve's defaults)
+    reorders: int = 0  # p: every list ranked again under p seeded reorders of its candidates (stability)
 
 
 def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
@@ -200,6 +236,8 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         raise AlroError(f"{data} has no {s.split} rows")
     if s.save_fusion and not s.fuse:
         raise AlroError("--save-fusion saves the weights --fuse chooses: give --fuse mf (or item-mean) too")
+    if s.reorders < 0:
+        raise AlroError(f"--reorders {s.reorders}: expected a number of reorders >= 0 (0: off)")
     if s.fuse and (s.split == "valid" or not stats.rows.get("valid")):
         raise AlroError(f"--fuse chooses its weight on the valid split: {data} has no valid rows, or "
                         f"the split scored is valid itself")
@@ -211,6 +249,7 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         valid = predictions[predictions["split"] == "valid"]
         predictions = predictions[predictions["split"] == s.split]
         fused, fusion_info = fuse_predictions(data, valid, predictions, s.fuse, s.fusion, s.split, s.seed)
+        fused = fused.drop(columns=list(REORDER_COLUMNS), errors="ignore")  # its mode's reorders, not its own
         predictions = pd.concat([predictions, fused], ignore_index=True)
         write_frame(valid, out / "valid_predictions.parquet")
     write_frame(predictions, out / "predictions.parquet")
@@ -253,15 +292,18 @@ def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSett
     ranked = ds.map_batches(
         RankActor,
         fn_constructor_kwargs=dict(checkpoint=str(Path(checkpoint).resolve()), data_dir=str(data),
-                                   modes=list(modes), seed=s.seed, use_gpu=s.use_gpu, few_shot=s.few_shot),
+                                   modes=list(modes), seed=s.seed, use_gpu=s.use_gpu, few_shot=s.few_shot,
+                                   reorders=s.reorders, split=s.split),
         compute=ray.data.ActorPoolStrategy(size=s.actors),
         num_gpus=1 if s.use_gpu else 0,
         batch_size=s.batch_size,
         batch_format="pandas",
     )
-    # Through Arrow, without Ray's pandas metadata, so plain pandas/pyarrow read the file back.
+    # Through Arrow, without Ray's pandas metadata, so plain pandas/pyarrow read the file back;
+    # promoted: a block of valid rows only (--fuse) has null reorder columns.
     try:
-        table = pa.concat_tables(ray.get(ranked.to_arrow_refs())).replace_schema_metadata(None)
+        blocks = ray.get(ranked.to_arrow_refs())
+        table = pa.concat_tables(blocks, promote_options="default").replace_schema_metadata(None)
     except Exception as e:
         message = nonfinite_message(e)
         if message is None:

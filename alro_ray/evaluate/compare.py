@@ -110,6 +110,7 @@ class CompareSettings:
     variants: dict[str, Config] = field(default_factory=dict)
     merge: Sequence[str | Path] = ()  # earlier compare outputs on the same test lists whose rows join
     seeds: Sequence[int] = ()  # train every trained row once per train.seed; table each recipe's mean
+    reorders: int = 0  # every LLM row's lists ranked again under p candidate orders (evaluate/stability.py)
 
 
 @dataclass
@@ -144,7 +145,8 @@ class Comparison:
                  train: dict | None = None) -> None:
         s, where = self.settings, self.out / "eval" / slug(name)
         m = run_evaluation(checkpoint, where, data_dir or self.data, EvalSettings(
-            modes=modes, baselines=[], limit=s.limit, actors=s.actors, few_shot=shots, fuse=s.fuse, fusion=s.fusion))
+            modes=modes, baselines=[], limit=s.limit, actors=s.actors, few_shot=shots, fuse=s.fuse, fusion=s.fusion,
+            reorders=s.reorders))
         predictions = pd.read_parquet(where / "predictions.parquet")
         self.results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
         self.tabulate(set(predictions["user"]), s.limit)
@@ -175,6 +177,8 @@ def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings |
     unknown = [n for n in s.ladder if n not in LADDER]
     if unknown:
         raise AlroError(f"unknown ladder step(s) {unknown}; choose from {list(LADDER)}")
+    if s.reorders < 0:  # before any training
+        raise AlroError(f"--reorders {s.reorders}: expected a number of reorders >= 0 (0: off)")
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = resolve_data(cfg, out)

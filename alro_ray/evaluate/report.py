@@ -22,6 +22,8 @@ def column(header: str, key: str, fmt: str) -> Column:
 
 LISTS = column("lists", "lists", "d")
 TPQ = column("TPQ s", "tpq_seconds", ".3f")
+FIRST_SHOWN = column("first-shown rank", "first_shown_mean_rank", ".2f")
+STABILITY = (column("τ across reorders", "stability_tau", ".3f"), column("NDCG@10 spread", "ndcg@10_spread", ".4f"))
 
 
 def shown_metrics(rows) -> list[str]:
@@ -51,7 +53,27 @@ def metrics_table(metrics: dict) -> str:
     rows.update({f"ranker: {mode}": {**m, "bias": m["position_bias"]["spearman"]}
                  for mode, m in metrics["modes"].items()})
     return ndcg_table(rows, [LISTS, TPQ, column("repair rate", "repair_rate", ".1%"),
-                             column("position bias (Spearman)", "bias", "+.3f")])
+                             column("position bias (Spearman)", "bias", "+.3f"),
+                             *bias_columns(metrics["modes"].values())])
+
+
+def reorders_of(rows) -> list[int]:
+    """The numbers of reorders the rows were ranked under (evaluate/stability.py; [] without --reorders)."""
+    return sorted({m["reorders"] for m in rows if m.get("reorders")})
+
+
+def bias_columns(rows) -> list[Column]:
+    """The first-shown rank, and the stability columns where some row was ranked under reorders."""
+    return [FIRST_SHOWN, *(STABILITY if reorders_of(rows) else ())]
+
+
+def stability_note(rows) -> str:
+    """The stability columns' definitions, where some row has them ("" otherwise)."""
+    ps = reorders_of(rows)
+    return "" if not ps else (
+        f" τ across reorders: each list ranked again under p = {' or '.join(map(str, ps))} seeded reorders of its "
+        f"candidates (prompt re-rendered, identifiers reassigned), the mean Kendall τ over all pairs of the p + 1 "
+        f"rankings (1: the order shown does not matter). NDCG@10 spread: max - min of the list's NDCG@10 over them.")
 
 
 def write_report(metrics: dict, out: Path, history_path: Path | None = None) -> None:
@@ -67,7 +89,8 @@ def write_report(metrics: dict, out: Path, history_path: Path | None = None) -> 
         "NDCG: gain 2^r - 1, discount log2(1 + n), normalised per list. TPQ: seconds per query on this "
         "machine. Repair rate: share of free generations that needed the spec's repair. Position bias: "
         "Spearman correlation between prompt position and mean predicted rank (+1: earlier shown, ranked "
-        "higher; 0: no bias).", "",
+        "higher; 0: no bias). First-shown rank: the mean predicted rank of the candidate shown first "
+        f"(no bias: (C + 1) / 2).{stability_note(metrics['modes'].values())}", "",
     ]
     text += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(text) + "\n")

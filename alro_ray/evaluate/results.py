@@ -9,7 +9,8 @@ What `alro compare` writes (and docs/results/<dataset>/ keeps):
                        ids, best first), ratings (their ratings in that order), targets (the
                        ratings the list is scored against: its held-out set)
   details.json         per method: lists, seconds per query, training samples and wall time,
-                       fusion weight; and the paired bootstrap intervals
+                       fusion weight, an LLM row's first-shown rank and (--reorders) stability
+                       across candidate orders; and the paired bootstrap intervals
   compare.md           the same as a table, with the intervals
 
 Method names: classical `random`, `popularity`, `item-mean`, `mf`, `gru4rec`, `sasrec` (and under
@@ -32,7 +33,8 @@ from alro_ray.errors import AlroError
 from alro_ray.files import write_json
 from alro_ray.rank.evaluation import targets_of
 from alro_ray.rank.metrics import METRIC_ORDER, mean_metrics, ndcg_at_k, paired_bootstrap
-from alro_ray.evaluate.report import LISTS, TPQ, column, ndcg_table
+from alro_ray.evaluate.report import LISTS, TPQ, bias_columns, column, ndcg_table, reorders_of, stability_note
+from alro_ray.evaluate.stability import KEYS as STABILITY_KEYS
 
 LLM, FUSED = "llm-", "fused-"
 # What each protocol's best rows are held against: rated, item-mean and MF (issue 11); topn, the
@@ -83,7 +85,8 @@ def ranker_results(predictions: pd.DataFrame, variant: str, modes: dict[str, dic
         llm_mode = fusion[mode]["mode"] if fused else mode
         name = variant if variant.endswith(llm_mode) else f"{variant}-{llm_mode}"
         name = f"{FUSED}{name}-{fusion[mode]['baseline']}" if fused else f"{LLM}{name}"
-        info = {"tpq_seconds": modes[llm_mode]["tpq_seconds"], **(train or {})}
+        info = {"tpq_seconds": modes[llm_mode]["tpq_seconds"], **(train or {}),
+                **{k: v for k, v in modes.get(mode, {}).items() if k in STABILITY_KEYS}}  # a fused mode: no reorders
         if fused:
             info["fusion"] = {k: fusion[mode][k] for k in ("method", "weight", "valid_ndcg@10", "valid_lists")}
         out[name] = MethodResult(dict(zip(part["user"], map(list, part["predicted_ids"]))),
@@ -188,9 +191,16 @@ def write_results(out: Path, results: dict[str, MethodResult], header: str, prot
                            "targets": r.target(u)} for n, r in results.items() for u in users])
     frame.to_parquet(out / "predictions.parquet", index=False)
     cols = [LISTS, TPQ, column("training samples", "train_samples", "d"),
-            column("training wall (s)", "train_seconds", ".0f"), column("fusion weight", "fusion_weight", ".1f")]
+            column("training wall (s)", "train_seconds", ".0f"), column("fusion weight", "fusion_weight", ".1f"),
+            *bias_columns(table.values())]
     shown = {n: {**m, "fusion_weight": m.get("fusion", {}).get("weight")} for n, m in table.items()}
-    lines = [header, "", ndcg_table(shown, cols), "",
+    note = ("First-shown rank: the mean predicted rank of the candidate shown first in the prompt ((C + 1) / 2: "
+            "no first-position effect)." + stability_note(table.values()))
+    if reorders_of(table.values()):
+        note += (" Measured on the llm- rows only: a classical row reads no prompt (its scores are per item, "
+                 "random's per list position, ties broken by position), a fused row's LLM scores come from the "
+                 "original order; their cells are '-'.")
+    lines = [header, "", ndcg_table(shown, cols), "", note, "",
              "Paired bootstrap over users (10000 resamples), NDCG@10 difference and 95% interval:", ""]
     lines += [f"- {'**best** ' if g['best'] else ''}{g['method']} - {g['reference']}: {g['ndcg@10_diff']:+.4f} "
               f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] ({g['lists']} lists)" for g in gaps]

@@ -1,4 +1,5 @@
-"""Evaluation metrics (spec §5): NDCG@k, position bias, time per query; and the top-N protocol's.
+"""Evaluation metrics (spec §5): NDCG@k, position bias, time per query; stability across candidate
+orders (Kendall tau, NDCG spread); and the top-N protocol's.
 
 NDCG is written out (its gain and discount are the spec's); the rank correlations are scipy's.
 
@@ -199,6 +200,56 @@ def position_bias(predicted_ranks_by_position: np.ndarray) -> dict:
         "spearman": spearman(positions, mean_rank),
         "kendall_tau": kendall_tau(positions, mean_rank),
     }
+
+
+def item_ranks(order: Sequence[int]) -> list[int]:
+    """The predicted rank (1 = top) of each candidate, by its index, in an order listing the
+    candidate indices best first: [2, 0, 1] -> [2, 3, 1]."""
+    idx = np.asarray(order, dtype=np.int64)
+    if idx.ndim != 1 or sorted(idx.tolist()) != list(range(idx.size)):
+        raise ValueError(f"not an order of 0..{idx.size - 1}: {list(order)}")
+    ranks = np.empty(idx.size, dtype=np.int64)
+    ranks[idx] = np.arange(1, idx.size + 1)
+    return ranks.tolist()
+
+
+def list_stability(ranks: Sequence[Sequence[float]], ranked_relevance: Sequence[Sequence[float]],
+                   targets: Sequence[float], k: int = 10) -> tuple[float, float | None]:
+    """One list ranked under several candidate orders (the original and its reorders), each mapped
+    back to the list's own candidates: ranks[o][j] = the rank order o gave candidate j,
+    ranked_relevance[o] = the candidates' ratings in order o's ranking.
+
+    Returns (the mean Kendall tau over all pairs of orders' rankings, max - min of their NDCG@k
+    against `targets`; None where NDCG@k is undefined). A ranker that reads the items alone gives
+    (1, 0); one that reads positions alone ranks each order's own candidates by where they were
+    shown, so its tau is that of random permutations (about 0)."""
+    if len(ranks) < 2 or len(ranks) != len(ranked_relevance):
+        raise ValueError(f"list_stability needs >= 2 orders with a ranking and ratings each, got "
+                         f"{len(ranks)} and {len(ranked_relevance)}")
+    taus = [kendall_tau(ranks[a], ranks[b]) for a in range(len(ranks)) for b in range(a + 1, len(ranks))]
+    ndcgs = [ndcg_at_k(rel, k, targets) for rel in ranked_relevance]
+    spread = None if None in ndcgs else max(ndcgs) - min(ndcgs)
+    return float(np.mean(taus)), spread
+
+
+def mean_stability(lists: Iterable[tuple[Sequence[Sequence[float]], Sequence[Sequence[float]], Sequence[float]]],
+                   k: int = 10) -> dict:
+    """`list_stability` over lists of (ranks, ranked_relevance, targets): {"stability_tau": mean over
+    the lists, "ndcg@k_spread": mean over the lists where NDCG@k is defined (None if none), "reorders":
+    orders per list - 1}."""
+    taus, spreads, orders = [], [], set()
+    for ranks, relevance, targets in lists:
+        tau, spread = list_stability(ranks, relevance, targets, k)
+        taus.append(tau)
+        orders.add(len(ranks))
+        if spread is not None:
+            spreads.append(spread)
+    if not taus:
+        raise ValueError("mean_stability needs at least one list")
+    if len(orders) != 1:
+        raise ValueError(f"every list must be ranked under the same number of orders, got {sorted(orders)}")
+    return {"stability_tau": float(np.mean(taus)), f"ndcg@{k}_spread": float(np.mean(spreads)) if spreads else None,
+            "reorders": orders.pop() - 1}
 
 
 def time_per_query(total_seconds: float, n_queries: int) -> float:
