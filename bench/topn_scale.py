@@ -17,6 +17,8 @@ is 5), `model.name=tiny-random` so that tokenizing is cheap), with:
                    stage that set the peak shows
   tree peak PSS    the proportional set size summed over the subprocess and every process under it
                    (the Ray workers, the raylet with the object store's pages), sampled each second
+  CPU seconds      user + system time summed over the same processes (sampled with them): on a
+                   machine shared with other jobs it moves less than the wall time
 
 Sizes run one after another in one invocation, and the table sets them side by side with the
 ratio of the largest to the smallest. `--quick` runs 1,000 and 3,000 users x 1,000 items (a
@@ -52,7 +54,8 @@ STAGES = [
     ("alro_ray.data.prepare", "read_source", "read the table"),
     ("alro_ray.data.prepare", "clean_interactions", "clean (titles, repeats)"),
     ("alro_ray.data.retrieval", "mark_roles", "mark roles (sort, windows)"),
-    ("alro_ray.data.retrieval", "fit_frames", "fit frames (test, valid, folds)"),
+    ("alro_ray.data.retrieval", "fit_masks", "fit masks (test, valid, folds)"),
+    ("alro_ray.data.retrieval", "fit_frame", "fit frames (one per fit)"),
     ("alro_ray.data.retrieval", "sample_users", "user sampling"),
     ("alro_ray.data.retrieval", "choose", "choose the retriever (valid fits)"),
     ("alro_ray.data.retrieval", "fit_retrievers", "fit the retrievers (test, valid, folds)"),
@@ -166,7 +169,7 @@ def worker(args: argparse.Namespace) -> None:
     for method, label in (("write_parquet", "write the splits"), ("to_pandas", "to_pandas (to the driver)"),
                           ("count", "count rows")):
         setattr(ray.data.Dataset, method, timed(label, getattr(ray.data.Dataset, method)))
-    ray.put = timed("ray.put (retrievers)", ray.put)
+    ray.put = timed("ray.put (retrievers; Ray Data's from_pandas)", ray.put)
 
     from alro_ray.cli import main as alro
 
@@ -183,8 +186,9 @@ def worker(args: argparse.Namespace) -> None:
 # The parent: run, sample memory, tabulate.
 
 
-def tree_pss(pid: int) -> float:
-    """GiB: PSS summed over `pid` and its descendants (0 for a process gone meanwhile)."""
+def tree_sample(pid: int, cpu: dict[int, float]) -> float:
+    """GiB: PSS summed over `pid` and its descendants (0 for a process gone meanwhile); `cpu` gets
+    each one's CPU seconds so far (user + system)."""
     import psutil
 
     try:
@@ -196,6 +200,8 @@ def tree_pss(pid: int) -> float:
     for p in procs:
         try:
             total += p.memory_full_info().pss
+            times = p.cpu_times()
+            cpu[p.pid] = max(cpu.get(p.pid, 0.0), times.user + times.system)
         except psutil.Error:
             pass
     return total / 2**30
@@ -209,7 +215,7 @@ def run_prepare(data_dir: Path, out: Path, args: argparse.Namespace) -> dict:
                  "model.name=tiny-random", *args.set]
     cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--", *overrides]
     log = out.parent / "prepare.log"
-    peak = {"pss": 0.0}
+    peak, cpu = {"pss": 0.0}, {}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                 env=dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1"))
@@ -218,7 +224,7 @@ def run_prepare(data_dir: Path, out: Path, args: argparse.Namespace) -> dict:
 
         def sample():
             while not done.wait(1.0):
-                peak["pss"] = max(peak["pss"], tree_pss(proc.pid))
+                peak["pss"] = max(peak["pss"], tree_sample(proc.pid, cpu))
                 if args.limit_minutes and time.perf_counter() - started > 60 * args.limit_minutes \
                         and not stopped.is_set():
                     stopped.set()  # the run's own session: its Ray processes go with it
@@ -242,7 +248,8 @@ def run_prepare(data_dir: Path, out: Path, args: argparse.Namespace) -> dict:
         return {"failed": f"{why}; see {log}", "wall": wall, "stages": stages,
                 "driver_peak_gb": usage.ru_maxrss / 2**20, "tree_peak_pss_gb": peak["pss"]}
     spilled = [line.strip() for line in text.splitlines() if "Spilled" in line]
-    return {**result, "wall": wall, "driver_peak_gb": usage.ru_maxrss / 2**20, "tree_peak_pss_gb": peak["pss"],
+    return {**result, "wall": wall, "cpu": sum(cpu.values()),
+            "driver_peak_gb": usage.ru_maxrss / 2**20, "tree_peak_pss_gb": peak["pss"],
             "spilled": spilled[-1] if spilled else None, "log": str(log)}
 
 
@@ -312,6 +319,8 @@ def report(results: dict[int, dict], logs: dict[int, dict]) -> str:
     row("retriever fits: count x mean", [fits(results[u]) for u in sizes], str, False)
     row("wall seconds (subprocess)", [results[u]["wall"] for u in sizes], lambda v: f"{v:.1f}")
     row("ms per user", [1000 * results[u]["wall"] / u for u in sizes], lambda v: f"{v:.2f}")
+    row("CPU seconds, process tree (sampled each second)", [results[u].get("cpu") for u in sizes],
+        lambda v: f"{v:.1f}")
     row("driver RSS after reading, GiB", [after_reading(results[u]) for u in sizes], lambda v: f"{v:.2f}")
     row("driver peak RSS, GiB", [results[u]["driver_peak_gb"] for u in sizes], lambda v: f"{v:.2f}")
     row("driver peak reached in", [peak_stage(results[u]) for u in sizes], str, False)

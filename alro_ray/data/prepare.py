@@ -160,6 +160,7 @@ def prepare(cfg: Config, out_dir: str | Path) -> PreparedStats:
 
     # Every user read is counted, also one whose every interaction was dropped above (count 0).
     counts = df.groupby("user").size().reindex(source.interactions["user"].unique(), fill_value=0)
+    source.interactions = source.interactions.iloc[:0]  # `df` holds the log from here: one copy, not two
     ensure_ray()
     quiet_ray_data(progress=True)
     if d.protocol == "topn":
