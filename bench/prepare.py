@@ -6,9 +6,9 @@ Each run is a fresh Python process with its own `ray.init(num_cpus=n)` and
 `data.tokenize_actors = n`, so no run reuses another's workers or caches; the time is that of
 `prepare()` alone (Ray's own start is left out), default tokenizer (smollm2-135m), paper
 windows H=20, C=25. Each variant runs `--repeats` times and the best is kept.
-`--shuffle-partitions N` adds a 2-CPU variant with the groupby shuffled into N partitions
-instead of Ray Data's default 200 (`DataContext.default_hash_shuffle_parallelism`).
-A second table splits the best run of each variant into the pipeline's phases.
+The third variant, 2 CPUs with the per-user stage as it was before data/per_user.py (Ray Data's
+groupby, hash-shuffled into 4 partitions per CPU, then map_groups), is the side-by-side reference
+for the shuffle-free stage. A second table splits the best run of each variant into the pipeline's phases.
 """
 
 from __future__ import annotations
@@ -27,11 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-100k"
 MARK = "BENCH-RESULT "
 
-# name, CPUs (= tokenize actors), groupby shuffle partitions (None: Ray Data's default)
+# name, CPUs (= tokenize actors), whether the per-user stage is Ray Data's groupby (the old stage)
 VARIANTS = [
-    ("1 CPU", 1, None),
-    ("2 CPUs", 2, None),
+    ("1 CPU", 1, False),
+    ("2 CPUs", 2, False),
+    ("2 CPUs, groupby shuffle (before)", 2, True),
 ]
+
+
+def groupby_map_users(df, fn, fn_kwargs):
+    """The per-user stage before data/per_user.py: a hash shuffle of the driver's log by user."""
+    import ray
+
+    partitions = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    return ray.data.from_pandas(df).groupby("user", num_partitions=partitions).map_groups(
+        fn, batch_format="pandas", fn_kwargs=fn_kwargs)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -44,8 +54,10 @@ def worker(args: argparse.Namespace) -> None:
     from alro_ray.data.prepare import prepare
 
     ensure_ray(num_cpus=args.cpus)
-    if args.partitions:
-        ray.data.DataContext.get_current().default_hash_shuffle_parallelism = args.partitions
+    if args.groupby:
+        import alro_ray.data.prepare as prepare_module
+
+        prepare_module.map_users = groupby_map_users
 
     # Phase times: wrap the Dataset calls prepare() makes (each one executes the plan so far).
     phases: dict[str, float] = defaultdict(float)
@@ -66,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
 
     ds_cls = ray.data.Dataset
     materialize = ds_cls.materialize
-    stages = iter(["group by user -> samples", "render + tokenize (actor pool)"])
+    stages = iter(["per-user samples", "render + tokenize (actor pool)"])
 
     def materialize_stage(self, *a, **k):
         return timed(next(stages, "materialize, other"), materialize)(self, *a, **k)
@@ -89,10 +101,10 @@ def worker(args: argparse.Namespace) -> None:
     ray.shutdown()
 
 
-def run_one(data_dir: str, cpus: int, partitions: int | None) -> dict:
+def run_one(data_dir: str, cpus: int, groupby: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--cpus", str(cpus), "--data-dir", data_dir]
-    if partitions:
-        cmd += ["--partitions", str(partitions)]
+    if groupby:
+        cmd += ["--groupby"]
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -106,11 +118,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="MovieLens 100K directory (u.data, u.item)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant; the best is kept")
-    p.add_argument("--shuffle-partitions", type=int, default=None, metavar="N",
-                   help="also run 2 CPUs with the groupby shuffled into N partitions (default 200)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cpus", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--partitions", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--groupby", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.data_dir = str(Path(args.data_dir).resolve())
     if args.worker:
@@ -120,13 +130,11 @@ def main() -> None:
         raise SystemExit(f"MovieLens 100K not found at {args.data_dir} (--data-dir)")
 
     variants = list(VARIANTS)
-    if args.shuffle_partitions:
-        variants.append((f"2 CPUs, {args.shuffle_partitions} shuffle partitions", 2, args.shuffle_partitions))
     best = {}
-    for name, cpus, partitions in variants:
+    for name, cpus, groupby in variants:
         runs = []
         for r in range(args.repeats):
-            res = run_one(args.data_dir, cpus, partitions)
+            res = run_one(args.data_dir, cpus, groupby)
             print(f"  {name}: run {r + 1}: {res['seconds']:.1f} s", file=sys.stderr, flush=True)
             runs.append(res)
         best[name] = min(runs, key=lambda x: x["seconds"])

@@ -62,7 +62,7 @@ STAGES = [
     ("alro_ray.data.retrieval", "list_stats", "list stats"),
 ]
 FIT = "  of which: retriever fits"  # inside "choose" and "fit the retrievers"
-MATERIALIZE = ["windows (group by user, Ray Data)", "retrieve (actor pool)", "drop empty training lists",
+MATERIALIZE = ["windows (per user, Ray Data)", "retrieve (actor pool)", "drop empty training lists",
                "render + tokenize (actor pool)"]
 
 

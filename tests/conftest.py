@@ -25,6 +25,27 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_data(ray_local, tmp_path_factory):
+    """configs/tiny.yaml's data, prepared once for the session (a Ray Data job costs ~15 s here).
+    `with_tiny_data` copies it into a run directory, where run_training and run_tune find data
+    prepared with their own data.* config and use it instead of preparing it again."""
+    from alro_ray.config import load_config
+    from alro_ray.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    prepare(load_config("configs/tiny.yaml"), out)
+    return out
+
+
+def with_tiny_data(tiny_data, run_dir):
+    """run_dir with RUN/data a copy of the session's prepared tiny data (a copy: a run may add to it)."""
+    import shutil
+
+    shutil.copytree(tiny_data, run_dir / "data")
+    return run_dir
+
+
 def random_ranker(root, *overrides):
     """Prepare tiny synthetic data under root/data and save a ranker whose adapter is random (an
     untrained adapter is all zeros, so it would not matter) under root/ranker."""

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import with_tiny_data
 from alro_ray.cli import main
 from alro_ray.evaluate.compare import table_order
 from alro_ray.evaluate.results import ndcg_from_predictions, read_predictions
@@ -82,17 +83,14 @@ def test_table_rows_follow_the_ladder_whatever_order_they_came_in():
         "llm-sft-bootstrap@3", "llm-wo-sll-generate", "fused-wo-sll-generate-mf", "llm-alro-generate"]
 
 
-def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_rows(tmp_path, capsys):
+def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_rows(tiny_data, tmp_path, capsys):
     """No ladder and no variant: the table holds the baselines and an earlier run's rows (here a
     planted row that ranks every test list by its true ratings), on those rows' lists."""
     import pandas as pd
 
-    from alro_ray.config import load_config
     from alro_ray.data.dataset import read_split
-    from alro_ray.data.prepare import prepare
 
-    data, earlier, out = tmp_path / "data", tmp_path / "earlier", tmp_path / "out"
-    prepare(load_config("configs/tiny.yaml", ["data.synthetic.users=30", "data.permutations=0"]), data)
+    data, earlier, out = with_tiny_data(tiny_data, tmp_path) / "data", tmp_path / "earlier", tmp_path / "out"
     test = read_split(data, "test").to_dict("records")
     earlier.mkdir()
     ideal = [sorted(zip(r["candidate_ratings"], r["candidate_ids"]), key=lambda x: -x[0]) for r in test]

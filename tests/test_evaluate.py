@@ -16,7 +16,6 @@ from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 from alro_ray.data.dataset import load_renderer, read_split, read_stats
 from alro_ray.evaluate.stability import reorders_for
 from alro_ray.rank.metrics import item_ranks
-from alro_ray.data.prepare import prepare
 from alro_ray.rank.ranking import bootstrap_orders, rank_batch
 
 TINY = ["data.synthetic.users=40", "data.permutations=0"]
@@ -121,8 +120,10 @@ def test_bad_inputs_fail_before_any_actor(ranker_dir, tmp_path):
     shutil.rmtree(broken / "adapter")
     with pytest.raises(AlroError, match="missing adapter/adapter_config.json"):
         run_evaluation(broken, tmp_path / "o1")
-    other = load_config("configs/tiny.yaml", TINY + ["data.candidates=4"])
-    prepare(other, tmp_path / "c4")
+    # Data prepared with C=4 (its stats.json says so): refused by what stats.json says, before any work.
+    shutil.copytree(ranker_dir / "data", tmp_path / "c4")
+    stats = json.loads((tmp_path / "c4" / "stats.json").read_text())
+    (tmp_path / "c4" / "stats.json").write_text(json.dumps({**stats, "candidates": 4}))
     with pytest.raises(AlroError, match="C=4 candidates per list, the ranker was trained with C=5"):
         run_evaluation(ranker_dir / "ranker", tmp_path / "o2", data_dir=tmp_path / "c4")
 

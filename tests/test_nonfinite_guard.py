@@ -22,21 +22,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _agree(rank: int, port: int, flags: list[bool], results) -> None:
+CASES = [[False, True], [False, False]]  # per case, each rank's flag: one rank non-finite; none
+
+
+def _agree(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(flags))
-    try:
-        results[rank] = (guard.any_rank(flags[rank]), guard.gather_users([f"u{rank}"] if flags[rank] else []))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:  # every case in one process group: a spawn of 2 processes costs seconds here
+        results[rank] = [(guard.any_rank(flags[rank]), guard.gather_users([f"u{rank}"] if flags[rank] else []))
+                         for flags in CASES]
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("flags", [[False, True], [False, False]])
-def test_every_worker_takes_the_same_decision(flags):
+def test_every_worker_takes_the_same_decision():
     results = mp.Manager().dict()
-    mp.spawn(_agree, args=(_free_port(), flags, results), nprocs=2)
-    expected = (any(flags), [f"u{r}" for r, f in enumerate(flags) if f])
+    mp.spawn(_agree, args=(_free_port(), results), nprocs=2)
+    expected = [(any(flags), [f"u{r}" for r, f in enumerate(flags) if f]) for flags in CASES]
     assert dict(results) == {0: expected, 1: expected}
 
 

@@ -392,6 +392,7 @@ def ml100k(request, few_blocks, tmp_path_factory):
     return out, stats, {s: _rows(out, s) for s in SPLITS}
 
 
+@pytest.mark.slow  # default-run time (issue 26): the whole 100K log through prepare; the CLI tests above prepare its format
 def test_ml100k_users_and_splits(ml100k):
     _, stats, rows = ml100k
     _check_counts(stats)
@@ -405,6 +406,7 @@ def test_ml100k_users_and_splits(ml100k):
                 or users["valid"] & users["test"])
 
 
+@pytest.mark.slow  # default-run time (issue 26): the whole 100K log through prepare; the CLI tests above prepare its format
 def test_ml100k_candidate_lists(ml100k):
     _, _, rows = ml100k
     raw = pd.read_csv(ML100K / "u.data", sep="\t", names=["user", "item", "rating", "timestamp"],
@@ -433,6 +435,7 @@ def test_ml100k_candidate_lists(ml100k):
     assert chronological == 0  # the prompt order is a shuffle, not time order
 
 
+@pytest.mark.slow  # default-run time (issue 26): the whole 100K log through prepare; the CLI tests above prepare its format
 def test_ml100k_no_test_candidate_reaches_training(ml100k):
     out, stats, rows = ml100k
     train = {(r["user"], i, x) for r in rows["train"]
@@ -451,7 +454,7 @@ def test_ml100k_no_test_candidate_reaches_training(ml100k):
     assert len(fit) == stats.interactions_used - held
 
 
-@pytest.mark.slow  # default-run time (issue 26): the Amazon sample's real files; ML-100K's stay in the default run
+@pytest.mark.slow  # default-run time (issue 26): the Amazon sample's real files, as ML-100K's above
 def test_amazon_sample_raw_format_with_titles(request, few_blocks, tmp_path):
     reviews = AMAZON / "CDs_and_Vinyl_5.sample.json.gz"
     meta = AMAZON / "meta_CDs_and_Vinyl.sample.json.gz"

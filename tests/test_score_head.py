@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import with_tiny_data
 from alro_ray import cli
 from alro_ray.config import ConfigError, HeadConfig, load_config
 from alro_ray.data.dataset import ranking_stats
@@ -468,7 +469,7 @@ def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path
     assert metrics["modes"]["score"]["lists"] > 0 and 0 < metrics["modes"]["score"]["ndcg@10"] <= 1
 
 
-def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
+def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tiny_data, tmp_path):
     """model.freeze_lm through Ray Train: the workers read the frozen LM's states once, the head
     steps on them each epoch, and the validation on cached states equals ranking the valid split
     with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
@@ -484,7 +485,7 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tmp_path):
     from alro_ray.train.trainer import run_training
 
     cfg = _cfg(*FROZEN)
-    outcome = run_training(cfg, tmp_path)
+    outcome = run_training(cfg, with_tiny_data(tiny_data, tmp_path))
     store = cache_root(cfg.model.cache_dir) / "frozen-states"
     assert len(list(store.glob("*.pt"))) >= 4  # train and valid states of each of the 2 workers
     assert [h["epoch"] for h in outcome.history] == [1, 2]

@@ -141,6 +141,7 @@ def test_a_top_n_ranker_recommends_from_the_catalogue(topn_data, topn_ranker):
         recommend(ranker, catalogue, [], [], k=3)
 
 
+@pytest.mark.slow  # default-run time (issue 26): a Serve app of its own; test_serve covers Serve over HTTP
 def test_serve_recommends_over_http(topn_ranker, ray_local):
     """POST /recommend on a real Serve app: a known user id or a rated history gives the top k of
     the retriever's candidates, as the checkpoint ranks them in-process; an unknown user is a 404

@@ -19,6 +19,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from conftest import with_tiny_data
 from alro_ray.rank.ranker import load_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
@@ -35,8 +36,8 @@ def _cfg(*overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
+def trained(ray_local, tiny_data, tmp_path_factory):
+    out = with_tiny_data(tiny_data, tmp_path_factory.mktemp("run"))
     return run_training(_cfg("train.ema_decay=0.5"), out), out  # a weight average on the LoRA path (resume below)
 
 
@@ -78,6 +79,7 @@ def test_checkpoint_loads_back_and_ranks(trained):
         assert all(sorted(o) == list(range(5)) for o in orders)
 
 
+@pytest.mark.slow  # default-run time (issue 26): a second Ray Train run (CI's slow set runs it)
 def test_rerun_resumes_from_the_last_checkpoint(trained, caplog):
     """...the last complete one (a torn epoch_003 is skipped), with the weight average: its step
     count goes on from the checkpoint's (3 steps an epoch). A rerun with other settings is refused

@@ -1,10 +1,10 @@
 """The loss-weight study (Ray Tune + Optuna + ASHA) on the tiny model and synthetic data.
 
-One study serves most tests (each trial is a real Ray Train run, so it costs minutes on 2 CPUs):
-4 trials, 2 at a time, interrupted after 2 trials have ended and then resumed by rerunning it.
-Others: a study in which ASHA stops trials must finish and leave no placement group behind
-(slow), and a trial whose Train workers cannot get a CPU must fail within tune.resource_timeout_s.
-"""
+One study serves most tests (each trial is a real Ray Train run, so it costs a minute on 2 CPUs):
+2 trials at once, in one session. Slow: a study interrupted once a trial has ended and resumed by
+rerunning it, a study in which ASHA stops trials (it must finish and leave no placement group
+behind), and a trial whose Train workers cannot get a CPU (it must fail within
+tune.resource_timeout_s)."""
 
 import json
 import subprocess
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import with_tiny_data
 from alro_ray.tune import report as tune_report, study as tuning
 from alro_ray.cli import main as cli_main
 from alro_ray.config import load_config
@@ -38,25 +39,38 @@ def _starts(out: Path, trial_id: str) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
+TRIALS = 2  # the default run's study: both at once on 2 CPUs, one session
+
+
 @pytest.fixture(scope="module")
-def study(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("study")
-    # Session 1 ends (like Ctrl-C: SIGUSR1 to the driver) once 2 trials have ended.
-    first = tuning.run_tune(_cfg(), out, stop_after_trials=2)
+def study(ray_local, tiny_data, tmp_path_factory):
+    """A whole study in one session. Its data is configs/tiny.yaml's (tune_tiny.yaml has the
+    same data.*), prepared once for the test session."""
+    out = with_tiny_data(tiny_data, tmp_path_factory.mktemp("study"))
+    return tuning.run_tune(_cfg(f"tune.num_samples={TRIALS}"), out), out
+
+
+@pytest.fixture(scope="module")
+def interrupted_study(ray_local, tiny_data, tmp_path_factory):
+    out = with_tiny_data(tiny_data, tmp_path_factory.mktemp("interrupted"))
+    # Session 1 ends (like Ctrl-C: SIGUSR1 to the driver) once a trial has ended: the other one
+    # running beside it is interrupted (unless it ended at the same time), the third not started.
+    first = tuning.run_tune(_cfg("tune.num_samples=3"), out, stop_after_trials=1)
     starts_then = {t["trial_id"]: _starts(out, t["trial_id"]) for t in first.trials}
     # Session 2: the same call again resumes the study.
-    second = tuning.run_tune(_cfg(), out)
+    second = tuning.run_tune(_cfg("tune.num_samples=3"), out)
     return first, starts_then, second, out
 
 
-def test_interrupted_study_resumes_without_rerunning_ended_trials(study):
-    first, starts_then, second, out = study
+@pytest.mark.slow  # default-run time (issue 26): a study in two sessions; the default run's study covers Tune
+def test_interrupted_study_resumes_without_rerunning_ended_trials(interrupted_study):
+    first, starts_then, second, out = interrupted_study
     ended = [t for t in first.trials if t["status"] != "unfinished"]
-    assert not first.complete and len(ended) >= 2
+    assert not first.complete and len(ended) >= 1
     assert all(starts_then[t["trial_id"]] == 1 for t in ended)
 
     assert second.complete
-    assert [t["number"] for t in second.trials] == [1, 2, 3, 4]  # tune.num_samples, no more, no fewer
+    assert [t["number"] for t in second.trials] == [1, 2, 3]  # tune.num_samples, no more, no fewer
     again = {t["trial_id"]: t for t in second.trials}
     for t in ended:
         # Not started again, and its results are the ones session 1 recorded.
@@ -69,19 +83,20 @@ def test_interrupted_study_resumes_without_rerunning_ended_trials(study):
 
 
 def test_study_writes_table_best_yaml_and_plot(study):
-    _, _, outcome, out = study
+    outcome, out = study
+    assert outcome.complete
     first_trial = outcome.trials[0]
     assert first_trial["params"] == pytest.approx(PAPER_POINT)  # the paper's values first
     for t in outcome.trials:
         assert t["status"] in ("completed", "stopped early"), t
         assert 1 <= t["epochs"] <= 2
         assert all(0 <= t[k] <= 1 for k in NDCG_KEYS)
-    assert len({t["params"]["alpha"] for t in outcome.trials}) == 4  # TPE proposed new points
+    assert len({t["params"]["alpha"] for t in outcome.trials}) == TRIALS  # TPE proposed new points
 
     table = (out / "trials.md").read_text()
-    assert table.count("\n| ") == 1 + 4 and "NDCG@10" in table and "status" in table
+    assert table.count("\n| ") == 1 + TRIALS and "NDCG@10" in table and "status" in table
     data = json.loads((out / "trials.json").read_text())
-    assert data["complete"] and len(data["trials"]) == 4
+    assert data["complete"] and len(data["trials"]) == TRIALS
     assert data["best"]["trial_id"] == outcome.best["trial_id"]
     assert outcome.best["valid_ndcg@10"] == max(t["valid_ndcg@10"] for t in outcome.trials)
 
@@ -94,7 +109,7 @@ def test_study_writes_table_best_yaml_and_plot(study):
 
 @pytest.mark.slow  # default-run time (issue 26): one more Train run of a config the study wrote
 def test_best_yaml_trains(study, tmp_path):
-    _, _, outcome, out = study
+    outcome, out = study
     cfg = load_config(outcome.best_yaml, ["train.epochs=1", "train.max_steps_per_epoch=1", "train.eval_users=4"])
     best = outcome.best["params"]
     assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma) == pytest.approx((best["alpha"], best["beta"], best["gamma"]))
@@ -180,7 +195,7 @@ def test_study_in_which_asha_stops_trials_finishes_and_releases_them(ray_local, 
     assert _held_placement_groups(ray_local) == []
 
 
-@pytest.mark.slow  # default-run time (issue 26): a second study; the interrupted study covers Tune
+@pytest.mark.slow  # default-run time (issue 26): a second study; the default run's study covers Tune
 def test_trial_that_cannot_get_its_cpus_fails_within_the_timeout(ray_local, tmp_path):
     # Another job holds one of the 2-CPU Ray's CPUs for the whole study, and the trial's Train run
     # wants 2. (The other CPU stays free: Ray Data, which reads the trial's data, waits while no

@@ -1,6 +1,6 @@
 """The Ray Data pipeline that turns raw interaction logs into ALRO samples (spec §1-2).
 
-  read (driver) -> clean and count -> split users -> Ray Data: group by user -> windows,
+  read (driver) -> clean and count -> split users -> Ray Data: each user's rows (per_user.py) -> windows,
   shuffled candidates, gold ranking, permutations -> render prompts and tokenize (actor pool,
   one tokenizer per actor) -> Parquet under out/{train,valid,test} + stats.json (the contract
   those files follow, and how to read them back, is `data/dataset.py`)
@@ -30,6 +30,7 @@ from alro_ray.data import hints as hint_fit
 from alro_ray.data.dataset import ROW_SCHEMA, SAMPLE_SCHEMA, PreparedStats, write_stats
 from alro_ray.data.prompts import SampleRenderer, render_response, shown_text
 from alro_ray.data.retrieval import topn_samples
+from alro_ray.data.per_user import map_users
 from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.data.sources import SourceData, read_source
 from alro_ray.data.tokenize import RankTokenizer
@@ -244,16 +245,10 @@ def rated_users_and_samples(cfg: Config, df: pd.DataFrame, counts: pd.Series) ->
         raise DataError(f"no user has the {need} interactions a sample needs (H={d.history}, C={d.candidates})")
     df = df[df["user"].isin(splits)].copy()
     df["split"] = df["user"].map(splits)
-    # A few shuffle partitions per CPU: Ray Data's default (200) made the groupby the slowest phase
-    # on small data (MovieLens 100K: 15 s with 200, 8 s with 8; docs/benchmarks.md).
-    partitions = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_pandas(df).groupby("user", num_partitions=partitions).map_groups(
-        _user_group,
-        batch_format="pandas",
-        fn_kwargs=dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
-                       permutations=d.permutations, seed=d.seed),
-    ).materialize()  # shuffle done before the actor pool starts: with tokenize_actors == CPUs the
-    # actors would hold every CPU that the groupby's 1-CPU shuffle tasks wait for (a hang)
+    ds = map_users(df, _user_group, dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
+                                         permutations=d.permutations, seed=d.seed)).materialize()
+    # materialized before the actor pool starts: with tokenize_actors == CPUs the actors would hold
+    # every CPU that the per-user tasks wait for (a hang)
     users = {"kept": len(kept), "dropped": users_dropped, "ratings": df["rating"],
              "per_split": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
              "interactions_unused": int(counts[counts < need].sum())}

@@ -24,6 +24,7 @@ import pyarrow as pa
 from alro_ray.classical.retrievers import Retriever, RetrieverSpec, recall_at_n
 from alro_ray.config import Config, RetrievalConfig
 from alro_ray.data.dataset import SAMPLE_SCHEMA
+from alro_ray.data.per_user import map_users
 from alro_ray.data.sampling import sample_users
 from alro_ray.data.topn import TEST, TRAIN, VALID, fit_frame, fit_masks, mark_roles, topn_sample, user_windows
 from alro_ray.errors import DataError
@@ -151,9 +152,8 @@ def topn_samples(cfg: Config, df: pd.DataFrame, out: Path) -> tuple[object, pd.D
 
     # Every rating of the users with a window: a window's retriever input is all she rated before it.
     with_window = marked.loc[marked["role"].ne(TRAIN) | marked["window"].ge(0), "user"].unique()
-    windows = ray.data.from_pandas(marked[marked["user"].isin(with_window)]).groupby("user").map_groups(
-        _windows_of, batch_format="pandas", fn_kwargs=dict(history=d.history, folds=r.folds, seed=d.seed),
-    ).materialize()
+    windows = map_users(marked[marked["user"].isin(with_window)], _windows_of,
+                        dict(history=d.history, folds=r.folds, seed=d.seed)).materialize()
     samples = windows.map_batches(
         Retrieve, batch_format="pandas", batch_size=WINDOW_BATCH,
         compute=ray.data.ActorPoolStrategy(size=d.tokenize_actors),
