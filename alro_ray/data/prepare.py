@@ -1,6 +1,6 @@
 """The Ray Data pipeline that turns raw interaction logs into ALRO samples (spec §1-2).
 
-  read (driver) -> clean and count -> split users -> Ray Data: each user's rows (per_user.py) -> windows,
+  read (driver) -> clean and count -> split users -> Ray Data: each user's rows (per_user) -> windows,
   shuffled candidates, gold ranking, permutations -> render prompts and tokenize (actor pool,
   one tokenizer per actor) -> Parquet under out/{train,valid,test} + stats.json (the contract
   those files follow, and how to read them back, is `data/dataset.py`)
@@ -29,8 +29,8 @@ from alro_ray.model.loading import load_tokenizer
 from alro_ray.data import hints as hint_fit
 from alro_ray.data.dataset import ROW_SCHEMA, SAMPLE_SCHEMA, PreparedStats, write_stats
 from alro_ray.data.prompts import SampleRenderer, render_response, shown_text
-from alro_ray.data.retrieval import topn_samples
 from alro_ray.data.per_user import map_users
+from alro_ray.data.retrieval import topn_samples
 from alro_ray.data.samples import SPLITS, assign_splits, permuted_gold, user_samples
 from alro_ray.data.sources import SourceData, read_source
 from alro_ray.data.tokenize import RankTokenizer
@@ -233,8 +233,6 @@ def rated_users_and_samples(cfg: Config, df: pd.DataFrame, counts: pd.Series) ->
     """data.protocol rated: users with H + C ratings split 8:1:1, each list the C items a user
     rated next (samples.py). Returns the samples (a materialized Ray dataset), what baselines and
     hints may fit on, the users' counts, and the protocol's stats."""
-    import ray  # the Ray Data job runs only when data is prepared
-
     d = cfg.data
     need = d.history + d.candidates
     kept = counts[counts >= need].index.tolist()
