@@ -181,8 +181,19 @@ def save_and_report(engine, tokenizer, cfg: Config, stats: PreparedStats, data_d
                         f"directory) and rerun: it resumes from the last complete checkpoint") from e
 
 
+def skip_inference_comm_op() -> None:
+    """DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce at its first init
+    (28-42 s of C++ on a fresh 2-core machine, again for each new environment path), an op only
+    tensor-parallel inference calls. Marked incompatible, it is not built; training is unchanged."""
+    import deepspeed.ops  # worker side, like every DeepSpeed import
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_loop(loop_config: LoopConfig) -> None:
     import deepspeed  # inside the worker: a top-level import has crashed CPU-only processes
+
+    skip_inference_comm_op()
 
     quiet_ray_data(progress=False)
     stopped = guard.read_failure(loop_config.output_dir)
