@@ -35,13 +35,15 @@ VARIANTS = [
 ]
 
 
-def groupby_map_users(df, fn, fn_kwargs):
-    """The per-user stage before data/per_user.py: a hash shuffle of the driver's log by user."""
+def groupby_map_users(df, fn, fn_kwargs, schema=None):
+    """The per-user stage before data/per_user.py: a hash shuffle of the driver's log by user,
+    then a table per user."""
+    import pyarrow as pa
     import ray
 
     partitions = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
     return ray.data.from_pandas(df).groupby("user", num_partitions=partitions).map_groups(
-        fn, batch_format="pandas", fn_kwargs=fn_kwargs)
+        lambda group: pa.Table.from_pylist(fn(group, **fn_kwargs), schema=schema), batch_format="pandas")
 
 
 def worker(args: argparse.Namespace) -> None:

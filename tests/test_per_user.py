@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from alro_ray.data.per_user import map_users, user_blocks
@@ -36,6 +37,7 @@ def test_an_empty_log_is_one_empty_block():
 def test_map_users_gives_what_a_groupby_gives(ray_local):
     """prepare's own per-user stage (windows, shuffled candidates, permutations) through map_users
     against pandas' groupby on the driver: the same rows."""
+    from alro_ray.data.dataset import SAMPLE_SCHEMA
     from alro_ray.data.prepare import _user_group
 
     rng = np.random.default_rng(0)
@@ -44,15 +46,16 @@ def test_map_users_gives_what_a_groupby_gives(ray_local):
                       columns=["user", "item", "rating", "timestamp", "split"]).sample(frac=1, random_state=0)
     kwargs = dict(history=6, candidates=5, windows=2, permutations=1, seed=3)
     # Ray Data may hand the blocks back in any order; within a block the users keep theirs.
-    got = map_users(df, _user_group, kwargs).to_pandas().sort_values("user", kind="stable", ignore_index=True)
-    want = pd.concat([_user_group(g, **kwargs).to_pandas() for _, g in df.groupby("user", sort=True)],
-                     ignore_index=True)
+    got = map_users(df, _user_group, kwargs, SAMPLE_SCHEMA).to_pandas().sort_values("user", kind="stable",
+                                                                                   ignore_index=True)
+    want = pa.Table.from_pylist([row for _, g in df.groupby("user", sort=True) for row in _user_group(g, **kwargs)],
+                                schema=SAMPLE_SCHEMA).to_pandas()
     assert set(got["user"]) == set(df["user"])
     assert len(got) == len(want) and got.to_json() == want.to_json()
 
 
-def test_row_lists_make_one_table_per_block(ray_local):
-    """The top-N windows stage returns row dicts: the same windows as user_windows per user."""
+def test_windows_through_map_users_are_user_windows(ray_local):
+    """The top-N windows stage, its schema inferred: the same windows as user_windows per user."""
     from alro_ray.data.retrieval import _windows_of
     from alro_ray.data.topn import mark_roles, user_windows
 

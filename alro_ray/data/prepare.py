@@ -86,9 +86,9 @@ def write_items(items: dict[str, tuple[str, str]], path: Path) -> None:
 # Ray Data stages.
 
 
-def _user_group(group: pd.DataFrame, **kwargs) -> pa.Table:
+def _user_group(group: pd.DataFrame, **kwargs) -> list[dict]:
     group = group.sort_values(["timestamp", "item"], kind="stable")
-    rows = user_samples(
+    return user_samples(
         str(group["user"].iloc[0]),
         group["item"].tolist(),
         group["rating"].tolist(),
@@ -96,7 +96,6 @@ def _user_group(group: pd.DataFrame, **kwargs) -> pa.Table:
         split=str(group["split"].iloc[0]),
         **kwargs,
     )
-    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
 class RenderTokenize:
@@ -244,7 +243,7 @@ def rated_users_and_samples(cfg: Config, df: pd.DataFrame, counts: pd.Series) ->
     df = df[df["user"].isin(splits)].copy()
     df["split"] = df["user"].map(splits)
     ds = map_users(df, _user_group, dict(history=d.history, candidates=d.candidates, windows=d.windows_per_user,
-                                         permutations=d.permutations, seed=d.seed)).materialize()
+                                         permutations=d.permutations, seed=d.seed), SAMPLE_SCHEMA).materialize()
     # materialized before the actor pool starts: with tokenize_actors == CPUs the actors would hold
     # every CPU that the per-user tasks wait for (a hang)
     users = {"kept": len(kept), "dropped": users_dropped, "ratings": df["rating"],
