@@ -62,7 +62,7 @@ def test_a_seeded_run_repeats(trained, tmp_path):
     Ray Data's streaming split handed rows out in no fixed assignment, and runs differed."""
     outcome, out = trained
     again = run_training(_cfg("train.ema_decay=0.5"), tmp_path)
-    timing = {"train_seconds", "tokens_per_s"}
+    timing = {"train_seconds", "tokens_per_s", "steady_tokens_per_s"}
     assert ([{k: v for k, v in h.items() if k not in timing} for h in again.history]
             == [{k: v for k, v in h.items() if k not in timing} for h in outcome.history])
     first, second = (load_file(o.final_dir / "adapter" / "adapter_model.safetensors") for o in (outcome, again))

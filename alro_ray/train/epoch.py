@@ -62,12 +62,14 @@ def _batches(run: EpochRun, epoch: int):
 
 def train_epoch(run: EpochRun, epoch: int) -> dict:
     """One pass over this worker's share; returns the epoch's metrics (train_<term> means, samples,
-    tokens/s, non-finite steps)."""
+    tokens/s, non-finite steps). `steady_tokens_per_s` leaves out the first optimizer step (graph
+    warm-up, the first blocks' read): the rate a longer run settles at."""
     t, engine, checks = run.cfg.train, run.engine, run.checks
     engine.train()
     checks.start_epoch()
     sums = dict.fromkeys(TERMS, 0.0)
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
+    steady_from = None  # (time, tokens) when the first optimizer step ended
     for step, batch in enumerate(_batches(run, epoch)):
         if step >= run.micro_steps:
             break
@@ -109,15 +111,28 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
         n += 1
         samples += batch.size
         tokens += batch.tokens
+        if boundary and steady_from is None:
+            steady_from = (time.time(), tokens)
         if run.rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
             skipped = f", {checks.epoch_count} non-finite skipped (last: {checks.last})" if checks.epoch_count else ""
-            run.say(f"epoch {epoch + 1}/{t.epochs} step {(step + 1) // t.grad_accum}/{run.micro_steps // t.grad_accum} "
+            done, total = (step + 1) // t.grad_accum, run.micro_steps // t.grad_accum
+            run.say(f"epoch {epoch + 1}/{t.epochs} {progress_bar(done, total)} step {done}/{total} "
                     f"loss {sums['loss'] / max(n, 1):.4f} (sft {sums['sft'] / max(n, 1):.4f} "
                     f"rank {sums['rank'] / max(n, 1):.4f} perm {sums['perm'] / max(n, 1):.4f}) "
                     f"{tokens * run.world / (time.time() - t0):.0f} tok/s{skipped}")
-    seconds = time.time() - t0
+    end = time.time()
+    seconds = end - t0
     metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
     # samples: this worker's times the world size (every worker runs the same number of micro-steps)
     metrics.update(epoch=epoch + 1, train_seconds=seconds, train_samples=samples * run.world,
                    tokens_per_s=tokens * run.world / max(seconds, 1e-9), nonfinite_steps=checks.epoch_count)
+    if steady_from is not None and tokens > steady_from[1]:
+        metrics["steady_tokens_per_s"] = (tokens - steady_from[1]) * run.world / max(end - steady_from[0], 1e-9)
     return metrics
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A text bar for a progress line: `[########------------]` (Ray forwards workers' output line
+    by line, so a redrawn tqdm bar would arrive as a line per redraw)."""
+    filled = round(width * done / max(total, 1))
+    return "[" + "#" * min(filled, width) + "-" * (width - min(filled, width)) + "]"
