@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 
+from alro_ray.logs import LOG_FILE_ENV, worker_to_file
+
 log = logging.getLogger("alro_ray")
 
 
@@ -27,9 +29,11 @@ _NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_
 
 
 def quiet_worker_logs() -> None:
-    """Run in every worker process of the local Ray (`worker_process_setup_hook`)."""
+    """Run in every worker process of the local Ray (`worker_process_setup_hook`): the libraries'
+    output to the driver's log file, if it has one (logs.py)."""
     for name in _NOISY_WORKER_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    worker_to_file()
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
@@ -49,6 +53,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
         include_dashboard=False,
         object_store_memory=object_store_mb * 1024 * 1024,
         log_to_driver=True,
-        runtime_env={"worker_process_setup_hook": quiet_worker_logs},
+        runtime_env={"worker_process_setup_hook": quiet_worker_logs,
+                     "env_vars": {k: os.environ[k] for k in (LOG_FILE_ENV,) if k in os.environ}},
     )
     log.info("started a local Ray: %s", ray.cluster_resources())

@@ -14,7 +14,7 @@ MAX_LINES = 400
 
 # The floors, bottom first: a unit (a subpackage or a top-level module of alro_ray) may import
 # only from its own floor or the floors below it. docs/architecture.md draws the same order.
-LAYERS = ["errors", "files", "config", "cluster", "tracking", "classical", "model", "data", "compat", "rank", "train",
+LAYERS = ["errors", "files", "logs", "config", "cluster", "tracking", "classical", "model", "data", "compat", "rank", "train",
           "tune", "evaluate", "serve", "cli"]
 
 

@@ -8,13 +8,13 @@ or `--section.key value`; the common ones also have short flags (`--history 10`)
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from alro_ray.cli.parser import make_parser
 from alro_ray.config import Config, load_config
 from alro_ray.errors import AlroError
+from alro_ray.logs import console_logging, log_to_file
 
 
 def _collect_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -71,19 +71,30 @@ def build_config(args: argparse.Namespace, extra: list[str]) -> Config:
     return load_config(getattr(args, "config", None), overrides)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def log_file(args: argparse.Namespace, cfg: Config) -> Path | None:
+    """Where a command's full log goes (logs.py): `alro.log` in its output directory."""
+    out = {"prepare": "out", "evaluate": "out", "compare": "output_dir", "train": "output_dir", "tune": "output_dir"}
+    if args.command not in out:
+        return None
+    where = getattr(args, out[args.command], None)
+    if where is None and args.command in ("train", "tune"):
+        where = Path(cfg.train.output_dir) / (cfg.train.run_name if args.command == "train" else cfg.tune.name)
+    return Path(where) / "alro.log" if where else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    console_logging()
     parser = make_parser()
     rest, dotted = _split_dotted(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(rest)
     extra += dotted
     try:
         cfg = build_config(args, extra)
-        return args.func(args, cfg)
+        path = log_file(args, cfg)
+        if path is None:
+            return args.func(args, cfg)
+        with log_to_file(path):
+            return args.func(args, cfg)
     except AlroError as e:
         print(f"alro {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from alro_ray.config import ModelConfig
 from alro_ray.errors import ConfigError
+from alro_ray.logs import stderr_to_log
 
 log = logging.getLogger("alro_ray")
 
@@ -134,7 +135,8 @@ def smollm2_dir(cache_dir: str | None = None, with_model: bool = True) -> Path:
         from safetensors.torch import save_file
 
         build_tokenizer(tmp)
-        loaded = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
+        with stderr_to_log():  # transformers draws a bar per GGUF tensor
+            loaded = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
         # The weights are dequantised to float32, but the model stays flagged as GGUF-quantised and
         # refuses save_pretrained: rebuild it from a clean config and copy the weights over.
         config = loaded.config
