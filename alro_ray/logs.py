@@ -48,7 +48,17 @@ def console_logging() -> None:
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    """The handlers that write to the terminal (not to files, nor to a test's capture)."""
+    terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in terminal]
+
+
+class _LogFile(logging.FileHandler):
+    """A file handler that makes its directory when it first writes."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
 
 
 @contextmanager
@@ -59,10 +69,10 @@ def log_to_file(path: str | Path):
     import ray.data  # noqa: F401 - configures Ray's and Ray Data's console handlers, adjusted below
 
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path, delay=True)  # a command refused before it logs anything leaves no directory
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.INFO)
+    handler.addFilter(lambda record: not getattr(record, "console_only", False))
     added = [logging.getLogger()] + [lib for lib in map(logging.getLogger, LIBRARY_LOGGERS) if not lib.propagate]
     levels = {h: h.level for name in LIBRARY_LOGGERS for h in _console_handlers(logging.getLogger(name))}
     env = {k: os.environ.get(k) for k in (LOG_FILE_ENV, NO_PROGRESS_BARS)}
@@ -72,7 +82,7 @@ def log_to_file(path: str | Path):
         h.setLevel(max(h.level, logging.ERROR))
     os.environ[LOG_FILE_ENV] = str(path)
     os.environ.setdefault(NO_PROGRESS_BARS, "1")  # transformers' bars (loading, converting a model)
-    logging.getLogger(OWN).info("full log: %s", path)
+    logging.getLogger(OWN).info("full log: %s", path, extra={"console_only": True})
     try:
         yield path
     finally:
@@ -118,6 +128,7 @@ def worker_to_file() -> None:
     if not path:
         return
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # appends: whole lines from each process
     except OSError:
         return  # a node without the driver's directory: output stays where Ray puts it
