@@ -1,5 +1,6 @@
 """The training objective on a real (tiny) model: the shared-prefix pass is exact, masks line up."""
 
+import copy
 import dataclasses
 
 import pyarrow as pa
@@ -8,7 +9,7 @@ import torch
 
 from alro_ray.config import ConfigError, load_config
 from alro_ray.model.loading import add_lora, load_base_model
-from alro_ray.train.objective import collate, compute_losses
+from alro_ray.train.objective import checkpointing, collate, compute_losses
 from alro_ray.data.dataset import SAMPLE_SCHEMA
 from alro_ray.data.prepare import RenderTokenize, item_table
 from alro_ray.data.samples import user_samples
@@ -55,6 +56,27 @@ def test_shared_prefix_pass_equals_two_full_passes(setup):
     for name in ("total", "sft", "rank", "perm"):
         assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
     assert a.perm > 0 and a.rank > 0
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-3), n
+
+
+def test_gradient_checkpointing_gives_the_shared_prefix_losses_and_gradients(setup):
+    """Checkpointed layers drop the KV cache the shared prefix would continue from (the step
+    failed on a None cache: configs/paper_gpu.yaml's setting); under checkpointing the two full
+    passes run instead, with the same losses and gradients."""
+    cfg, rows, model, tok = setup
+    a, ga = _losses(setup, shared_prefix=True)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()  # as train/worker.py does
+    checkpointed.enable_input_require_grads()
+    checkpointed.train()
+    assert checkpointing(checkpointed) and not checkpointing(model)
+    with torch.no_grad():  # nothing to recompute without gradients: the cache stays (generation)
+        assert not checkpointing(checkpointed)
+    b, gb = _losses((cfg, rows, checkpointed, tok), shared_prefix=True)
+    for name in ("total", "sft", "rank", "perm"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
     assert ga.keys() == gb.keys() and len(ga) > 0
     for n in ga:
         assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-3), n

@@ -10,7 +10,8 @@ NaN gradients in CUDA's SDPA backward while the loss stays finite.
 
 With beta > 0 the permuted prompt shares the whole history prefix with the original one. With
 `shared_prefix` the prefix runs once and both candidate orders continue from its KV cache
-(gradients flow through the cache), instead of two full passes.
+(gradients flow through the cache), instead of two full passes; under gradient checkpointing,
+which drops the cache, the two full passes (`checkpointing`).
 
 With loss.objective=score the same pass also returns the hidden states at the candidate lines
 (and at the history lines, for the head's user match), which the score head
@@ -146,7 +147,7 @@ def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared
     slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
 
     hidden, history = [None] * len(seqs), None
-    if len(seqs) == 2 and shared_prefix:
+    if len(seqs) == 2 and shared_prefix and not checkpointing(model):
         logits, hidden, history = _shared_prefix_forward(model, batch, pad_id, tail_len, device, hidden_at)
     else:
         flat = [s for group in seqs for s in group]
@@ -163,6 +164,19 @@ def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared
                 history = gather_hidden(states[:batch.size], hidden_at.history + shift[:batch.size])
     return [_tail(lg, s, p, tail_len, device, h, history if g == 0 else None)
             for g, (lg, s, p, h) in enumerate(zip(logits, seqs, slots, hidden))]
+
+
+def checkpointed_layers(model) -> bool:
+    """Whether gradient checkpointing is on in any of `model`'s layers (transformers' flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def checkpointing(model) -> bool:
+    """Whether a forward of `model` now runs gradient-checkpointed layers. Those drop the KV cache
+    (transformers sets use_cache=False in them: a cache written inside a checkpointed layer would be
+    written again by the backward's recompute), so the shared prefix has no cache to continue from
+    and forward_tails runs two full passes instead: the same losses, the prefix computed twice."""
+    return model.training and torch.is_grad_enabled() and checkpointed_layers(model)
 
 
 def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device, hidden_at=None

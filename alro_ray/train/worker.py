@@ -37,6 +37,7 @@ from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
 from alro_ray.train.checkpoints import DS_TAG, STATE, resume_dir, rng_file, write_part_list
 from alro_ray.train.epoch import EpochRun, train_epoch
 from alro_ray.train.frozen import read_states, uses_cached_states
+from alro_ray.train.objective import checkpointed_layers
 from alro_ray.train.shares import share_name
 from alro_ray.train.validation import in_row_order, shard_rows, valid_rows, validate
 
@@ -232,6 +233,9 @@ def train_loop(loop_config: LoopConfig) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, bf16))
     average = WeightAverage(params, t.ema_decay)  # inert at train.ema_decay 0
+    # What the engine really runs (train.precision auto depends on the device), in every epoch's metrics.
+    engine_setup = {"dtype": str(params[0].dtype).removeprefix("torch."),
+                    "gradient_checkpointing": checkpointed_layers(engine.module)}
 
     start_epoch, history = resume(engine, scheduler, average, loop_config, rank, world, say if rank == 0 else None)
     resumed = start_epoch > 0
@@ -258,7 +262,7 @@ def train_loop(loop_config: LoopConfig) -> None:
     try:
         for epoch in range(start_epoch, t.epochs):
             metrics = train_epoch(run, epoch)
-            metrics.update(resumed=resumed and epoch == start_epoch, lr=scheduler.get_last_lr()[0])
+            metrics.update(resumed=resumed and epoch == start_epoch, lr=scheduler.get_last_lr()[0], **engine_setup)
             with average.applied():  # validate what the checkpoint's ranker will hold
                 metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world,
                                         cached["valid"] if cached else None))
