@@ -15,14 +15,16 @@ samples from the synthetic data). Variants:
 
 Every (setting, variant) runs in every round, interleaved (this machine is noisy); the best round
 counts. Peak memory (of the cell's `--steps` samples, one at a time) is what a step adds to the process's resident set: the kernel's high-water
-mark is reset before the step (/proc/self/clear_refs), and the step's peak is read back less the
-resident set before it (Linux only; blank elsewhere). It covers activations, gradients and the
+mark is reset before the step (/proc/self/clear_refs, after glibc's malloc_trim has handed freed
+heap back), and the step's peak is read back less the resident set before it (Linux with glibc
+only; blank elsewhere). It covers activations, gradients and the
 allocator's growth, not the model's weights, which are loaded once before.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import sys
@@ -54,8 +56,11 @@ def _status_kib(key: str) -> int | None:
 
 
 def reset_peak() -> bool:
+    """Give freed heap back to the system (glibc keeps it resident, and a step would then show no
+    growth after a larger one), then reset the high-water mark to the resident set."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
