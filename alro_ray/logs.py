@@ -3,10 +3,10 @@ were written) and every error; everything else that Ray, Ray Data, transformers,
 the Python warnings machinery say goes to a log file that the console names.
 
 Driver: `console_logging()` once at start, `with log_to_file(path):` around a command that has
-an output directory. Workers of a local Ray (cluster.ensure_ray's setup hook) call `worker_to_file()`: their
-stderr (warnings, library logging, progress bars) goes to the same file, while the project's
-worker lines (train/worker.say, written to the real stdout) and Ray's errors still reach the
-console.
+an output directory. Workers of a local Ray (cluster.ensure_ray's setup hook) call
+`worker_to_file()`: their stderr (warnings, library logging, progress bars, compilers) goes to
+the same file, while the project's worker lines (train/worker.say, written to the real stdout)
+still reach the console, and a failed task's or actor's error reaches the driver as an exception.
 """
 
 from __future__ import annotations
