@@ -44,7 +44,8 @@ train_ratio_bare = alro_2w / bare.
 
 Inference (lists per second on the test split, both sides from a ranker checkpoint):
 
-  alro_eval   alro_ray.evaluate.batch_eval.run_evaluation (`alro evaluate`: Ray Data, one RankActor,
+  alro_eval   alro_ray.evaluate.batch_eval.run_evaluation (`alro evaluate`: Ray Data, one RankActor
+              of --cpus-per-actor CPUs (default 2, hence 2 torch threads, as the plain loop),
               batch 8, no baselines), one mode per job. Whole job: its wall time (actor start,
               model load, ranking, metrics, report); ranking: the actor's own per-list seconds.
   plain       a batched loop in this process (2 threads): the checkpoint loaded with PEFT, the same
@@ -218,14 +219,14 @@ def score_checkpoint(cfg, data_dir: Path, out: Path) -> Path:
     return save_ranker(out, model, tok, score_cfg, read_stats(data_dir), str(data_dir))
 
 
-def alro_eval(checkpoint: str, data_dir: Path, mode: str, out: Path, limit: int | None) -> dict:
+def alro_eval(checkpoint: str, data_dir: Path, mode: str, out: Path, limit: int | None, cpus: int) -> dict:
     import pandas as pd
 
     from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
 
     t0 = time.perf_counter()
     run_evaluation(checkpoint, out, data_dir, EvalSettings(modes=[mode], baselines=(), batch_size=BATCH,
-                                                                      limit=limit))
+                                                           limit=limit, cpus_per_actor=cpus))
     wall = time.perf_counter() - t0
     pred = pd.read_parquet(out / "predictions.parquet")
     n = len(pred)
@@ -309,6 +310,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved training rounds (default 3, quick 2)")
     ap.add_argument("--eval-rounds", type=int, default=None, help="interleaved evaluation rounds (default 3, quick 2)")
     ap.add_argument("--lists", type=int, default=None, help="test lists ranked (default all 80, quick 32)")
+    ap.add_argument("--cpus-per-actor", type=int, default=2,
+                    help="alro evaluate's --cpus-per-actor (default 2: the plain loop's 2 threads; 1 was the default before)")
     ap.add_argument("--skip-train", action="store_true",
                     help="evaluation only, one-pass with an untrained ranker (no train figures)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.synthetic.users=400")
@@ -371,7 +374,7 @@ def main() -> None:
     evals: dict[str, list[dict]] = {k: [] for k in ("alro_one-pass", "plain_one-pass", "alro_score", "plain_score")}
     for r in range(eval_rounds):
         for mode, ckpt in (("one-pass", final), ("score", score_ckpt)):
-            res = alro_eval(ckpt, data_dir, mode, tmp / f"eval_{mode}_{r}", lists)
+            res = alro_eval(ckpt, data_dir, mode, tmp / f"eval_{mode}_{r}", lists, args.cpus_per_actor)
             evals[f"alro_{mode}"].append(res)
             res2 = plain_eval(ckpt, test_rows, mode)
             evals[f"plain_{mode}"].append(res2)

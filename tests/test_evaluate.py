@@ -110,7 +110,27 @@ def test_an_actor_pool_holding_every_cpu_still_gets_its_rows(ranker_dir, tmp_pat
     assert done["m"]["modes"]["one-pass"]["lists"] == len(read_split(ranker_dir / "data", "test"))
 
 
+@pytest.mark.slow  # default-run time: another evaluation; the default evaluation test covers the job
+def test_one_actor_with_every_cpu_ranks_the_split(ranker_dir, tmp_path):
+    """--cpus-per-actor 2 on the 2-CPU cluster: the actor holds every CPU (its torch ranks on 2
+    threads) and still gets its rows (read before it starts), within a deadline."""
+    import threading
+
+    done = {}
+    job = threading.Thread(daemon=True, target=lambda: done.setdefault("m", run_evaluation(
+        ranker_dir / "ranker", tmp_path, settings=EvalSettings(modes=["one-pass"], baselines=[], cpus_per_actor=2))))
+    job.start()
+    job.join(timeout=300)
+    assert "m" in done, "the evaluation with 1 actor of 2 CPUs did not finish in 5 minutes"
+    assert done["m"]["modes"]["one-pass"]["lists"] == len(read_split(ranker_dir / "data", "test"))
+
+
 def test_bad_inputs_fail_before_any_actor(ranker_dir, tmp_path):
+    # More CPUs than the cluster has (2): the pool would wait forever.
+    with pytest.raises(AlroError, match="reserve 4 CPUs; the Ray cluster has 2"):
+        run_evaluation(ranker_dir / "ranker", tmp_path / "o0", settings=EvalSettings(actors=2, cpus_per_actor=2))
+    with pytest.raises(AlroError, match="expected at least 1 of each"):
+        run_evaluation(ranker_dir / "ranker", tmp_path / "o0", settings=EvalSettings(cpus_per_actor=0))
     with pytest.raises(AlroError, match="bootstrap@p needs an integer"):
         parse_modes("generate,bootstrap@x")
     with pytest.raises(AlroError, match="unknown ranking mode 'beam'"):

@@ -83,6 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--actors", type=int, default=1, help="ranker actors (one model each)")
+    p.add_argument("--cpus-per-actor", type=int, default=1,
+                   help="CPUs each actor reserves, hence its torch threads (CPU ranking: up to the machine's cores)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="score only the first N rows")
     p.add_argument("--seed", type=int, default=0, help="seeds bootstrap orders and random baselines")

@@ -210,6 +210,9 @@ class EvalSettings:
     baselines: Sequence[str] = ("random", "popularity", "item-mean")  # scored on the same lists
     split: str = "test"
     actors: int = 1  # ranker actors, one model each
+    # CPUs each actor reserves, hence its torch threads (Ray sets OMP_NUM_THREADS to them): with
+    # the default 1, one actor ranks on one core of a machine's many.
+    cpus_per_actor: int = 1
     batch_size: int = 8
     limit: int | None = None  # only the first N rows
     seed: int = 0  # bootstrap orders, random baselines
@@ -238,6 +241,8 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | 
         raise AlroError("--save-fusion saves the weights --fuse chooses: give --fuse mf (or item-mean) too")
     if s.reorders < 0:
         raise AlroError(f"--reorders {s.reorders}: expected a number of reorders >= 0 (0: off)")
+    if s.actors < 1 or s.cpus_per_actor < 1:
+        raise AlroError(f"--actors {s.actors}, --cpus-per-actor {s.cpus_per_actor}: expected at least 1 of each")
     if s.fuse and (s.split == "valid" or not stats.rows.get("valid")):
         raise AlroError(f"--fuse chooses its weight on the valid split: {data} has no valid rows, or "
                         f"the split scored is valid itself")
@@ -275,6 +280,10 @@ def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSett
     import ray  # Ray loads when an evaluation runs, not when the CLI imports this module
 
     ensure_ray()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if s.actors * s.cpus_per_actor > cpus:  # the pool would wait forever for its CPUs
+        raise AlroError(f"--actors {s.actors} x --cpus-per-actor {s.cpus_per_actor} reserve "
+                        f"{s.actors * s.cpus_per_actor} CPUs; the Ray cluster has {cpus:g}")
     quiet_ray_data(progress=True)
     ds = ray.data.read_parquet(str(data / s.split))
     if s.limit:
@@ -295,6 +304,7 @@ def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSett
                                    modes=list(modes), seed=s.seed, use_gpu=s.use_gpu, few_shot=s.few_shot,
                                    reorders=s.reorders, split=s.split),
         compute=ray.data.ActorPoolStrategy(size=s.actors),
+        num_cpus=s.cpus_per_actor,
         num_gpus=1 if s.use_gpu else 0,
         batch_size=s.batch_size,
         batch_format="pandas",
