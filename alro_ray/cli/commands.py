@@ -68,8 +68,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
         metrics = run_evaluation(args.checkpoint, args.out, args.data, EvalSettings(
             modes=args.modes, baselines=[b for b in args.baselines.split(",") if b], split=args.split,
             actors=args.actors, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, limit=args.limit,
-            seed=args.seed, use_gpu=args.gpu, few_shot=args.few_shot, fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion,
-            save_fusion=args.save_fusion, reorders=args.reorders))
+            seed=args.seed, use_gpu=args.gpu, few_shot=args.few_shot, fuse=[b for b in args.fuse.split(",") if b],
+            fusion=args.fusion, save_fusion=args.save_fusion, reorders=args.reorders))
         log_evaluation(run, metrics, args.out)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")

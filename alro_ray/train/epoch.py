@@ -134,5 +134,5 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
 def progress_bar(done: int, total: int, width: int = 20) -> str:
     """A text bar for a progress line: `[########------------]` (Ray forwards workers' output line
     by line, so a redrawn tqdm bar would arrive as a line per redraw)."""
-    filled = round(width * done / max(total, 1))
-    return "[" + "#" * min(filled, width) + "-" * (width - min(filled, width)) + "]"
+    filled = min(width, round(width * done / max(total, 1)))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
