@@ -21,6 +21,7 @@ from alro_ray.train.losses import (
     literal_permutation_loss,
     map_scores_to_items,
     map_to_items,
+    mse_loss,
     permutation_loss,
     plackett_luce_loss,
     predicted_ranks,
@@ -548,6 +549,19 @@ def test_listnet_loss_is_shift_invariant_and_prefers_the_relevant_item():
     assert float(listnet_loss(good + 7.0, rel)) == pytest.approx(float(listnet_loss(good, rel)), abs=1e-12)
 
 
+def test_mse_loss_hand_example_and_gradient():
+    # lists [[1, 2], [0, 4]] against [[3, 2], [0, 1]]: squared errors 4, 0, 0, 9 -> mean 13/4;
+    # d/ds_i = 2 (s_i - r_i) / 4 = [-1, 0, 0, 1.5]
+    s = t([[1.0, 2.0], [0.0, 4.0]]).requires_grad_(True)
+    got = mse_loss(s, t([[3.0, 2.0], [0.0, 1.0]]))
+    assert float(got) == pytest.approx(13 / 4, abs=1e-12)
+    got.backward()
+    assert s.grad.tolist() == [[-1.0, 0.0], [0.0, 1.5]]
+    assert gradcheck(lambda x: mse_loss(x, t([[0.5, -1.0, 2.0]])), (t([[0.3, 0.1, -0.7]]).requires_grad_(True),))
+    with pytest.raises(ValueError, match="mse_loss"):
+        mse_loss(t([[1.0, 2.0]]), t([[1.0]]))
+
+
 def test_plackett_luce_loss_hand_example():
     # s = [0, ln 2, ln 3], gold order [2, 0, 1]:
     # k=1: ln(3+1+2) - ln 3 = ln 2; k=2: ln(1+2) - 0 = ln 3; k=3: 0  ->  ln 6
@@ -568,6 +582,7 @@ def test_score_rank_loss_dispatches_and_rejects_unknown_names():
     assert torch.equal(score_rank_loss("lambda", s, rel, order, sigma=1.5), lambda_loss(s, rel, sigma=1.5))
     assert torch.equal(score_rank_loss("listnet", s, rel, order), listnet_loss(s, rel))
     assert torch.equal(score_rank_loss("plackett_luce", s, rel, order), plackett_luce_loss(s, order))
+    assert torch.equal(score_rank_loss("mse", s, rel, order), mse_loss(s, rel))
     with pytest.raises(ValueError, match="unknown score loss 'ranknet'"):
         score_rank_loss("ranknet", s, rel, order)
 

@@ -5,7 +5,9 @@ runs with a head (and with a frozen LM's cached states)."""
 import json
 import os
 import random
+import types
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -262,6 +264,79 @@ def test_user_head_scores_the_same_in_training_and_ranking(tok):
     assert torch.allclose(cached.scores(head_of(model)), ranked, atol=1e-5)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_cached_states_give_the_consistency_term_and_gradients_of_the_full_forward(tok, detach):
+    """loss.beta > 0 on a frozen LM: the head's losses and gradients from the cached states of
+    the original and the permuted prompts (frozen.read_permuted) equal the score objective's on
+    the training rows (objective.score_losses, SFT weight 0)."""
+    from alro_ray.train import frozen
+
+    cfg = _cfg("model.head.user=rated_history", "loss.beta=0.7", "loss.alpha=1.3", "model.freeze_lm=true",
+               "model.head.layer=-2", f"loss.detach_reference={str(detach).lower()}")
+    model = _model(cfg).eval()
+    head = head_of(model)
+    rows = _planted_rows(tok, 4, seed=3, permutations=2, history=3)
+    records = [dict(zip(rows, values), user=f"u{i}") for i, values in enumerate(zip(*rows.values()))]
+    cached = frozen.read_states(model, tok, records, tok.tokenizer.pad_token_id, 0, lambda _: None, "train")
+    frozen.read_permuted(model, tok, cached, 5, tok.tokenizer.pad_token_id, 0, lambda _: None, "train")
+    assert len(cached.permuted) == 2  # both stored permutations (epoch e reads e mod 2)
+    for k in (0, 1):
+        head.zero_grad()
+        full = _losses(model, tok, cfg, rows, perm_index=k)
+        full.total.backward()
+        want = {n: p.grad.clone() for n, p in head.named_parameters()}
+        head.zero_grad()
+        got = frozen.losses(head, cached.batch(range(4), perm_index=k), cfg.loss)
+        got.total.backward()
+        for name in ("total", "rank", "perm"):
+            assert float(getattr(got, name).detach()) == pytest.approx(float(getattr(full, name).detach()), rel=1e-4,
+                                                                         abs=1e-6), name
+        assert float(got.perm) > 0
+        for n, p in head.named_parameters():
+            assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-3), n
+    with pytest.raises(ValueError, match="data.permutations >= 1"):
+        frozen.permuted_rows([dict(records[0], perm_orders=[])], 0)
+
+
+def test_stored_scores_rank_as_the_lm_does_and_a_second_ranker_reads_the_first_ones_states(tok, tmp_path):
+    """--reuse-states: mode score on stored states gives rank_batch's orders (scores within float
+    noise); a ranker with another head on the same frozen LM reads the stored file (no new one)
+    and gets its own head's scores; a ranker whose LM was trained is refused the store."""
+    from alro_ray.evaluate.stored_states import StoredScores, store_for
+    from alro_ray.model.score_head import CandidateScorer
+    from alro_ray.rank.ranker import Ranker
+
+    cfg = _cfg("model.head.user=rated_history", "loss.beta=0", "model.freeze_lm=true", "model.head.layer=-2",
+               f"model.cache_dir={tmp_path}")
+    rows = _planted_rows(tok, 5, seed=7, history=3)
+    prompts = [ids[:slots[0]] for ids, slots in zip(rows["input_ids"], rows["slot_positions"])]
+
+    def ranker(seed, config=cfg):
+        model = _model(config, seed=seed).eval()
+        info = types.SimpleNamespace(candidates=C)  # all Ranker.rank reads of ranker.json
+        return Ranker(model, tok.tokenizer, tok, info, config, CandidateScorer(head_of(model), tok))
+
+    first, second = ranker(0), ranker(1)  # another head (and LoRA A) on the same frozen weights
+    with torch.no_grad():
+        for p in second.scorer.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    store = store_for(first)
+    assert store == tmp_path / "frozen-states"
+    for r in (first, second):
+        want_orders, want_scores = r.rank(prompts, "score")
+        orders, scores = StoredScores(r, store).rank(prompts, C)
+        assert orders == want_orders
+        assert torch.allclose(torch.tensor(scores), torch.tensor(want_scores), atol=1e-5)
+        assert len(list(store.glob("*.pt"))) == 5  # a file per prompt: the second ranker read the first one's
+    # in other batches (Ray Data's vary from run to run): the same files, the same scores
+    again = StoredScores(second, store).rank(prompts[3:], C)[1] + StoredScores(second, store).rank(prompts[:3], C)[1]
+    assert len(list(store.glob("*.pt"))) == 5
+    assert torch.equal(torch.tensor(again), torch.tensor(scores[3:] + scores[:3]))
+    assert not torch.allclose(torch.tensor(StoredScores(first, store).rank(prompts, C)[1]),
+                              torch.tensor(StoredScores(second, store).rank(prompts, C)[1]))
+    assert store_for(ranker(0, _cfg("model.head.user=rated_history", "loss.beta=0"))) is None
+
+
 def test_read_states_stores_them_and_reads_them_back_only_for_the_same_weights_and_prompts(tok, tmp_path, caplog):
     """train.reuse_frozen_states: a second read of the same prompts by the same weights loads the
     stored states (no forward), equal to the first; other prompts, another layer or changed weights
@@ -470,8 +545,8 @@ def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path
 
 
 def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tiny_data, tmp_path):
-    """model.freeze_lm through Ray Train: the workers read the frozen LM's states once, the head
-    steps on them each epoch, and the validation on cached states equals ranking the valid split
+    """model.freeze_lm through Ray Train: the workers read the frozen LM's states once (with
+    loss.beta > 0 those of the permuted prompts too), the head steps on them each epoch, and the validation on cached states equals ranking the valid split
     with the saved head (mode score, a forward per prompt). train.keep: best keeps the epoch with
     the best validation (ties: the earliest). With train.ema_decay each epoch's ranker holds the
     weights, and the validation figure is the average's. (A second run repeating it from the stored
@@ -487,9 +562,11 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tiny_data, tmp_pa
     cfg = _cfg(*FROZEN)
     outcome = run_training(cfg, with_tiny_data(tiny_data, tmp_path))
     store = cache_root(cfg.model.cache_dir) / "frozen-states"
-    assert len(list(store.glob("*.pt"))) >= 4  # train and valid states of each of the 2 workers
+    # train, valid and the train split's 2 permutations (2 epochs: permutations 0 and 1) of each of the 2 workers
+    assert len(list(store.glob("*.pt"))) >= 8
     assert [h["epoch"] for h in outcome.history] == [1, 2]
-    assert all(h["train_rank"] > 0 and h["train_sft"] == 0 and h["tokens_per_s"] == 0 for h in outcome.history)
+    assert all(h["train_rank"] > 0 and h["train_perm"] > 0 and h["train_sft"] == 0 and h["tokens_per_s"] == 0
+               for h in outcome.history)
     epochs = [tmp_path / "ray" / cfg.train.run_name / f"epoch_00{e}" for e in (1, 2)]
     heads = [load_file(d / "ranker" / "head.safetensors") for d in epochs]
     assert not torch.allclose(heads[0]["match_user.weight"], heads[1]["match_user.weight"])
@@ -515,7 +592,7 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tiny_data, tmp_pa
     assert max(valid) == pytest.approx(ndcg, abs=1e-6)
 
 
-FROZEN = ("loss.beta=0", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
+FROZEN = ("loss.beta=0.5", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
           "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best", "train.ema_decay=0.9")
 
 
@@ -538,6 +615,24 @@ def test_a_second_frozen_run_reads_the_stored_states_and_repeats(ray_local, tmp_
     assert [[h[k] for k in same] for h in again.history] == [[h[k] for k in same] for h in first.history]
     a, b = load_file(first.final_dir / "head.safetensors"), load_file(again.final_dir / "head.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # alro evaluate --reuse-states: the first evaluation stores a file per ranked prompt (each test
+    # list and its 2 reorders), the second ranker reads them back and writes none; both rank as
+    # the LM does.
+    def evaluate(final, out, *extra):
+        assert cli.main(["evaluate", "--checkpoint", str(final), "--out", str(tmp_path / out), "--modes", "score",
+                         "--baselines", "", "--reorders", "2", *extra]) == 0
+        return json.loads((tmp_path / out / "metrics.json").read_text())["modes"]["score"]
+
+    plain = evaluate(first.final_dir, "eval-plain")
+    before = set(store.glob("*.pt"))
+    reused = evaluate(first.final_dir, "eval-reuse", "--reuse-states")
+    new = set(store.glob("*.pt")) - before
+    assert len(new) == 3 * len(pd.read_parquet(tmp_path / "eval-reuse" / "predictions.parquet"))
+    assert evaluate(again.final_dir, "eval-again", "--reuse-states")["ndcg@10"] == reused["ndcg@10"]
+    assert set(store.glob("*.pt")) - before == new
+    assert reused["ndcg@10"] == pytest.approx(plain["ndcg@10"], abs=1e-9)
+    assert reused["stability_tau"] == pytest.approx(plain["stability_tau"], abs=1e-9)
 
 
 @pytest.mark.slow

@@ -69,7 +69,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
             modes=args.modes, baselines=[b for b in args.baselines.split(",") if b], split=args.split,
             actors=args.actors, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, limit=args.limit,
             seed=args.seed, use_gpu=args.gpu, few_shot=args.few_shot, fuse=[b for b in args.fuse.split(",") if b],
-            fusion=args.fusion, save_fusion=args.save_fusion, reorders=args.reorders))
+            fusion=args.fusion, save_fusion=args.save_fusion, reorders=args.reorders,
+            reuse_states=args.reuse_states))
         log_evaluation(run, metrics, args.out)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.out) / 'report.md'}, metrics.json, predictions.parquet and plots")
@@ -96,7 +97,7 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
         baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
         bootstrap=[int(p) for p in bootstrap], limit=args.limit, actors=args.actors,
         fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion, variants=variants, merge=args.merge or [],
-        seeds=[int(x) for x in seeds], reorders=args.reorders)
+        seeds=[int(x) for x in seeds], reorders=args.reorders, reuse_states=args.reuse_states)
     with run_lock(args.output_dir, "alro compare"):
         run_compare(cfg, args.output_dir, settings)
     print((Path(args.output_dir) / "compare.md").read_text())
@@ -107,6 +108,24 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
                 Path(args.output_dir) / n for n in ("compare.json", "compare.md", "details.json", "predictions.parquet")]:
             shutil.copy2(f, dest / f.name)
         print(f"copied the results to {dest}")
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace, cfg: Config) -> int:
+    from alro_ray.evaluate.claims import Ladder, claims_table, measure_claims, write_claims  # a stage loads on use
+
+    seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
+    if not seeds or not all(x.isdigit() for x in seeds):
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers >= 0")
+    if args.bootstrap < 2:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: expected K >= 2")
+    ladder = Ladder(path=args.path, alro=args.alro, sft=args.sft, wo_sll=args.wo_sll, wo_psl=args.wo_psl,
+                    seeds=[int(x) for x in seeds], mode=args.mode, bootstrap=args.bootstrap)
+    records = measure_claims(args.compare, ladder)
+    out = Path(args.out or Path(args.compare) / "claims.json")
+    write_claims(records, out)
+    print(claims_table(records))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

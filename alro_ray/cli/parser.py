@@ -43,6 +43,10 @@ def add_reorders_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reorders", type=int, default=0, metavar="P",
                    help="also rank every scored list under P seeded reorders of its candidates (LLM modes): "
                         "Kendall tau between the rankings, the spread of NDCG@10 across them (0: off)")
+    p.add_argument("--reuse-states", action="store_true",
+                   help="mode score of a frozen-LM ranker: rank on the LM states an earlier ranker on the same "
+                        "LM stored for the same prompts, and store those read now (the rows and seeds of an "
+                        "ablation pay the LM once; TPQ then times the stored read)")
 
 
 def add_tune_args(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +127,20 @@ def make_parser() -> argparse.ArgumentParser:
     add_reorders_arg(p)
     add_fusion_args(p)
     p.set_defaults(func=commands.cmd_compare)
+
+    p = sub.add_parser("claims", help="ALRO's claims (ablation, bootstrap, stability) from an alro compare output "
+                                      "with --seeds and --reorders (docs/method.md)")
+    p.add_argument("--compare", required=True, metavar="DIR", help="the alro compare output directory")
+    p.add_argument("--path", required=True, help="what the ladder ran on, e.g. 'score head, ML-100K rated'")
+    for role, what in (("alro", "both terms"), ("sft", "neither term"), ("wo-sll", "without the list-wise loss"),
+                       ("wo-psl", "without the permutation term")):
+        p.add_argument(f"--{role}", required=True, metavar="VARIANT", help=f"the compare variant with {what}")
+    p.add_argument("--seeds", default="0,1,2", help="the seeds the compare ran (its --seeds)")
+    p.add_argument("--mode", default="score", help="the ranking mode of the variants' rows")
+    p.add_argument("--bootstrap", type=int, default=5, metavar="K",
+                   help="bootstrap@K of the w/o-PSL model from its reorders (needs --reorders >= K - 1)")
+    p.add_argument("--out", metavar="FILE", help="claims.json to write (default: DIR/claims.json), claims.md beside")
+    p.set_defaults(func=commands.cmd_claims)
 
     p = sub.add_parser("serve", help="serve trained rankers over HTTP (Ray Serve); see docs/serving.md")
     p.add_argument("--checkpoint", help="a ranker directory, served as adapter 'default'")

@@ -10,7 +10,7 @@ from alro_ray.errors import ConfigError
 
 
 # Names that later stages list too take them from here, the lowest floor: one source each.
-ScoreLoss = Literal["lambda", "listnet", "plackett_luce"]  # train/losses.score_rank_loss
+ScoreLoss = Literal["lambda", "listnet", "plackett_luce", "mse"]  # train/losses.score_rank_loss
 RankMode = Literal["one-pass", "generate", "score"]  # rank/modes.MODES: the modes that rank ready prompts
 SCORE_LOSSES: tuple[str, ...] = get_args(ScoreLoss)
 RANK_MODES: tuple[str, ...] = get_args(RankMode)

@@ -33,6 +33,7 @@ from alro_ray.evaluate.baselines import evaluate_baselines
 from alro_ray.evaluate.fusion_fit import fuse_predictions
 from alro_ray.evaluate.report import write_report
 from alro_ray.evaluate.stability import COLUMNS as REORDER_COLUMNS, reorders_for, stability_of
+from alro_ray.evaluate.stored_states import StoredScores, store_for
 from alro_ray.files import write_json
 from alro_ray.model.ranker_info import read_ranker_info
 from alro_ray.rank.evaluation import prompt_ids, summary, targets_of, with_users
@@ -75,7 +76,7 @@ class RankActor:
     """One loaded ranker; ranks each batch in every requested mode."""
 
     def __init__(self, checkpoint: str, data_dir: str, modes: list[str], seed: int, use_gpu: bool,
-                 few_shot: int = 0, reorders: int = 0, split: str = "test"):
+                 few_shot: int = 0, reorders: int = 0, split: str = "test", reuse_states: bool = False):
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.ranker = load_ranker(checkpoint, device=device,
                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -84,6 +85,10 @@ class RankActor:
         self.seed = seed
         self.demos = few_shot_prefix(self.ranker, data_dir, few_shot, seed)
         self.reorders, self.split = reorders, split  # the scored split's lists are reordered, not valid's
+        store = store_for(self.ranker) if reuse_states and "score" in modes else None
+        if reuse_states and "score" in modes and store is None:
+            log.warning("%s: --reuse-states applies to frozen-LM score heads; ranking with the LM", checkpoint)
+        self.stored = StoredScores(self.ranker, store) if store is not None else None
 
     def _rank(self, mode: str, rows: list[dict], shown: list[list[int]] | None = None
               ) -> tuple[list[list[int]], list[bool], list | None]:
@@ -111,6 +116,8 @@ class RankActor:
                        for i, row in enumerate(rows)]
             if kind == "free":
                 orders, repaired = free_batch(r.model, prompts, c, pad, r.tokenizer.eos_token_id, r.tokenizer)
+            elif kind == "score" and self.stored is not None:
+                orders, scores = self.stored.rank(prompts, c)
             else:
                 orders, scores = r.rank(prompts, kind)
         if shown is None:
@@ -222,6 +229,9 @@ class EvalSettings:
     fusion: str = "score"  # rank/fusion.py METHODS
     save_fusion: bool = False  # the chosen weights into the checkpoint's fusion.json (Serve's defaults)
     reorders: int = 0  # p: every list ranked again under p seeded reorders of its candidates (stability)
+    # mode score of a frozen-LM ranker on states stored by an earlier ranker on the same LM and
+    # prompts (evaluate/stored_states.py): an ablation's rows and seeds pay the LM's forward once
+    reuse_states: bool = False
 
 
 def run_evaluation(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
@@ -302,7 +312,7 @@ def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSett
         RankActor,
         fn_constructor_kwargs=dict(checkpoint=str(Path(checkpoint).resolve()), data_dir=str(data),
                                    modes=list(modes), seed=s.seed, use_gpu=s.use_gpu, few_shot=s.few_shot,
-                                   reorders=s.reorders, split=s.split),
+                                   reorders=s.reorders, split=s.split, reuse_states=s.reuse_states),
         compute=ray.data.ActorPoolStrategy(size=s.actors),
         num_cpus=s.cpus_per_actor,
         num_gpus=1 if s.use_gpu else 0,

@@ -111,6 +111,7 @@ class CompareSettings:
     merge: Sequence[str | Path] = ()  # earlier compare outputs on the same test lists whose rows join
     seeds: Sequence[int] = ()  # train every trained row once per train.seed; table each recipe's mean
     reorders: int = 0  # every LLM row's lists ranked again under p candidate orders (evaluate/stability.py)
+    reuse_states: bool = False  # mode score of frozen-LM rows on stored states (evaluate/stored_states.py)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Comparison:
         s, where = self.settings, self.out / "eval" / slug(name)
         m = run_evaluation(checkpoint, where, data_dir or self.data, EvalSettings(
             modes=modes, baselines=[], limit=s.limit, actors=s.actors, few_shot=shots, fuse=s.fuse, fusion=s.fusion,
-            reorders=s.reorders))
+            reorders=s.reorders, reuse_states=s.reuse_states))
         predictions = pd.read_parquet(where / "predictions.parquet")
         self.results.update(ranker_results(predictions, slug(name), m["modes"], m.get("fusion", {}), train))
         self.tabulate(set(predictions["user"]), s.limit)

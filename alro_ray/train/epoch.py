@@ -49,7 +49,8 @@ def _batches(run: EpochRun, epoch: int):
     if run.cached is not None:
         # a shuffle of its own per worker and epoch
         return run.cached["train"].micro_batches(t.micro_batch, seed=t.seed + 1000 * epoch + run.rank,
-                                                 steps=run.micro_steps)
+                                                 steps=run.micro_steps,
+                                                 perm_index=epoch if run.cfg.loss.beta > 0 else None)
     # Each block of micro_batch * bucket rows is cut into length-bucketed micro-batches and collated
     # to tensors by Ray Data's prefetch thread (train/batching.py) while the previous step runs.
     collate_fn = MicroBatchCollate(t.micro_batch, t.bucket, seed=t.seed + epoch,

@@ -25,6 +25,7 @@ __all__ = [
     "literal_permutation_loss",
     "map_scores_to_items",
     "map_to_items",
+    "mse_loss",
     "plackett_luce_loss",
     "permutation_loss",
     "predicted_ranks",
@@ -220,9 +221,21 @@ def plackett_luce_loss(scores: Tensor, order: Tensor) -> Tensor:
     return (tail - s).sum(dim=-1).mean()
 
 
+def mse_loss(scores: Tensor, relevance: Tensor) -> Tensor:
+    """Pointwise regression on the graded relevance: mean over lists and candidates of (s - r)^2.
+    The score head's counterpart of SFT in the ablation (docs/method.md, "ALRO's claims")."""
+    if scores.dim() != 2 or relevance.shape != scores.shape:
+        raise ValueError(f"mse_loss: scores and relevance must both be [B,C]; got "
+                         f"{tuple(scores.shape)}, {tuple(relevance.shape)}")
+    dtype = _compute_dtype(scores.dtype)
+    return (scores.to(dtype) - relevance.to(dtype)).pow(2).mean()
+
+
 def score_rank_loss(name: str, scores: Tensor, relevance: Tensor, order: Tensor, sigma: float = 1.0) -> Tensor:
-    """The ranking loss `loss.score_loss` names, on head scores [B,C] (higher = better):
-    lambda (the soft lambda loss of eqs. 2-4 with f = the scores), listnet or plackett_luce."""
+    """The loss `loss.score_loss` names, on head scores [B,C] (higher = better): lambda (the soft
+    lambda loss of eqs. 2-4 with f = the scores), listnet, plackett_luce, or the pointwise mse."""
+    if name == "mse":
+        return mse_loss(scores, relevance)
     if name == "lambda":
         return lambda_loss(scores, relevance, sigma=sigma)
     if name == "listnet":

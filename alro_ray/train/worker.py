@@ -36,7 +36,7 @@ from alro_ray.train import guard
 from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
 from alro_ray.train.checkpoints import DS_TAG, STATE, resume_dir, rng_file, write_part_list
 from alro_ray.train.epoch import EpochRun, train_epoch
-from alro_ray.train.frozen import read_states, uses_cached_states
+from alro_ray.train.frozen import read_permuted, read_states, uses_cached_states
 from alro_ray.train.objective import checkpointed_layers
 from alro_ray.train.shares import share_name
 from alro_ray.train.validation import in_row_order, shard_rows, valid_rows, validate
@@ -252,6 +252,9 @@ def train_loop(loop_config: LoopConfig) -> None:
         store = cache_root(cfg.model.cache_dir) / "frozen-states" if t.reuse_frozen_states else None
         cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split, store)
                   for split, rows in splits}
+        if cfg.loss.beta > 0:  # the consistency term's permuted prompts, each read once too
+            read_permuted(engine.module, rank_tok, cached["train"], t.epochs,
+                          tokenizer.pad_token_id, rank, say, "train", store)
     run = EpochRun(
         engine=engine, params=params, cfg=cfg, rank=rank, world=world, micro_steps=micro_steps,
         rank_tok=rank_tok, identifier_ids=torch.tensor(rank_tok.identifier_ids), pad_id=tokenizer.pad_token_id,
