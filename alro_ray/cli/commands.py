@@ -77,6 +77,14 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds S0,S1,...` (alro compare, alro claims): distinct integers >= 0; '' gives none."""
+    seeds = [x.strip() for x in text.split(",") if x.strip()]
+    if not all(x.isdigit() for x in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: expected distinct comma-separated integers >= 0, or ''")
+    return [int(x) for x in seeds]
+
+
 def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.evaluate.compare import CompareSettings, run_compare  # a stage loads on use
 
@@ -89,15 +97,13 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     bootstrap = [p.strip() for p in args.bootstrap.split(",") if p.strip()]
     if not all(p.isdigit() and int(p) >= 2 for p in bootstrap):
         raise ConfigError(f"--bootstrap {args.bootstrap!r}: expected comma-separated integers >= 2, or ''")
-    seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
-    if not all(x.isdigit() for x in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {args.seeds!r}: expected distinct comma-separated integers >= 0, or ''")
+    seeds = parse_seeds(args.seeds)
     settings = CompareSettings(
         ladder=[x.strip() for x in args.ladder.split(",") if x.strip()],
         baselines=[b for b in args.baselines.split(",") if b], mode=args.mode, few_shot=args.few_shot,
         bootstrap=[int(p) for p in bootstrap], limit=args.limit, actors=args.actors,
         fuse=[b for b in args.fuse.split(",") if b], fusion=args.fusion, variants=variants, merge=args.merge or [],
-        seeds=[int(x) for x in seeds], reorders=args.reorders, reuse_states=args.reuse_states)
+        seeds=seeds, reorders=args.reorders, reuse_states=args.reuse_states)
     with run_lock(args.output_dir, "alro compare"):
         run_compare(cfg, args.output_dir, settings)
     print((Path(args.output_dir) / "compare.md").read_text())
@@ -114,13 +120,13 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_claims(args: argparse.Namespace, cfg: Config) -> int:
     from alro_ray.evaluate.claims import Ladder, claims_table, measure_claims, write_claims  # a stage loads on use
 
-    seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
-    if not seeds or not all(x.isdigit() for x in seeds):
-        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers >= 0")
+    seeds = parse_seeds(args.seeds)
+    if not seeds:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected the compare's seeds, comma-separated")
     if args.bootstrap < 2:
         raise ConfigError(f"--bootstrap {args.bootstrap}: expected K >= 2")
     ladder = Ladder(path=args.path, alro=args.alro, sft=args.sft, wo_sll=args.wo_sll, wo_psl=args.wo_psl,
-                    seeds=[int(x) for x in seeds], mode=args.mode, bootstrap=args.bootstrap)
+                    seeds=seeds, mode=args.mode, bootstrap=args.bootstrap)
     records = measure_claims(args.compare, ladder)
     out = Path(args.out or Path(args.compare) / "claims.json")
     write_claims(records, out)

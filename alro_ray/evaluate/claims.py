@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from alro_ray.errors import AlroError
-from alro_ray.evaluate.compare import slug
+from alro_ray.evaluate.compare import seed_row, slug
 from alro_ray.files import write_json
 from alro_ray.rank.decoding import borda
 from alro_ray.rank.metrics import list_stability, ndcg_at_k, paired_bootstrap
@@ -46,16 +46,11 @@ class Ladder:
     bootstrap: int = 5  # k of the w/o-PSL model's bootstrap@k (needs --reorders >= k - 1)
 
 
-def row_name(variant: str, seed_index: int, seed: int) -> str:
-    """The compare row of a variant's seed (`alro compare --seeds`: the first seed keeps the name)."""
-    return variant if seed_index == 0 else f"{variant}-seed{seed}"
-
-
 def read_rows(out: Path, variant: str, ladder: Ladder) -> list[pd.DataFrame]:
     """One frame per seed: the variant's test rows in the ladder's mode, indexed by user."""
     frames = []
     for i, seed in enumerate(ladder.seeds):
-        path = out / "eval" / slug(row_name(variant, i, seed)) / "predictions.parquet"
+        path = out / "eval" / slug(seed_row(variant, i, seed)) / "predictions.parquet"
         if not path.is_file():
             raise AlroError(f"{path}: no evaluation of variant {variant!r} seed {seed}: run alro compare with "
                             f"--variant {variant}=... --seeds {','.join(map(str, ladder.seeds))} into {out}")

@@ -58,10 +58,15 @@ def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> l
     return [b for b in baselines if b in names] + rankers
 
 
+def seed_row(name: str, index: int, seed: int) -> str:
+    """The row of a recipe's `index`-th seed: `name` for the first, `name-seed<s>` for the others
+    (results.seed_groups and evaluate/claims.py find them again)."""
+    return name if index == 0 else f"{name}-seed{seed}"
+
+
 def seeded(name: str, cfg: Config, seeds: Sequence[int]) -> list[tuple[str, Config]]:
-    """(row name, config) per train.seed: `name` for the first seed, `name-seed<s>` for the others
-    (results.seed_groups finds them again); no seeds: the config's own. Each runs as its row."""
-    rows = [(name if i == 0 else f"{name}-seed{s}", s) for i, s in enumerate(seeds)] or [(name, cfg.train.seed)]
+    """(row name, config) per train.seed (`seed_row`); no seeds: the config's own. Each runs as its row."""
+    rows = [(seed_row(name, i, s), s) for i, s in enumerate(seeds)] or [(name, cfg.train.seed)]
     return [(row, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s, run_name=slug(row))))
             for row, s in rows]
 
