@@ -23,6 +23,7 @@ def test_compare_writes_one_table_with_ladder_and_baselines(ray_local, tmp_path)
             *(n.replace("sft-", "sft-seed1-") for n in trained)} == set(rows)
     assert (tmp_path / "runs" / "sft-seed1" / "final").is_dir()
     assert "- llm-sft-generate over 2 seeds" in (tmp_path / "compare.md").read_text()
+    assert "Ladder rows: ranking mode generate, 1 epoch(s)" in (tmp_path / "compare.md").read_text()
     assert all(set(r) == {"ndcg@3", "ndcg@10", "ndcg@25"} and 0 < r["ndcg@3"] <= 1 for r in rows.values())
     assert "| llm-sft-bootstrap@5 |" in (tmp_path / "compare.md").read_text()
     predictions = read_predictions(tmp_path / "predictions.parquet")
@@ -106,6 +107,8 @@ def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_row
     assert rows["llm-planted"]["ndcg@10"] == pytest.approx(1.0) and rows["random"]["ndcg@10"] < 1.0
     assert json.loads((out / "details.json").read_text())["methods"]["llm-planted"]["train_samples"] == 7
     assert "| llm-planted |" in capsys.readouterr().out  # the table is printed
+    header = (out / "compare.md").read_text().splitlines()[0]  # no ladder row: no ladder settings
+    assert "No ladder row" in header and "Ladder rows" not in header and "α=" not in header
     assert read_predictions(out / "predictions.parquet").groupby("method")["user"].nunique().eq(len(test)).all()
 
 

@@ -120,6 +120,9 @@ def test_importance_sampling_favours_active_users_and_repeats():
     assert len(users) == len(set(users)) == 50 and info["draws"] >= 50
     assert info["mean_activity"] > 1.2 * info["mean_activity_all"]
     assert sample_users(log, "importance", 50, seed=0, penalty=0.1)[0] == users  # seeded
+    uniform, info = sample_users(log, "uniform", 50, seed=0)  # the reference at the same budget
+    assert len(set(uniform)) == 50 and abs(info["mean_activity"] / info["mean_activity_all"] - 1) < 0.2
+    assert uniform == sample_users(log, "uniform", 50, seed=0)[0] != sample_users(log, "uniform", 50, seed=1)[0]
 
 
 def test_cluster_sampling_spreads_over_the_clusters():

@@ -2,6 +2,7 @@
 score objective, learning on a planted batch, the checkpoint round trip, mode `score`, Ray Train
 runs with a head (and with a frozen LM's cached states)."""
 
+import dataclasses
 import json
 import os
 import random
@@ -172,6 +173,33 @@ def test_freeze_lm_trains_the_head_only():
     model = _model(_cfg("model.freeze_lm=true"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("score_head.") for n in trainable)
+
+
+def test_lora_layers_of_a_head_alone_sit_below_its_layer_and_get_its_gradient(tok):
+    """With the head's loss alone (objective score, sft_weight 0) `model.lora.layers: k` adapts the k
+    layers below the head's: on the model's top k a head on a lower layer reads none of them, and
+    their adapters would get no gradient (the old placement, still the one for generative losses)."""
+    cfg = _cfg("model.head.layer=-2", "model.lora.layers=1", "loss.beta=0")  # 2 layers: the head reads layer 0's output
+    rows = _planted_rows(tok, 2, seed=0)
+
+    def lora_grads(head_only):
+        torch.manual_seed(0)
+        model = add_lora(load_base_model(cfg.model), cfg.model, head_only)
+        attach_head(model, cfg.model)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapters an effect
+                p.data.normal_(0, 0.05)
+        _losses(model, tok, cfg, rows).total.backward()
+        return {n.split(".layers.")[1].split(".")[0]: p.grad for n, p in model.named_parameters()
+                if "lora_" in n}
+
+    below = lora_grads(True)
+    assert set(below) == {"0"} and all(g is not None and g.abs().sum() > 0 for g in below.values())
+    top = lora_grads(False)
+    assert set(top) == {"1"} and all(g is None or g.abs().sum() == 0 for g in top.values())
+    two = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, layers=2))
+    with pytest.raises(ConfigError, match="the score head on layer -2 reads only 1 of tiny-random's 2 decoder layers"):
+        add_lora(load_base_model(two), two, head_only=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,8 +119,9 @@ class DataConfig:
     holdout: int = 10  # topn: ratings per valid and test window (and per training window's positives)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     # topn: which users' training lists are kept (data/sampling.py): all, or `sampled_users` of them
-    # drawn by activity with a penalty for repeats (importance) or across clusters (cluster).
-    user_sampling: Literal["all", "importance", "cluster"] = "all"
+    # drawn uniformly (the fixed-budget reference), by activity with a penalty for repeats
+    # (importance) or across clusters (cluster).
+    user_sampling: Literal["all", "uniform", "importance", "cluster"] = "all"
     sampled_users: int = 0  # 0: all (only with user_sampling all)
     sampling_penalty: float = 0.1  # importance: a drawn user's weight is multiplied by this
     sampling_clusters: int = 10  # cluster: k-means clusters of the users' interaction embeddings

@@ -1,6 +1,8 @@
 """RecRanker's adaptive user sampling for the top-N protocol's training lists (`data.user_sampling`).
 
   all         every user's training lists
+  uniform     `sampled_users` users drawn uniformly: the reference for the two below at the same
+              budget (the same number of users)
   importance  users drawn one at a time with probability proportional to their activity (ratings
               in the training fit); a drawn user's weight is multiplied by `data.sampling_penalty`,
               so repeats become unlikely and the draw spreads; draws go on until `sampled_users`
@@ -31,7 +33,10 @@ def sample_users(interactions: pd.DataFrame, method: str, n: int, seed: int, pen
         return users, {"method": method, "users": len(users), "of": len(users)}
     activity = interactions["user"].astype(str).value_counts().reindex(users).to_numpy(dtype=np.float64)
     rng = np.random.default_rng(seed)
-    if method == "importance":
+    info: dict = {}
+    if method == "uniform":
+        picked = rng.choice(len(users), size=n, replace=False).tolist()
+    elif method == "importance":
         picked, draws = _importance(activity, n, penalty, rng)
         info = {"draws": draws}
     elif method == "cluster":

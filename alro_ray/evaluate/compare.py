@@ -164,7 +164,7 @@ class Comparison:
             self.results.update(baseline_results(self.data, s.baselines, users=users))
         rows = {**self.results, **{k: v for k, v in self.merged.items() if k not in self.results}}
         ordered = {name: rows[name] for name in table_order(list(rows), s.baselines)}
-        header = _header(self.cfg, s.mode, first) + (
+        header = _header(self.cfg, s.mode if s.ladder else None, first) + (
             f" Rows merged from {', '.join(map(str, s.merge))} (their settings: details.json, config-*.yaml)."
             if s.merge else "")
         self.table = write_results(self.out, ordered, header, self.cfg.data.protocol, s.baselines)
@@ -219,13 +219,17 @@ def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings |
     return c.table
 
 
-def _header(cfg: Config, mode: str, limit: int | None) -> str:
-    t = cfg.train
-    cap = f", at most {t.max_steps_per_epoch} steps of {t.num_workers}x{t.micro_batch}x{t.grad_accum} samples" \
-        if t.max_steps_per_epoch else ""
-    d = cfg.data
+def _header(cfg: Config, mode: str | None, limit: int | None) -> str:
+    """The data and protocol, then the ladder's settings; mode None: no ladder row was trained, and
+    each variant's settings are in its config-*.yaml, not in the base config's train and loss."""
+    t, d = cfg.train, cfg.data
     protocol = (f" Top-N: the retriever's top {d.candidates} of the catalogue, the last {d.holdout} ratings "
                 f"held out; NDCG end-to-end (ideal: the whole held-out set)." if d.protocol == "topn" else "")
-    return (f"Ladder ranking mode: {mode}. Data: {d.dataset}, H={d.history}, C={d.candidates}"
-            f"{f', first {limit} test users' if limit else ''}; model {cfg.model.name}, {t.epochs} epoch(s){cap}, "
-            f"lr {t.lr}; α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.{protocol}")
+    data = (f"Data: {d.dataset}, H={d.history}, C={d.candidates}{f', first {limit} test users' if limit else ''}; "
+            f"model {cfg.model.name}.{protocol}")
+    if mode is None:
+        return f"{data} No ladder row (each variant's settings: its config-*.yaml)."
+    cap = f", at most {t.max_steps_per_epoch} steps of {t.num_workers}x{t.micro_batch}x{t.grad_accum} samples" \
+        if t.max_steps_per_epoch else ""
+    return (f"{data} Ladder rows: ranking mode {mode}, {t.epochs} epoch(s){cap}, lr {t.lr}; "
+            f"α={cfg.loss.alpha}, β={cfg.loss.beta}, γ={cfg.loss.gamma}.")

@@ -224,15 +224,23 @@ def load_base_model(cfg: ModelConfig, dtype=None):
         raise ConfigError(f"cannot load model {cfg.name!r}: {e}") from e
 
 
-def add_lora(model, cfg: ModelConfig):
+def add_lora(model, cfg: ModelConfig, head_only: bool = False):
+    """LoRA on `cfg.lora`'s target modules; `model.lora.layers: k` on the top k decoder layers the
+    training reaches. head_only: the score head's loss alone trains (loss.objective score,
+    sft_weight 0), so no layer above the head's contributes and the k layers are those just below
+    it; on the model's top k a head on layer -24 would read none of them."""
     from peft import LoraConfig, get_peft_model
 
     top = None
     if cfg.lora.layers is not None:
         n = model.config.num_hidden_layers
-        if cfg.lora.layers > n:
-            raise ConfigError(f"model.lora.layers={cfg.lora.layers}, but {cfg.name} has {n} decoder layers")
-        top = list(range(n - cfg.lora.layers, n))
+        # hidden_states[j] is decoder layer j - 1's output: a head on j reads layers 0 .. j - 1
+        reach = cfg.head.layer % (n + 1) if head_only and cfg.head.kind != "none" else n
+        if cfg.lora.layers > reach:
+            raise ConfigError(f"model.lora.layers={cfg.lora.layers}, but " + (
+                f"{cfg.name} has {n} decoder layers" if reach == n else
+                f"the score head on layer {cfg.head.layer} reads only {reach} of {cfg.name}'s {n} decoder layers"))
+        top = list(range(reach - cfg.lora.layers, reach))
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,

@@ -214,7 +214,8 @@ def train_loop(loop_config: LoopConfig) -> None:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name, cfg.model.cache_dir)
     rank_tok = RankTokenizer(tokenizer, stats.candidates)
-    model = add_lora(load_base_model(cfg.model), cfg.model)
+    head_only = cfg.loss.objective == "score" and cfg.loss.sft_weight == 0  # LoRA below the head (add_lora)
+    model = add_lora(load_base_model(cfg.model), cfg.model, head_only)
     attach_head(model, cfg.model)  # the score head, if any: trained and checkpointed beside LoRA
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
