@@ -15,6 +15,8 @@ best round counts. Variants (keys of the JSON):
                    derived, not timed: the mean of alro and sft_lambda (a step without it)
   sft_top4         SFT with LoRA on the top 4 decoder layers only (model.lora.layers: 4)
   score            the score head (loss.objective: score, lambda loss on a linear head, beta = 0)
+  score_mid_top4   the same head on layer -24 (configs/ml100k_topn_score.yaml's) with LoRA on the
+                   4 layers below it (model.lora.layers: 4): the forward stops at the head's layer
   sft_compiled     with --compile: SFT on a copy of the model compiled in place (train.compile);
                    its compile time (the warm-up step) is reported apart
 
@@ -22,14 +24,15 @@ Collation (`train.objective.collate`, run in Ray Data's prefetch thread by the t
 apart from the steps and reported per micro-batch, and so is the weight average's update over the
 sft variant's LoRA weights (`train.ema_decay`, train/averaging.py), once per optimizer step.
 
---quick times sft, sft_lambda, alro, sft_top4 and score only, 3 rounds (under 5 minutes on 2 cores).
+--quick times sft, sft_lambda, alro, sft_top4, score and score_mid_top4 only, 3 rounds (under 5 minutes on 2 cores).
 The device's matrix-multiply rate (fp32 on CPU, bf16 on CUDA, where the model runs in bf16 as
 under DeepSpeed) is measured too, and each step's share of it reported. FLOPs are estimated as
 4 x N x tokens with N the parameters that multiply (embeddings are lookups): forward 2 N T,
 backward to the activations 2 N T (frozen weights need no weight gradient); the LM head runs on
 the response tail only and is left out. Tokens per second count each sample's own tokens once
 (the permuted prompt of ALRO is cost, not throughput). For sft_top4 that estimate overstates the work (backward
-stops at the lowest LoRA layer), so its share of peak reads as an equivalent against full SFT.
+stops at the lowest LoRA layer), and for score_mid_top4 (the forward stops at the head), so their
+shares of peak read as equivalents against full SFT.
 """
 
 from __future__ import annotations
@@ -54,10 +57,11 @@ from alro_ray.data.samples import user_samples  # noqa: E402
 from alro_ray.data.synthetic import generate  # noqa: E402
 from alro_ray.model.loading import add_lora, load_base_model  # noqa: E402
 from alro_ray.model.score_head import attach_head, scorer_of  # noqa: E402
+from alro_ray.errors import ConfigError  # noqa: E402
 from alro_ray.train.averaging import WeightAverage  # noqa: E402
 from alro_ray.train.objective import collate, compute_losses  # noqa: E402
 
-QUICK = ("sft", "sft_lambda", "alro", "sft_top4", "score")
+QUICK = ("sft", "sft_lambda", "alro", "sft_top4", "score", "score_mid_top4")
 
 
 def sync(device: str) -> None:
@@ -101,15 +105,23 @@ def sample_rows(cfg, n: int) -> tuple[dict, object]:
 
 def build_variants(cfg, device: str, dtype, compiled: bool = False) -> dict:
     """name -> (model, loss config, shared_prefix, scorer or None)."""
-    def lora_model(model_cfg):
+    def lora_model(model_cfg, head_only=False):
         torch.manual_seed(0)
-        return add_lora(load_base_model(model_cfg, dtype), model_cfg).to(device)
+        return add_lora(load_base_model(model_cfg, dtype), model_cfg, head_only).to(device)
 
     full = lora_model(cfg.model)
     top4 = lora_model(dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, layers=4)))
     score_cfg = dataclasses.replace(cfg.model, head=HeadConfig(kind="linear"))
     scored = lora_model(score_cfg)
     attach_head(scored, score_cfg)
+    mid_cfg = dataclasses.replace(cfg.model, head=HeadConfig(kind="linear", layer=-24),
+                                  lora=dataclasses.replace(cfg.model.lora, layers=4))
+    try:
+        mid = lora_model(mid_cfg, head_only=True)
+        attach_head(mid, mid_cfg)
+    except ConfigError as e:  # a model without 24 layers (tiny-random)
+        print(f"score_mid_top4 left out: {e}")
+        mid = None
     sft = dataclasses.replace(cfg.loss, alpha=0.0, beta=0.0)
     extra = {}
     if compiled:
@@ -123,6 +135,8 @@ def build_variants(cfg, device: str, dtype, compiled: bool = False) -> dict:
         "alro": (full, cfg.loss, True),
         "sft_top4": (top4, sft, True),
         "score": (scored, dataclasses.replace(cfg.loss, objective="score", alpha=1.0, beta=0.0), True),
+        **({} if mid is None else
+           {"score_mid_top4": (mid, dataclasses.replace(cfg.loss, objective="score", alpha=1.0, beta=0.0), True)}),
         **extra,
     }
 

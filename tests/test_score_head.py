@@ -264,6 +264,37 @@ def test_shared_prefix_pass_equals_two_full_passes_for_the_score_objective(tok, 
         assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-3), n
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_head_alone_stops_the_forward_at_its_layer_with_the_full_forwards_losses_and_gradients(tok, shared):
+    """At sft_weight 0 no logits are needed, so the forward stops at the head's layer (the top layer
+    of the tiny model never runs) and gives the head the losses and gradients of the full forward
+    (taken here at an sft_weight too small to move them), with the user match and a permutation."""
+    def run(sft_weight):
+        cfg = _cfg("model.head.user=rated_history", "loss.beta=0.5", f"loss.sft_weight={sft_weight}",
+                   "model.head.layer=-2")
+        model = _model(cfg)
+        for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        calls = []
+        model.get_base_model().get_decoder().layers[1].register_forward_hook(lambda *a: calls.append(1))
+        terms = _losses(model, tok, cfg, _planted_rows(tok, 3, seed=1, permutations=1, history=3),
+                        perm_index=0, shared_prefix=shared)
+        terms.total.backward()
+        return terms, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    (a, ga, top_a), (b, gb, top_b) = run(0), run(1e-12)
+    assert top_a == 0 and top_b > 0  # the layer above the head's ran only for the logits
+    assert float(a.sft) == 0 and float(b.sft) > 0
+    for name in ("rank", "perm"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+    assert float(a.perm.detach()) > 0 and "score_head.match_user.weight" in ga
+    assert any("layers.0." in n and "lora_A" in n for n in ga) and set(ga) < set(gb)
+    assert all("layers.1." in n for n in set(gb) - set(ga))  # the SFT term's, the head's loss never reaches them
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-4), n
+
+
 def _ndcg(model, tok, rows) -> float:
     prompts = [ids[:slots[0]] for ids, slots in zip(rows["input_ids"], rows["slot_positions"])]
     orders, _ = rank_batch(model, prompts, tok.identifier_ids, "score", tok.tokenizer.pad_token_id,

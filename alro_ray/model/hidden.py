@@ -1,6 +1,7 @@
 """One layer's hidden states without running the layers above it: the frozen-LM training path
 (train/frozen.py) reads them once per prompt, and ranking in mode `score` reads the score head's
-layer (rank/ranking.py): a head on layer -24 of SmolLM2's 30 costs a fifth of a full forward."""
+layer (rank/ranking.py), and training a score head by its own loss (train/objective.py) stops at
+it too: a head on layer -24 of SmolLM2's 30 costs a fifth of a full forward."""
 
 from __future__ import annotations
 
@@ -30,17 +31,16 @@ def _catch_output(module):
         handle.remove()
 
 
-def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The model's `hidden_states[layer]` for a left-padded batch, computing only the layers it
-    needs: layer -18 of SmolLM2's 30 runs the first 13. The last layer's (normed) states take the
-    whole forward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT
+def forward_to_layer(model, layer: int, **kwargs) -> torch.Tensor:
+    """`model(**kwargs).hidden_states[layer]`, running only the layers it needs (a cache in kwargs
+    is filled for those layers only). `model` may be a DeepSpeed engine; the layer's output keeps
+    its autograd graph, so a score head trained alone backpropagates through it (train/objective.py)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # under PEFT
     decoder = base.get_decoder()
     n = len(decoder.layers)
     k = layer % (n + 1)  # hidden_states[0] is the embeddings, [k] the output of decoder layer k - 1
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                  use_cache=False)
-    if k == n:
+    if k == n:  # the last layer's states are normed: the whole forward
         return model(**kwargs, logits_to_keep=1, output_hidden_states=True).hidden_states[layer]
     with _catch_output(decoder.embed_tokens if k == 0 else decoder.layers[k - 1]) as caught:
         try:
@@ -48,3 +48,11 @@ def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask:
         except _Reached:
             pass
     return caught["states"]
+
+
+def hidden_states_at(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The model's `hidden_states[layer]` for a left-padded batch, computing only the layers it
+    needs: layer -18 of SmolLM2's 30 runs the first 13. The last layer's (normed) states take the
+    whole forward."""
+    return forward_to_layer(model, layer, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=positions(attention_mask), use_cache=False)

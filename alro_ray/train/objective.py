@@ -41,6 +41,7 @@ from alro_ray.train.losses import (
     sft_loss,
     slot_probabilities,
 )
+from alro_ray.model.hidden import forward_to_layer
 from alro_ray.model.padding import attention_mask_for, left_pad, positions
 from alro_ray.model.score_head import gather_hidden
 
@@ -138,32 +139,42 @@ def _tail_len(batch: TrainBatch, header_len: int) -> int:
 
 
 def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool,
-                  hidden_at: HiddenAt | None = None) -> list[_Tail]:
+                  hidden_at: HiddenAt | None = None, logits: bool = True) -> list[_Tail]:
     """Logits of the response tail of the original (and permuted) sequences, and the hidden
-    states `hidden_at` asks for."""
+    states `hidden_at` asks for. logits False (the score head's loss alone): no logits, and the
+    forward stops at `hidden_at`'s layer (model/hidden.forward_to_layer) unless gradient
+    checkpointing is on (a checkpointed layer recomputes its forward in the backward) or the model
+    is compiled (its stop is an exception raised inside the forward)."""
     device = next(model.parameters()).device
     tail_len = _tail_len(batch, header_len)
     seqs = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
+    compiled = getattr(getattr(model, "module", model), "_compiled_call_impl", None) is not None  # Module.compile
+    upto = hidden_at.layer if not logits and hidden_at is not None and not checkpointing(model) and not compiled \
+        else None
 
     hidden, history = [None] * len(seqs), None
     if len(seqs) == 2 and shared_prefix and not checkpointing(model):
-        logits, hidden, history = _shared_prefix_forward(model, batch, pad_id, tail_len, device, hidden_at)
+        tail_logits, hidden, history = _shared_prefix_forward(model, batch, pad_id, tail_len, device, hidden_at, upto)
     else:
         flat = [s for group in seqs for s in group]
         ids, mask = left_pad(flat, pad_id, device)
-        out = model(input_ids=ids, attention_mask=attention_mask_for(model, mask, ids.shape[1]),
-                    position_ids=positions(mask), logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
-        logits = list(out.logits.view(len(seqs), batch.size, *out.logits.shape[1:]).unbind(0))
+        inputs = dict(input_ids=ids, attention_mask=attention_mask_for(model, mask, ids.shape[1]),
+                      position_ids=positions(mask))
+        if upto is not None:
+            states, tail_logits = forward_to_layer(model, upto, **inputs, use_cache=False), [None] * len(seqs)
+        else:
+            out = model(**inputs, logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
+            tail_logits = list(out.logits.view(len(seqs), batch.size, *out.logits.shape[1:]).unbind(0))
+            states = out.hidden_states[hidden_at.layer] if hidden_at is not None else None
         if hidden_at is not None:
-            states = out.hidden_states[hidden_at.layer]
             shift = (ids.shape[1] - torch.tensor([len(s) for s in flat]))[:, None]  # left padding shifts each row
             hidden = list(gather_hidden(states, torch.cat(hidden_at.candidates) + shift).view(
                 len(seqs), batch.size, -1, states.shape[-1]).unbind(0))
             if hidden_at.history is not None:
                 history = gather_hidden(states[:batch.size], hidden_at.history + shift[:batch.size])
     return [_tail(lg, s, p, tail_len, device, h, history if g == 0 else None)
-            for g, (lg, s, p, h) in enumerate(zip(logits, seqs, slots, hidden))]
+            for g, (lg, s, p, h) in enumerate(zip(tail_logits, seqs, slots, hidden))]
 
 
 def checkpointed_layers(model) -> bool:
@@ -179,23 +190,32 @@ def checkpointing(model) -> bool:
     return model.training and torch.is_grad_enabled() and checkpointed_layers(model)
 
 
-def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device, hidden_at=None
-                           ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor | None]:
+def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int, device, hidden_at=None,
+                           upto: int | None = None
+                           ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | None]:
+    """upto: stop both passes at that layer (no logits; the cache holds the layers below it)."""
     B = batch.size
     prefixes = [s[:p] for s, p in zip(batch.input_ids, batch.prefix_len)]
     for b in range(B):  # the permuted prompt must start with the same tokens
         assert batch.perm_input_ids[b][: batch.prefix_len[b]] == prefixes[b]
     p_ids, p_mask = left_pad(prefixes, pad_id, device)
     read_history = hidden_at is not None and hidden_at.history is not None
-    out = model(input_ids=p_ids, attention_mask=attention_mask_for(model, p_mask, p_ids.shape[1]),
-                position_ids=positions(p_mask), use_cache=True, logits_to_keep=1, output_hidden_states=read_history)
+    inputs = dict(input_ids=p_ids, attention_mask=attention_mask_for(model, p_mask, p_ids.shape[1]),
+                  position_ids=positions(p_mask), use_cache=True)
+    if upto is not None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # filled in place by the layers that run
+        prefix_states = forward_to_layer(model, upto, **inputs, past_key_values=cache)
+    else:
+        out = model(**inputs, logits_to_keep=1, output_hidden_states=read_history)
+        cache, prefix_states = out.past_key_values, out.hidden_states[hidden_at.layer] if read_history else None
     history = None
     if read_history:  # the history lines lie in the shared prefix
         if bool((hidden_at.history >= torch.tensor(batch.prefix_len)[:, None]).any()):
             raise ValueError("a history line lies after the shared prefix: the data's prefix_len is wrong")
         shift = (p_ids.shape[1] - torch.tensor(batch.prefix_len))[:, None]
-        history = gather_hidden(out.hidden_states[hidden_at.layer], hidden_at.history + shift)
-    cache = out.past_key_values
+        history = gather_hidden(prefix_states, hidden_at.history + shift)
     cache.batch_repeat_interleave(2)  # rows: b0 original, b0 permuted, b1 original, ...
     suffixes = []
     for b in range(B):
@@ -204,9 +224,14 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
     prefix_mask = p_mask.repeat_interleave(2, dim=0)
     start = prefix_mask.sum(-1, keepdim=True)
     full_mask = torch.cat([prefix_mask, s_mask], dim=1)
-    out = model(input_ids=s_ids, attention_mask=attention_mask_for(model, full_mask, s_ids.shape[1]),
-                position_ids=positions(s_mask, start), past_key_values=cache, use_cache=True,
-                logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
+    inputs = dict(input_ids=s_ids, attention_mask=attention_mask_for(model, full_mask, s_ids.shape[1]),
+                  position_ids=positions(s_mask, start), past_key_values=cache, use_cache=True)
+    if upto is not None:
+        states, logits = forward_to_layer(model, upto, **inputs), [None, None]
+    else:
+        out = model(**inputs, logits_to_keep=tail_len, output_hidden_states=hidden_at is not None)
+        states = out.hidden_states[hidden_at.layer] if hidden_at is not None else None
+        logits = [out.logits[0::2], out.logits[1::2]]
     hidden = [None, None]
     if hidden_at is not None:  # candidate lines lie in the suffixes: suffix coordinates, left-padded
         cand = torch.stack(hidden_at.candidates, dim=1).flatten(0, 1)  # rows as in the suffix batch
@@ -214,9 +239,9 @@ def _shared_prefix_forward(model, batch: TrainBatch, pad_id: int, tail_len: int,
         if bool((cand < prefix[:, None]).any()):
             raise ValueError("a candidate line lies in the shared prefix: the data's prefix_len is wrong")
         shift = s_ids.shape[1] - torch.tensor([len(s) for s in suffixes]) - prefix
-        h = gather_hidden(out.hidden_states[hidden_at.layer], cand + shift[:, None])
+        h = gather_hidden(states, cand + shift[:, None])
         hidden = [h[0::2], h[1::2]]
-    return [out.logits[0::2], out.logits[1::2]], hidden, history
+    return logits, hidden, history
 
 
 def step_loss(cfg: LossConfig, seed: int, epoch: int, step: int) -> LossConfig:
@@ -261,7 +286,8 @@ def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: 
 
 def score_losses(model, batch: TrainBatch, cfg: LossConfig, pad_id: int, header_len: int, shared_prefix: bool,
                  scorer) -> LossTerms:
-    """total = alpha * score_loss(head scores) + beta * score consistency + sft_weight * sft.
+    """total = alpha * score_loss(head scores) + beta * score consistency + sft_weight * sft (at
+    sft_weight 0 the SFT term is not computed and reads 0, as on the frozen path).
 
     The head reads the original and the permuted prompt in the same pass as the SFT tail; the
     permuted pass's scores are mapped back to original item order before the consistency term."""
@@ -271,11 +297,13 @@ def score_losses(model, batch: TrainBatch, cfg: LossConfig, pad_id: int, header_
     groups = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     cand = [torch.tensor([scorer.positions(s, c) for s in group]) for group in groups]
     lines = scorer.history(batch.input_ids, c)  # the same lines in the permuted prompt
+    with_sft = cfg.sft_weight > 0  # else no logits, and the forward stops at the head's layer
     tails = forward_tails(model, batch, pad_id, header_len, shared_prefix,
-                          hidden_at=HiddenAt(scorer.layer, cand, None if lines is None else lines.positions))
+                          hidden_at=HiddenAt(scorer.layer, cand, None if lines is None else lines.positions),
+                          logits=with_sft)
     orig = tails[0]
     scores = scorer.head(orig.hidden, orig.history, lines)
-    sft = sft_loss(orig.logits, orig.labels_mask, orig.ids)
+    sft = sft_loss(orig.logits, orig.labels_mask, orig.ids) if with_sft else None
     rank = score_rank_loss(cfg.score_loss, scores, batch.ratings.to(scores.device), batch.gold.to(scores.device),
                            cfg.sigma)
     perm = None
@@ -283,5 +311,4 @@ def score_losses(model, batch: TrainBatch, cfg: LossConfig, pad_id: int, header_
         permuted = map_scores_to_items(scorer.head(tails[1].hidden, orig.history, lines),
                                        batch.perm_order.to(scores.device))
         perm = score_consistency_loss(scores, permuted, detach_reference=cfg.detach_reference)
-    terms = alro_loss(sft, rank, perm, cfg.alpha, cfg.beta, sft_weight=cfg.sft_weight)
-    return dataclasses.replace(terms, sft=sft.detach())  # SFT is reported, trained only at sft_weight > 0
+    return alro_loss(sft, rank, perm, cfg.alpha, cfg.beta, sft_weight=cfg.sft_weight)
