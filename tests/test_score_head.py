@@ -584,9 +584,14 @@ def test_mode_score_refuses_nonfinite_scores(tok):
 def test_ray_train_trains_checkpoints_and_evaluates_the_head(ray_local, tmp_path, capsys):
     from alro_ray.train.trainer import run_training
 
-    cfg = _cfg("train.max_steps_per_epoch=3", "train.eval_users=6", "loss.beta=0.1")
+    # The head on layer 0's output with LoRA on that layer: the engine's forward stops there.
+    cfg = _cfg("train.max_steps_per_epoch=3", "train.eval_users=6", "loss.beta=0.1", "model.head.layer=-2",
+               "model.lora.layers=1")
     outcome = run_training(cfg, tmp_path / "run")
     assert [h["epoch"] for h in outcome.history] == [1, 2]
+    adapter = load_file(outcome.final_dir / "adapter" / "adapter_model.safetensors")
+    moved = [k for k, v in adapter.items() if "lora_B" in k and v.abs().sum() > 0]  # B starts at zero
+    assert moved and all(".layers.0." in k for k in adapter)
     assert all(h["train_rank"] > 0 and h["train_perm"] > 0 and "valid_ndcg@10" in h for h in outcome.history)
     # The head changed between the two epochs' checkpoints: the optimizer steps it under ZeRO-2.
     epochs = sorted((tmp_path / "run" / "ray" / cfg.train.run_name).glob("epoch_*"))
