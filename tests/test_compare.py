@@ -82,6 +82,9 @@ def test_table_rows_follow_the_ladder_whatever_order_they_came_in():
     assert table_order(came, ("random", "mf")) == [
         "random", "mf", "llm-zero-shot-generate", "llm-score", "fused-score-mf", "llm-sft-generate",
         "llm-sft-bootstrap@3", "llm-wo-sll-generate", "fused-wo-sll-generate-mf", "llm-alro-generate"]
+    # --merge brings classical rows this run did not fit (the top-N `retriever` among them): after its own
+    assert table_order(["llm-x", "retriever", "item-knn", "item-mean", "fused-x-item-knn"], ("item-knn",)) == [
+        "item-knn", "retriever", "item-mean", "llm-x", "fused-x-item-knn"]
 
 
 def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_rows(tiny_data, tmp_path, capsys):

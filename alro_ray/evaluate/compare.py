@@ -54,8 +54,10 @@ def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> l
                 return i
         return LADDER.index("SFT") - 0.5  # a --variant: trained rows come after the untrained ones
 
-    rankers = sorted((n for n in names if n not in baselines), key=step)  # stable: llm row, then fused
-    return [b for b in baselines if b in names] + rankers
+    ranker = ("llm-", "fused-")
+    rankers = sorted((n for n in names if n.startswith(ranker)), key=step)  # stable: llm row, then fused
+    merged = [n for n in names if not n.startswith(ranker) and n not in baselines]  # another run's classical rows
+    return [b for b in baselines if b in names] + merged + rankers
 
 
 def seed_row(name: str, index: int, seed: int) -> str:
