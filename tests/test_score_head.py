@@ -656,7 +656,6 @@ def test_frozen_lm_trains_the_head_on_cached_states(ray_local, tiny_data, tmp_pa
     assert max(valid) == pytest.approx(ndcg, abs=1e-6)
 
 
-TAU_MARGIN = 0.0  # measured: see the test that uses it
 FROZEN = ("loss.beta=0.5", "model.freeze_lm=true", "model.head.user=rated_history", "train.micro_batch=8",
           "train.grad_accum=1", "train.epochs=2", "train.lr=0.01", "train.keep=best", "train.ema_decay=0.9")
 
@@ -789,26 +788,3 @@ def test_score_head_beats_item_mean_on_per_user_tastes(ray_local, tmp_path):
     assert ranker["lists"] >= 50
     assert ranker["ndcg@10"] >= item_mean["ndcg@10"] + MARGIN
 
-
-@pytest.mark.slow  # four Ray Train runs and eight evaluations (~6 minutes here)
-def test_the_consistency_term_steadies_the_ranking_across_candidate_orders(ray_local, tiny_data, tmp_path):
-    """Issue 29's position-bias claim on planted data: heads on the frozen tiny model's states
-    trained with the consistency term (beta 1, the states of two permuted prompts) rank the same
-    test lists more alike under 4 seeded reorders (Kendall τ) than heads trained without it
-    (beta 0), in each of two seeds. The margin was measured before it was set (docs/method.md)."""
-    from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
-    from alro_ray.train.trainer import run_training
-
-    taus = {}
-    for beta in (0.0, 1.0):
-        for seed in (0, 1):
-            cfg = _cfg(*FROZEN, f"loss.beta={beta}", "train.epochs=4", f"train.seed={seed}",
-                       f"train.run_name=tau-b{beta}-s{seed}")
-            run = tmp_path / f"b{beta}-s{seed}"
-            outcome = run_training(cfg, with_tiny_data(tiny_data, run))
-            metrics = run_evaluation(outcome.final_dir, run / "eval", settings=EvalSettings(
-                modes="score", baselines=[], reorders=4))
-            taus[beta, seed] = metrics["modes"]["score"]["stability_tau"]
-    print("tau", taus)
-    for seed in (0, 1):
-        assert taus[1.0, seed] > taus[0.0, seed] + TAU_MARGIN, taus
