@@ -43,6 +43,9 @@ def slug(name: str) -> str:
     return name.lower().replace("/", "").replace(" ", "-")
 
 
+RANKER_ROWS = ("llm-", "fused-")  # every other row is a classical one (this run's or a merged run's)
+
+
 def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> list[str]:
     """Rows as the paper's tables read: the classical baselines, then the ranker rows by ladder
     step (zero-shot, few-shot, the variants, SFT, w/o SLL, w/o PSL, ALRO), each step's fused rows
@@ -54,9 +57,8 @@ def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> l
                 return i
         return LADDER.index("SFT") - 0.5  # a --variant: trained rows come after the untrained ones
 
-    ranker = ("llm-", "fused-")
-    rankers = sorted((n for n in names if n.startswith(ranker)), key=step)  # stable: llm row, then fused
-    merged = [n for n in names if not n.startswith(ranker) and n not in baselines]  # another run's classical rows
+    rankers = sorted((n for n in names if n.startswith(RANKER_ROWS)), key=step)  # stable: llm row, then fused
+    merged = [n for n in names if not n.startswith(RANKER_ROWS) and n not in baselines]  # another run's classical rows
     return [b for b in baselines if b in names] + merged + rankers
 
 
@@ -169,7 +171,8 @@ class Comparison:
         header = _header(self.cfg, s.mode if s.ladder else None, first) + (
             f" Rows merged from {', '.join(map(str, s.merge))} (their settings: details.json, config-*.yaml)."
             if s.merge else "")
-        self.table = write_results(self.out, ordered, header, self.cfg.data.protocol, s.baselines)
+        classical = [n for n in ordered if not n.startswith(RANKER_ROWS)]
+        self.table = write_results(self.out, ordered, header, self.cfg.data.protocol, classical)
 
 
 def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings | None = None) -> dict[str, dict]:
