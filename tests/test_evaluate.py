@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import random_ranker
 import torch
@@ -13,7 +15,7 @@ from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
 from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
-from alro_ray.data.dataset import load_renderer, read_split, read_stats
+from alro_ray.data.dataset import load_renderer, read_split, read_split_table, read_stats
 from alro_ray.evaluate.stability import reorders_for
 from alro_ray.rank.metrics import item_ranks
 from alro_ray.rank.ranking import bootstrap_orders, rank_batch
@@ -108,6 +110,25 @@ def test_an_actor_pool_holding_every_cpu_still_gets_its_rows(ranker_dir, tmp_pat
     job.join(timeout=300)
     assert "m" in done, "the evaluation with 2 actors on 2 CPUs did not finish in 5 minutes"
     assert done["m"]["modes"]["one-pass"]["lists"] == len(read_split(ranker_dir / "data", "test"))
+
+
+def test_limit_ranks_the_first_lists_in_file_order(ranker_dir, tmp_path):
+    """--limit N: the split's first N lists in file order, the same lists for every ranker of a
+    comparison. Ray Data's read_parquet + limit took the rows of whichever read tasks finished
+    first (on ML-100K's top-N test split, 109 of the 400 it should have)."""
+    data = tmp_path / "data"
+    shutil.copytree(ranker_dir / "data", data)
+    table = read_split_table(data, "test")
+    for f in (data / "test").glob("*.parquet"):
+        f.unlink()
+    quarter = -(-len(table) // 4)
+    for i in range(4):  # four files, so that four read tasks would race
+        pq.write_table(table.slice(i * quarter, quarter), data / "test" / f"part-{i}.parquet")
+    limit = len(table) // 2
+    run_evaluation(ranker_dir / "ranker", tmp_path / "ev", data,
+                   EvalSettings(modes=["one-pass"], baselines=[], limit=limit))
+    ranked = pd.read_parquet(tmp_path / "ev" / "predictions.parquet")["user"].astype(str)
+    assert sorted(ranked) == sorted(map(str, table["user"].to_pylist()[:limit]))
 
 
 @pytest.mark.slow  # default-run time: another evaluation; the default evaluation test covers the job

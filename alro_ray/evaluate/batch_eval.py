@@ -26,7 +26,7 @@ import torch
 
 from alro_ray.cluster import ensure_ray, quiet_ray_data
 from alro_ray.compat import check_ranker_on_data
-from alro_ray.data.dataset import load_renderer, read_split, read_stats
+from alro_ray.data.dataset import load_renderer, read_split, read_split_table, read_stats
 from alro_ray.data.samples import stable_hash
 from alro_ray.errors import AlroError, NonFiniteError
 from alro_ray.evaluate.baselines import evaluate_baselines
@@ -295,18 +295,20 @@ def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSett
         raise AlroError(f"--actors {s.actors} x --cpus-per-actor {s.cpus_per_actor} reserve "
                         f"{s.actors * s.cpus_per_actor} CPUs; the Ray cluster has {cpus:g}")
     quiet_ray_data(progress=True)
-    ds = ray.data.read_parquet(str(data / s.split))
-    if s.limit:
-        ds = ds.limit(s.limit)
+    table = read_split_table(data, s.split)
+    if s.limit:  # the first N lists in the split's file order, the same N for every ranker
+        table = table.slice(0, s.limit)
     if s.fuse:
-        valid_ds = ray.data.read_parquet(str(data / "valid"))
-        ds = ds.union(valid_ds.limit(s.limit) if s.limit else valid_ds)
-    # Read before the actors start: an actor pool that holds every CPU (--actors = the cluster's
-    # CPUs) leaves Ray Data no budget for read tasks, even zero-CPU ones, and the job would wait
-    # forever. The lists are small (rows of token ids), so they are held in the object store.
-    # A few blocks per actor: a split is read as one block per file, and the actors share blocks,
-    # not rows (ML-100K's test + valid, 2 blocks, kept one of 2 actors idle half the time).
-    ds = ds.repartition(4 * s.actors).materialize()
+        valid = read_split_table(data, "valid")
+        table = pa.concat_tables([table, valid.slice(0, s.limit) if s.limit else valid], promote_options="default")
+    # Read here and handed to Ray Data as blocks: the lists are small (rows of token ids) and every
+    # one is ranked, so read tasks and a repartition would only add seconds before the first actor
+    # starts (a third of a 32-list job's fixed cost); and the actors start with the blocks already
+    # in the object store, as an actor pool that holds every CPU (--actors = the cluster's CPUs)
+    # leaves Ray Data no budget for read tasks. A few blocks per actor: the actors share blocks,
+    # not rows (one block per split kept one of 2 actors idle half the time).
+    size = max(1, -(-len(table) // (4 * s.actors)))
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, len(table), size)])
     t0 = time.time()
     ranked = ds.map_batches(
         RankActor,
