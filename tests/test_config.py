@@ -133,6 +133,7 @@ def test_serve_settings_refuse_nan_through_the_same_check():
     ("data.max_title_chars=0", "data.max_title_chars must be >= 1, got 0"),
     ("data.max_attribute_chars=-1", "data.max_attribute_chars must be >= 0 (0: no attributes), got -1"),
     ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.log_seconds=-1", "train.log_seconds must be >= 0 (0: by log_every alone), got -1"),
     ("train.weight_decay=-0.01", "train.weight_decay must be >= 0, got -0.01"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio must be in [0, 1], got 1.5"),
     ("train.warmup_ratio=-0.1", "train.warmup_ratio must be in [0, 1], got -0.1"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from alro_ray.logs import LOG_FILE_ENV, ConsoleFilter, log_to_file
+from alro_ray.train.epoch import progress_due
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +75,20 @@ def test_workers_of_a_local_ray_write_their_stderr_to_the_log_file(ray_local, tm
     assert "[alro] a project line" not in text
 
 
+@pytest.mark.parametrize("steps_done, since_last, due", [
+    (10, 1.0, True),  # log_every 10
+    (7, 1.0, False),  # neither
+    (7, 120.0, True),  # log_seconds passed
+    (7, 119.9, False),
+])
+def test_a_progress_line_is_due_every_log_every_steps_or_after_log_seconds(steps_done, since_last, due):
+    assert progress_due(steps_done, 10, since_last, 120.0) is due
+
+
+def test_log_seconds_zero_leaves_the_progress_lines_to_log_every():
+    assert not progress_due(7, 10, 1e9, 0.0) and progress_due(20, 10, 0.0, 0.0)
+
+
 @pytest.mark.slow  # a whole `alro train` in a subprocess (own Ray, prepare, training, evaluation): 1-3 min
 def test_alro_train_shows_progress_and_tables_and_logs_the_rest(tmp_path):
     """A newcomer's run through the CLI (tiny model, 2 Ray Train workers, the evaluation job): the
@@ -83,12 +98,14 @@ def test_alro_train_shows_progress_and_tables_and_logs_the_rest(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != LOG_FILE_ENV}
     proc = subprocess.run([sys.executable, "-m", "alro_ray.cli", "train", "--config", "configs/tiny.yaml",
                            "--output-dir", str(out), "train.epochs=1", "train.max_steps_per_epoch=2",
-                           "train.log_every=1"],
+                           "train.log_every=100", "train.log_seconds=0.001"],
                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]
     assert f"full log: {out / 'alro.log'}" in console
-    assert "[alro] epoch 1/1 [" in console and "Held-out test users" in console and "final ranker:" in console
+    assert "Held-out test users" in console and "final ranker:" in console
+    for step in (1, 2):  # log_every 100 would show neither: the lines come from log_seconds
+        assert "[alro] epoch 1/1 [" in console and f"step {step}/2 loss" in console, console[-3000:]
     for noise in ("Warning", "WARNING", " INFO ", "Loading weights", "Reporting training result", "it/s]"):
         assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
     log = (out / "alro.log").read_text()

@@ -152,6 +152,9 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str = "default"
     log_every: int = 1  # optimizer steps between progress lines
+    # ... and a line at least this often (seconds, at an optimizer step's end) whatever log_every
+    # says: a slow config with a large log_every still shows it is alive; 0: log_every alone
+    log_seconds: float = 120.0
     max_nonfinite_steps: int = 5  # skipped NaN/inf updates tolerated per run; one more stops it
 
     def validate(self) -> None:
@@ -172,6 +175,8 @@ class TrainConfig:
             raise ConfigError(f"train.eval_users must be >= 0 (0 or null: every validation user), got {self.eval_users}")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.log_seconds < 0:
+            raise ConfigError(f"train.log_seconds must be >= 0 (0: by log_every alone), got {self.log_seconds}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.zero_stage not in (0, 1, 2):

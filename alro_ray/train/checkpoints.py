@@ -33,8 +33,8 @@ MODEL_STATES = f"{DS_TAG}/mp_rank_00_model_states.pt"  # DeepSpeed's module and 
 # Settings a resumed run may change without --override-resume: how long it runs, where it runs and
 # how it reports, never what or how it trains. A key ending in "." covers its whole section.
 RESUME_SAFE = ("train.epochs", "train.max_failures", "train.max_nonfinite_steps", "train.log_every",
-               "train.override_resume", "train.output_dir", "train.run_name", "train.cpus_per_worker",
-               "tracking.", "tune.")
+               "train.log_seconds", "train.override_resume", "train.output_dir", "train.run_name",
+               "train.cpus_per_worker", "tracking.", "tune.")
 
 
 def rng_file(rank: int) -> str:

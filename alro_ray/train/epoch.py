@@ -70,6 +70,7 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
     checks.start_epoch()
     sums = dict.fromkeys(TERMS, 0.0)
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
+    last_line = t0  # when the last progress line was written
     steady_from = None  # (time, tokens) when the first optimizer step ended
     for step, batch in enumerate(_batches(run, epoch)):
         if step >= run.micro_steps:
@@ -114,7 +115,9 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
         tokens += batch.tokens
         if boundary and steady_from is None:
             steady_from = (time.time(), tokens)
-        if run.rank == 0 and (step + 1) % (t.log_every * t.grad_accum) == 0:
+        if run.rank == 0 and boundary and progress_due((step + 1) // t.grad_accum, t.log_every,
+                                                       time.time() - last_line, t.log_seconds):
+            last_line = time.time()
             skipped = f", {checks.epoch_count} non-finite skipped (last: {checks.last})" if checks.epoch_count else ""
             done, total = (step + 1) // t.grad_accum, run.micro_steps // t.grad_accum
             run.say(f"epoch {epoch + 1}/{t.epochs} {progress_bar(done, total)} step {done}/{total} "
@@ -130,6 +133,12 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
     if steady_from is not None and tokens > steady_from[1]:
         metrics["steady_tokens_per_s"] = (tokens - steady_from[1]) * run.world / max(end - steady_from[0], 1e-9)
     return metrics
+
+
+def progress_due(steps_done: int, log_every: int, since_last: float, log_seconds: float) -> bool:
+    """Whether a progress line is due at the end of optimizer step `steps_done` (1-based): every
+    `log_every` steps, or once `log_seconds` (> 0) have passed since the last line."""
+    return steps_done % log_every == 0 or 0 < log_seconds <= since_last
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
