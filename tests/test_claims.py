@@ -82,6 +82,12 @@ def test_claims_hand_example(compare_dir, tmp_path):
     write_claims(list(records.values()), tmp_path / "out" / "claims.json")
     assert json.loads((tmp_path / "out" / "claims.json").read_text())[0]["claim"] == "alro-vs-sft"
     assert "| stability | planted | alro | wo-psl |" in (tmp_path / "out" / "claims.md").read_text()
+    other = [{**r, "path": "elsewhere", "diff_ndcg@10": 0.5} for r in records.values()]
+    write_claims(other, tmp_path / "out" / "claims.json")  # another path joins the file
+    write_claims(list(records.values()), tmp_path / "out" / "claims.json")  # this path's records replaced
+    saved = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert sorted(r["path"] for r in saved) == ["elsewhere"] * 5 + ["planted"] * 5
+    assert "| alro-vs-sft | elsewhere |" in (tmp_path / "out" / "claims.md").read_text()
 
 
 def test_claims_name_what_is_missing(compare_dir):

@@ -139,7 +139,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="score", help="the ranking mode of the variants' rows")
     p.add_argument("--bootstrap", type=int, default=5, metavar="K",
                    help="bootstrap@K of the w/o-PSL model from its reorders (needs --reorders >= K - 1)")
-    p.add_argument("--out", metavar="FILE", help="claims.json to write (default: DIR/claims.json), claims.md beside")
+    p.add_argument("--out", metavar="FILE", help="claims.json to write (default: DIR/claims.json; other paths' "
+                                                 "records in it stay), claims.md beside")
     p.set_defaults(func=commands.cmd_claims)
 
     p = sub.add_parser("serve", help="serve trained rankers over HTTP (Ray Serve); see docs/serving.md")

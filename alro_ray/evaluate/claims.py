@@ -18,6 +18,7 @@ the orders under the reorders (evaluate/stability.py).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -176,8 +177,12 @@ def claims_table(records: Sequence[dict]) -> str:
 
 
 def write_claims(records: Sequence[dict], path: str | Path) -> None:
-    """claims.json (the records) and claims.md (their table) beside it."""
+    """claims.json (the records) and claims.md (their table) beside it. One file holds every path's
+    claims: records of other paths already in it stay, those of the paths written are replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    written = {r["path"] for r in records}
+    if path.is_file():
+        records = [r for r in json.loads(path.read_text()) if r.get("path") not in written] + list(records)
     write_json(path, list(records))
     path.with_suffix(".md").write_text(claims_table(records))
