@@ -53,15 +53,21 @@ Inference (lists per second on the test split, both sides from a ranker checkpoi
               ids, one forward each. one-pass: logits at the last position (logits_to_keep=1, as alro)
               for the C identifier letters, log-softmax, argsort. score: the last layer's hidden
               states, gathered at each candidate line's last token, through the checkpoint's head.
-              Whole: model load + loop; ranking: the loop.
+              Whole: model load + loop; ranking: the loop. torch, transformers and PEFT are
+              already imported here (the training variants, alro's driver), so its whole leaves
+              out the imports an alro actor pays in its new process.
+  fresh       the plain loop as a user's script runs it: a new Python process (this file with a
+              hidden flag) that imports, loads and ranks. Whole: that process's wall time.
 
 one-pass ranks with the alro_2w run's final/ (the last round's); score with an untrained linear
 head on the last layer's states (save_ranker of a fresh LoRA model with the head: speed does not
 depend on what it learnt). eval_ratio_plain = alro_eval lists/s / plain's for one-pass, whole
-job against whole (`eval_ratio_plain_ranking`: ranking only; the `_score` keys for score mode).
+job against whole (`eval_ratio_plain_ranking`: ranking only; the `_score` keys for score mode);
+eval_ratio_plain_fresh: against the fresh process's whole.
 
---quick: N = 5 optimizer steps of grad_accum 2 (20 samples per variant), 2 training rounds, 2
-evaluation rounds on the first 32 test lists (`EvalSettings.limit`; the plain loop ranks as many).
+--quick: N = 5 optimizer steps of grad_accum 2 (20 samples per variant), 2 training rounds
+without alro_1w (no ratio needs it), 2 evaluation rounds on the first 32 test lists
+(`EvalSettings.limit`; the plain loop ranks as many).
 Default: N = 10, 3 rounds each, all 80 test lists.
 """
 
@@ -294,6 +300,28 @@ def plain_eval(checkpoint: str, rows: list[dict], mode: str) -> dict:
             "ranking_lists_per_s": n / (t2 - t1)}
 
 
+def plain_fresh(checkpoint: str, data_dir: Path, mode: str, lists: int | None) -> dict:
+    """plain_eval as a user's script runs it: a new Python process (imports torch, transformers
+    and PEFT, loads the model, ranks). Whole: the process's wall time, seen from here."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--plain-child", checkpoint, str(data_dir), mode, str(lists or 0)],
+                          check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = child["lists"]
+    return {**child, "whole_s": wall, "lists_per_s": n / wall}
+
+
+def plain_child(checkpoint: str, data_dir: str, mode: str, lists: int) -> None:
+    torch.set_num_threads(2)
+    from alro_ray.data.dataset import read_split
+
+    rows = read_split(data_dir, "test").to_dict("records")
+    print(json.dumps(plain_eval(checkpoint, rows[:lists or None], mode)))
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -314,8 +342,12 @@ def main() -> None:
                     help="alro evaluate's --cpus-per-actor (default 2: the plain loop's 2 threads; 1 was the default before)")
     ap.add_argument("--skip-train", action="store_true",
                     help="evaluation only, one-pass with an untrained ranker (no train figures)")
+    ap.add_argument("--plain-child", nargs=4, metavar=("CKPT", "DATA", "MODE", "LISTS"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.synthetic.users=400")
     args = ap.parse_args()
+    if args.plain_child:
+        ckpt, data, mode, n = args.plain_child
+        return plain_child(ckpt, data, mode, int(n))
     steps = args.steps or (5 if args.quick else 10)
     rounds = args.rounds or (2 if args.quick else 3)
     eval_rounds = args.eval_rounds or (2 if args.quick else 3)
@@ -349,11 +381,13 @@ def main() -> None:
     print(f"prepared {len(train_rows)} train / {len(test_rows)} test rows in {setup_s:.0f} s (Ray start included)",
           flush=True)
 
-    runs: dict[str, list[dict]] = {v: [] for v in TRAIN_VARIANTS}
+    # --quick runs what the ratios need: alro_1w (the same code on one 2-thread worker) only in the full run
+    variants = [v for v in TRAIN_VARIANTS if not (args.quick and v == "alro_1w")]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     final = None
     if not args.skip_train:
         for r in range(rounds):
-            for v in TRAIN_VARIANTS:
+            for v in variants:
                 out = tmp / f"{v}_{r}"
                 if v == "alro_2w":
                     res = alro_run(cfg, out, 2, g)
@@ -371,15 +405,18 @@ def main() -> None:
         final = str(untrained_ranker(cfg, data_dir, tmp / "untrained"))
     score_ckpt = str(score_checkpoint(cfg, data_dir, tmp / "score_ranker"))
 
-    evals: dict[str, list[dict]] = {k: [] for k in ("alro_one-pass", "plain_one-pass", "alro_score", "plain_score")}
+    evals: dict[str, list[dict]] = {f"{k}_{m}": [] for m in ("one-pass", "score") for k in ("alro", "plain", "fresh")}
     for r in range(eval_rounds):
         for mode, ckpt in (("one-pass", final), ("score", score_ckpt)):
             res = alro_eval(ckpt, data_dir, mode, tmp / f"eval_{mode}_{r}", lists, args.cpus_per_actor)
             evals[f"alro_{mode}"].append(res)
             res2 = plain_eval(ckpt, test_rows, mode)
             evals[f"plain_{mode}"].append(res2)
+            res3 = plain_fresh(ckpt, data_dir, mode, lists)
+            evals[f"fresh_{mode}"].append(res3)
             print(f"round {r + 1} {mode}: alro {res['lists_per_s']:.2f} lists/s whole ({res['ranking_lists_per_s']:.2f} "
-                  f"ranking), plain {res2['lists_per_s']:.2f} ({res2['ranking_lists_per_s']:.2f})", flush=True)
+                  f"ranking), plain {res2['lists_per_s']:.2f} ({res2['ranking_lists_per_s']:.2f}), "
+                  f"plain in a fresh process {res3['lists_per_s']:.2f}", flush=True)
 
     figures: dict = {"train": {}, "eval": {}}
     for v, rs in runs.items():
@@ -406,6 +443,8 @@ def main() -> None:
         "eval_ratio_plain_score": ratio(ev["alro_score"]["lists_per_s"], ev["plain_score"]["lists_per_s"]),
         "eval_ratio_plain_score_ranking": ratio(ev["alro_score"]["ranking_lists_per_s"],
                                                 ev["plain_score"]["ranking_lists_per_s"]),
+        "eval_ratio_plain_fresh": ratio(ev["alro_one-pass"]["lists_per_s"], ev["fresh_one-pass"]["lists_per_s"]),
+        "eval_ratio_plain_fresh_score": ratio(ev["alro_score"]["lists_per_s"], ev["fresh_score"]["lists_per_s"]),
     }
     mean_tokens = sum(len(r["input_ids"]) for r in train_rows[:need]) / need
     head = (f"SmolLM2-135M, LoRA r{cfg.model.lora.rank} on {','.join(cfg.model.lora.target_modules)}, SFT; "
