@@ -309,6 +309,9 @@ def rank_split(checkpoint: str | Path, data: Path, modes: list[str], s: EvalSett
     # not rows (one block per split kept one of 2 actors idle half the time).
     size = max(1, -(-len(table) // (4 * s.actors)))
     ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, len(table), size)])
+    # predictions in the split's order whichever actor finishes first: the same file, and the
+    # same float sums in the metrics, every run
+    ds.context.execution_options.preserve_order = True
     t0 = time.time()
     ranked = ds.map_batches(
         RankActor,
