@@ -114,9 +114,10 @@ def test_an_actor_pool_holding_every_cpu_still_gets_its_rows(ranker_dir, tmp_pat
 
 def test_limit_ranks_the_first_lists_in_file_order(ranker_dir, tmp_path):
     """--limit N: the split's first N lists in file order, the same lists for every ranker of a
-    comparison, and predictions.parquet in that order (Ray Data's preserve_order: without it the
-    blocks' finish order set the rows' order, and the metrics' float sums moved in the last bits). Ray Data's read_parquet + limit took the rows of whichever read tasks finished
-    first (on ML-100K's top-N test split, 109 of the 400 it should have)."""
+    comparison, and predictions.parquet in that order. Ray Data's read_parquet + limit took the
+    rows of whichever read tasks finished first (on ML-100K's top-N test split, 109 of the 400 it
+    should have); without preserve_order the blocks' finish order set the rows' order, and the
+    metrics' float sums moved in the last bits."""
     data = tmp_path / "data"
     shutil.copytree(ranker_dir / "data", data)
     table = read_split_table(data, "test")
