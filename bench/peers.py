@@ -1,7 +1,7 @@
 """alro-ray against what a user would use instead: the same SFT training and the same ranking, as ratios.
 
     python bench/peers.py [--quick] [--json FILE] [--steps N] [--grad-accum G] [--rounds R] [--eval-rounds R]
-                          [--skip-train] [KEY=VALUE ...]
+                          [--lists N] [--eval-modes one-pass,score] [--skip-train] [KEY=VALUE ...]
 
 Data: configs/quickstart.yaml's synthetic set (SmolLM2-135M tokenizer, H=5, C=5, ~300-token
 prompts), prepared once into a temp dir with 200 users and `data.split` 0.5/0.1/0.4 so the test split has
@@ -67,8 +67,9 @@ eval_ratio_plain_fresh: against the fresh process's whole.
 
 --quick: N = 5 optimizer steps of grad_accum 2 (20 samples per variant), 2 training rounds
 without alro_1w (no ratio needs it), 2 evaluation rounds on the first 32 test lists
-(`EvalSettings.limit`; the plain loop ranks as many).
-Default: N = 10, 3 rounds each, all 80 test lists.
+(`EvalSettings.limit`; the plain loop ranks as many) in one-pass mode only (the score mode's
+ratios are the full run's: `--eval-modes one-pass,score` adds them).
+Default: N = 10, 3 rounds each, all 80 test lists, both modes.
 """
 
 from __future__ import annotations
@@ -331,13 +332,15 @@ def ratio(a, b):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="N=5 steps of grad_accum 2, 2 rounds of each part")
+    ap.add_argument("--quick", action="store_true",
+                    help="N=5 steps of grad_accum 2, 2 rounds of each part, 32 lists ranked one-pass only")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps N (default 10, quick 5)")
     ap.add_argument("--grad-accum", type=int, default=2, help="alro_2w's grad_accum G (global batch 2G)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved training rounds (default 3, quick 2)")
     ap.add_argument("--eval-rounds", type=int, default=None, help="interleaved evaluation rounds (default 3, quick 2)")
     ap.add_argument("--lists", type=int, default=None, help="test lists ranked (default all 80, quick 32)")
+    ap.add_argument("--eval-modes", default=None, help="ranking modes timed (default one-pass,score; quick one-pass)")
     ap.add_argument("--cpus-per-actor", type=int, default=2,
                     help="alro evaluate's --cpus-per-actor (default 2: the plain loop's 2 threads; 1 was the default before)")
     ap.add_argument("--skip-train", action="store_true",
@@ -352,6 +355,9 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
     eval_rounds = args.eval_rounds or (2 if args.quick else 3)
     lists = args.lists or (32 if args.quick else None)
+    eval_modes = [m for m in (args.eval_modes or ("one-pass" if args.quick else "one-pass,score")).split(",") if m]
+    if not set(eval_modes) <= {"one-pass", "score"}:
+        raise SystemExit(f"--eval-modes {args.eval_modes}: expected one-pass and/or score")
     g = args.grad_accum
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
@@ -403,11 +409,14 @@ def main() -> None:
                       f"whole run {res['whole_s']:.1f} s", flush=True)
     else:
         final = str(untrained_ranker(cfg, data_dir, tmp / "untrained"))
-    score_ckpt = str(score_checkpoint(cfg, data_dir, tmp / "score_ranker"))
+    ckpts = {"one-pass": final}
+    if "score" in eval_modes:
+        ckpts["score"] = str(score_checkpoint(cfg, data_dir, tmp / "score_ranker"))
 
-    evals: dict[str, list[dict]] = {f"{k}_{m}": [] for m in ("one-pass", "score") for k in ("alro", "plain", "fresh")}
+    evals: dict[str, list[dict]] = {f"{k}_{m}": [] for m in eval_modes for k in ("alro", "plain", "fresh")}
     for r in range(eval_rounds):
-        for mode, ckpt in (("one-pass", final), ("score", score_ckpt)):
+        for mode in eval_modes:
+            ckpt = ckpts[mode]
             res = alro_eval(ckpt, data_dir, mode, tmp / f"eval_{mode}_{r}", lists, args.cpus_per_actor)
             evals[f"alro_{mode}"].append(res)
             res2 = plain_eval(ckpt, test_rows, mode)
@@ -433,18 +442,21 @@ def main() -> None:
     def steady(v):
         return tr.get(v, {}).get("steady_tokens_per_s")
 
+    def lps(k, key="lists_per_s"):  # None for a mode not timed (--eval-modes)
+        return ev.get(k, {}).get(key)
+
     result = {
         "train_ratio_peer": ratio(steady("alro_2w"), steady("hf_trainer")),
         "train_ratio_bare": ratio(steady("alro_2w"), steady("bare")),
         "train_ratio_1w_peer": ratio(steady("alro_1w"), steady("hf_trainer")),
-        "eval_ratio_plain": ratio(ev["alro_one-pass"]["lists_per_s"], ev["plain_one-pass"]["lists_per_s"]),
-        "eval_ratio_plain_ranking": ratio(ev["alro_one-pass"]["ranking_lists_per_s"],
-                                          ev["plain_one-pass"]["ranking_lists_per_s"]),
-        "eval_ratio_plain_score": ratio(ev["alro_score"]["lists_per_s"], ev["plain_score"]["lists_per_s"]),
-        "eval_ratio_plain_score_ranking": ratio(ev["alro_score"]["ranking_lists_per_s"],
-                                                ev["plain_score"]["ranking_lists_per_s"]),
-        "eval_ratio_plain_fresh": ratio(ev["alro_one-pass"]["lists_per_s"], ev["fresh_one-pass"]["lists_per_s"]),
-        "eval_ratio_plain_fresh_score": ratio(ev["alro_score"]["lists_per_s"], ev["fresh_score"]["lists_per_s"]),
+        "eval_ratio_plain": ratio(lps("alro_one-pass"), lps("plain_one-pass")),
+        "eval_ratio_plain_ranking": ratio(lps("alro_one-pass", "ranking_lists_per_s"),
+                                          lps("plain_one-pass", "ranking_lists_per_s")),
+        "eval_ratio_plain_score": ratio(lps("alro_score"), lps("plain_score")),
+        "eval_ratio_plain_score_ranking": ratio(lps("alro_score", "ranking_lists_per_s"),
+                                                lps("plain_score", "ranking_lists_per_s")),
+        "eval_ratio_plain_fresh": ratio(lps("alro_one-pass"), lps("fresh_one-pass")),
+        "eval_ratio_plain_fresh_score": ratio(lps("alro_score"), lps("fresh_score")),
     }
     mean_tokens = sum(len(r["input_ids"]) for r in train_rows[:need]) / need
     head = (f"SmolLM2-135M, LoRA r{cfg.model.lora.rank} on {','.join(cfg.model.lora.target_modules)}, SFT; "

@@ -1,8 +1,11 @@
 """The package's house rules (docs/architecture.md), checked: the packages depend in one declared
 direction (counting imports made inside functions), every import inside a function says why it is
-there, modules have at most 400 lines, and there is no import cycle."""
+there, modules have at most 400 lines, and there is no import cycle; and a ranker actor's process
+imports none of the driver's side."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,20 @@ def test_no_import_cycle_counting_imports_inside_functions():
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+# What an `alro evaluate` actor's new process must not import: the driver's side of the job. Each
+# was seconds of every evaluation's fixed cost when the actor class sat in batch_eval.py
+# (docs/benchmarks.md, peers: "The actor's imports trimmed").
+DRIVER_ONLY = ("scipy.stats", "matplotlib", "alro_ray.evaluate.baselines", "alro_ray.evaluate.report",
+               "alro_ray.classical.retrievers", "alro_ray.data.retrieval")
+
+
+def test_the_ranker_actor_module_imports_none_of_the_drivers_side():
+    code = ("import sys, alro_ray.evaluate.rank_actor; "
+            f"print(','.join(m for m in {DRIVER_ONLY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+    code = code.replace("alro_ray.evaluate.rank_actor", "alro_ray.evaluate.batch_eval")  # the check can fail
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "alro_ray.evaluate.baselines" in out.split(",")

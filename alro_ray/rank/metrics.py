@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy import stats
 
 from alro_ray.errors import NonFiniteError
 
@@ -169,11 +168,15 @@ def _correlation(test, x: Sequence[float], y: Sequence[float], name: str) -> flo
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rho (average ranks for ties). 0.0 if either side is constant."""
+    from scipy import stats  # here, not at the top: scipy.stats is a second of every ranker actor's start
+
     return _correlation(stats.spearmanr, x, y, "spearman")
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b (corrects for ties on either side). 0.0 if either side is constant."""
+    from scipy import stats
+
     return _correlation(stats.kendalltau, x, y, "kendall_tau")
 
 

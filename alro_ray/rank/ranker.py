@@ -26,7 +26,6 @@ from alro_ray.files import write_json
 from alro_ray.data import hints as prompt_hints
 from alro_ray.data.prompts import Item, render_prefix, render_suffix
 from alro_ray.data.dataset import PreparedStats
-from alro_ray.data.retrieval import RETRIEVER_DIR
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.model.ranker_info import RankerInfo, read_ranker_info, write_ranker_info
 
@@ -54,6 +53,9 @@ def save_ranker(out_dir: str | Path, model, tokenizer, cfg: Config, stats: Prepa
         shutil.copyfile(Path(data_dir) / prompt_hints.FILE, out / prompt_hints.FILE)
         info.hints = list(stats.hints)
     if stats.protocol == "topn":  # Serve's /recommend retrieves from the catalogue, then reranks
+        # here: the retrievers' module (scipy) is not for a process that only loads rankers
+        from alro_ray.data.retrieval import RETRIEVER_DIR
+
         if not data_dir:
             raise AlroError("the data is top-N (data.protocol topn): save_ranker needs its data_dir")
         shutil.copytree(Path(data_dir) / RETRIEVER_DIR, out / RETRIEVER_DIR, dirs_exist_ok=True)
