@@ -99,6 +99,24 @@ def test_claims_name_what_is_missing(compare_dir):
                                            seeds=(0, 1), bootstrap=5))
 
 
+def test_a_reference_left_out_leaves_out_its_claims(compare_dir):
+    def claims(**refs):
+        ladder = Ladder(path="p", alro="alro", **{"sft": None, "wo_sll": None, "wo_psl": None, **refs},
+                        seeds=(0, 1), bootstrap=3)
+        return {r["claim"]: r for r in measure_claims(compare_dir, ladder)}
+
+    only_sft = claims(sft="sft")
+    assert list(only_sft) == ["alro-vs-sft"]
+    assert only_sft["alro-vs-sft"]["diff_ndcg@10"] == pytest.approx(1 - (NDCG_WORST + 1) / 2)
+    only_psl = claims(wo_psl="wo-psl")
+    assert list(only_psl) == ["psl", "psl-vs-bootstrap", "stability"]
+    # the same numbers as with the whole ladder (test_claims_hand_example)
+    assert only_psl["psl-vs-bootstrap"]["diff_ndcg@10"] == pytest.approx(1 - NDCG_WORST)
+    assert only_psl["stability"]["tau"] == pytest.approx({"with_psl": 1.0, "without_psl": -1 / 3})
+    with pytest.raises(AlroError, match="no claim to measure"):
+        claims()
+
+
 def test_alro_claims_command_writes_the_records_and_prints_the_table(compare_dir, capsys):
     from alro_ray import cli
 
@@ -109,3 +127,8 @@ def test_alro_claims_command_writes_the_records_and_prints_the_table(compare_dir
     assert [r["claim"] for r in records] == ["alro-vs-sft", "sll", "psl", "psl-vs-bootstrap", "stability"]
     assert "| psl | planted | alro | wo-psl | +0.0000 |" in capsys.readouterr().out
     assert cli.main([*args[:-2], "--bootstrap", "1"]) == 2  # bootstrap@1 is the one pass
+    capsys.readouterr()
+    partial = [a for a in args if a not in ("--wo-sll", "wo-sll", "--wo-psl", "wo-psl")]
+    assert cli.main(partial) == 0  # a ladder still training: SFT's claim only
+    assert "left out (no reference row named): sll, psl, psl-vs-bootstrap, stability" in capsys.readouterr().out
+    assert [r["claim"] for r in json.loads((compare_dir / "claims.json").read_text())] == ["alro-vs-sft"]

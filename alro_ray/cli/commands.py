@@ -118,7 +118,7 @@ def cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_claims(args: argparse.Namespace, cfg: Config) -> int:
-    from alro_ray.evaluate.claims import Ladder, claims_table, measure_claims, write_claims  # a stage loads on use
+    from alro_ray.evaluate.claims import CLAIMS_OF, Ladder, claims_table, measure_claims, write_claims  # loads on use
 
     seeds = parse_seeds(args.seeds)
     if not seeds:
@@ -131,6 +131,9 @@ def cmd_claims(args: argparse.Namespace, cfg: Config) -> int:
     out = Path(args.out or Path(args.compare) / "claims.json")
     write_claims(records, out)
     print(claims_table(records))
+    left_out = [c for role, claims in CLAIMS_OF.items() if getattr(ladder, role) is None for c in claims]
+    if left_out:
+        print(f"left out (no reference row named): {', '.join(left_out)}")
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 

@@ -132,9 +132,11 @@ def make_parser() -> argparse.ArgumentParser:
                                       "with --seeds and --reorders (docs/method.md)")
     p.add_argument("--compare", required=True, metavar="DIR", help="the alro compare output directory")
     p.add_argument("--path", required=True, help="what the ladder ran on, e.g. 'score head, ML-100K rated'")
-    for role, what in (("alro", "both terms"), ("sft", "neither term"), ("wo-sll", "without the list-wise loss"),
-                       ("wo-psl", "without the permutation term")):
-        p.add_argument(f"--{role}", required=True, metavar="VARIANT", help=f"the compare variant with {what}")
+    p.add_argument("--alro", required=True, metavar="VARIANT", help="the compare variant with both terms")
+    for role, what, claims in (("sft", "neither term", "alro-vs-sft"), ("wo-sll", "the permutation term only", "sll"),
+                               ("wo-psl", "the list-wise loss only", "psl, psl-vs-bootstrap, stability")):
+        p.add_argument(f"--{role}", metavar="VARIANT",
+                       help=f"the compare variant with {what} (left out: no {claims} claim; a ladder still running)")
     p.add_argument("--seeds", default="0,1,2", help="the seeds the compare ran (its --seeds)")
     p.add_argument("--mode", default="score", help="the ranking mode of the variants' rows")
     p.add_argument("--bootstrap", type=int, default=5, metavar="K",

@@ -2,7 +2,7 @@
 docs/method.md, "ALRO's claims, measured").
 
 A ladder names four of the comparison's recipes: `alro` (both terms), `sft` (neither), `wo_sll`
-and `wo_psl`. Every claim is the mean over seeds of each list's metric under one recipe minus
+and `wo_psl`; a reference left out leaves out its claims (a ladder whose rows are still training). Every claim is the mean over seeds of each list's metric under one recipe minus
 the same under the reference, with a paired bootstrap interval over lists (rank/metrics.py):
 
   alro-vs-sft       ALRO - SFT                         NDCG@10
@@ -35,16 +35,21 @@ from alro_ray.rank.metrics import list_stability, ndcg_at_k, paired_bootstrap
 
 @dataclass
 class Ladder:
-    """Which compare variants play ALRO's ladder, and on what path."""
+    """Which compare variants play ALRO's ladder, and on what path. A reference left out (None)
+    leaves out the claims that need it (CLAIMS_OF): the claims of a ladder not yet fully run."""
 
     path: str  # e.g. "score head, ML-100K rated"
     alro: str
-    sft: str
-    wo_sll: str
-    wo_psl: str
+    sft: str | None
+    wo_sll: str | None
+    wo_psl: str | None
     seeds: Sequence[int] = (0, 1, 2)
     mode: str = "score"
     bootstrap: int = 5  # k of the w/o-PSL model's bootstrap@k (needs --reorders >= k - 1)
+
+
+# the claims each reference row is needed for
+CLAIMS_OF = {"sft": ("alro-vs-sft",), "wo_sll": ("sll",), "wo_psl": ("psl", "psl-vs-bootstrap", "stability")}
 
 
 def read_rows(out: Path, variant: str, ladder: Ladder) -> list[pd.DataFrame]:
@@ -124,7 +129,10 @@ def _tpq(rows: dict[str, list[pd.DataFrame]]) -> float:
 def measure_claims(out: str | Path, ladder: Ladder) -> list[dict]:
     """The claims' records (module docstring) from the compare output `out`."""
     out = Path(out)
-    rows = {name: read_rows(out, getattr(ladder, name), ladder) for name in ("alro", "sft", "wo_sll", "wo_psl")}
+    rows = {name: read_rows(out, getattr(ladder, name), ladder) for name in ("alro", *CLAIMS_OF)
+            if getattr(ladder, name) is not None}
+    if len(rows) == 1:
+        raise AlroError("no claim to measure: name at least one reference row (--sft, --wo-sll or --wo-psl)")
     users = sorted(set.intersection(*(set(f.index) for frames in rows.values() for f in frames)))
     if not users:
         raise AlroError(f"{out}: the ladder's rows share no test list")
@@ -136,6 +144,18 @@ def measure_claims(out: str | Path, ladder: Ladder) -> list[dict]:
         return {"claim": claim, **base, "row": ladder.alro, "reference": reference, "diff_ndcg@10": diff, "ci95": ci,
                 "lists": n, **extra}
 
+    records = []
+    if "sft" in rows:
+        records.append(record("alro-vs-sft", ndcg["alro"], ndcg["sft"], ladder.sft))
+    if "wo_sll" in rows:
+        records.append(record("sll", ndcg["alro"], ndcg["wo_sll"], ladder.wo_sll))
+    if "wo_psl" in rows:
+        records += _psl_records(rows, ndcg, users, ladder, record)
+    return records
+
+
+def _psl_records(rows: dict, ndcg: dict, users: Sequence[str], ladder: Ladder, record: Callable) -> list[dict]:
+    """The claims against the w/o-PSL row: NDCG, its bootstrap@k, and τ across the reorders."""
     k = ladder.bootstrap
     boot = seed_mean(rows["wo_psl"], bootstrap_ndcg(k), users)
     tpq_one = _tpq(rows)
@@ -144,8 +164,6 @@ def measure_claims(out: str | Path, ladder: Ladder) -> list[dict]:
     tau_diff, tau_ci, _ = paired(taus["alro"], taus["wo_psl"])
     tau_with, tau_without = float(np.mean(taus["alro"])), float(np.mean(taus["wo_psl"]))
     return [
-        record("alro-vs-sft", ndcg["alro"], ndcg["sft"], ladder.sft),
-        record("sll", ndcg["alro"], ndcg["wo_sll"], ladder.wo_sll),
         record("psl", ndcg["alro"], ndcg["wo_psl"], ladder.wo_psl),
         record("psl-vs-bootstrap", ndcg["alro"], boot, f"{ladder.wo_psl} bootstrap@{k}",
                tpq_seconds={"one_pass": tpq_one, f"bootstrap@{k}": tpq_boot}, tpq_ratio=tpq_one / tpq_boot,
