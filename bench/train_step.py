@@ -14,6 +14,11 @@ best round counts. Variants (keys of the JSON):
   alro_rate50      ALRO with loss.permutation_rate 0.5: the permuted pass on half the steps;
                    derived, not timed: the mean of alro and sft_lambda (a step without it)
   sft_top4         SFT with LoRA on the top 4 decoder layers only (model.lora.layers: 4)
+  sft_top4_lower   the same from the states below those layers, read back (train.cache_lower_layers,
+                   train/lower_states.py): the top 4 layers' forward and backward; the warm-up and
+                   the first round read the states (a best round is a read-back one)
+  alro_top4        ALRO (shared prefix) with LoRA on the top 4 layers
+  alro_top4_lower  the same from the states read back (both prompts through the top 4 layers)
   score            the score head (loss.objective: score, lambda loss on a linear head, beta = 0)
   score_mid_top4   the same head on layer -24 (configs/ml100k_topn_score.yaml's) with LoRA on the
                    4 layers below it (model.lora.layers: 4): the forward stops at the head's layer
@@ -24,14 +29,14 @@ Collation (`train.objective.collate`, run in Ray Data's prefetch thread by the t
 apart from the steps and reported per micro-batch, and so is the weight average's update over the
 sft variant's LoRA weights (`train.ema_decay`, train/averaging.py), once per optimizer step.
 
---quick times sft, sft_lambda, alro, sft_top4, score and score_mid_top4 only, 3 rounds (under 5 minutes on 2 cores).
+--quick times the variants in QUICK only (the two-pass and the rate-50 ALRO left out), 3 rounds.
 The device's matrix-multiply rate (fp32 on CPU, bf16 on CUDA, where the model runs in bf16 as
 under DeepSpeed) is measured too, and each step's share of it reported. FLOPs are estimated as
 4 x N x tokens with N the parameters that multiply (embeddings are lookups): forward 2 N T,
 backward to the activations 2 N T (frozen weights need no weight gradient); the LM head runs on
 the response tail only and is left out. Tokens per second count each sample's own tokens once
 (the permuted prompt of ALRO is cost, not throughput). For sft_top4 that estimate overstates the work (backward
-stops at the lowest LoRA layer), and for score_mid_top4 (the forward stops at the head), so their
+stops at the lowest LoRA layer; the _lower variants' forward starts there), and for score_mid_top4 (the forward stops at the head), so their
 shares of peak read as equivalents against full SFT.
 """
 
@@ -59,9 +64,11 @@ from alro_ray.model.loading import add_lora, load_base_model  # noqa: E402
 from alro_ray.model.score_head import attach_head, scorer_of  # noqa: E402
 from alro_ray.errors import ConfigError  # noqa: E402
 from alro_ray.train.averaging import WeightAverage  # noqa: E402
+from alro_ray.train.lower_states import LowerStates, lowest_lora_layer  # noqa: E402
 from alro_ray.train.objective import collate, compute_losses  # noqa: E402
 
-QUICK = ("sft", "sft_lambda", "alro", "sft_top4", "score", "score_mid_top4")
+QUICK = ("sft", "sft_lambda", "alro", "sft_top4", "sft_top4_lower", "alro_top4", "alro_top4_lower", "score",
+         "score_mid_top4")
 
 
 def sync(device: str) -> None:
@@ -104,7 +111,7 @@ def sample_rows(cfg, n: int) -> tuple[dict, object]:
 
 
 def build_variants(cfg, device: str, dtype, compiled: bool = False) -> dict:
-    """name -> (model, loss config, shared_prefix, scorer or None)."""
+    """name -> (model, loss config, shared_prefix, the states below LoRA (LowerStates) or None)."""
     def lora_model(model_cfg, head_only=False):
         torch.manual_seed(0)
         return add_lora(load_base_model(model_cfg, dtype), model_cfg, head_only).to(device)
@@ -128,17 +135,21 @@ def build_variants(cfg, device: str, dtype, compiled: bool = False) -> dict:
         model = lora_model(cfg.model)
         model.compile(dynamic=True)
         extra["sft_compiled"] = (model, sft, True)
-    return {
+    score = dataclasses.replace(cfg.loss, objective="score", alpha=1.0, beta=0.0)
+    variants = {
         "sft": (full, sft, True),
         "sft_lambda": (full, dataclasses.replace(cfg.loss, beta=0.0), True),
         "alro_two_passes": (full, cfg.loss, False),
         "alro": (full, cfg.loss, True),
         "sft_top4": (top4, sft, True),
-        "score": (scored, dataclasses.replace(cfg.loss, objective="score", alpha=1.0, beta=0.0), True),
-        **({} if mid is None else
-           {"score_mid_top4": (mid, dataclasses.replace(cfg.loss, objective="score", alpha=1.0, beta=0.0), True)}),
+        "sft_top4_lower": (top4, sft, True, LowerStates(lowest_lora_layer(top4))),
+        "alro_top4": (top4, cfg.loss, True),
+        "alro_top4_lower": (top4, cfg.loss, True, LowerStates(lowest_lora_layer(top4))),
+        "score": (scored, score, True),
+        **({} if mid is None else {"score_mid_top4": (mid, score, True)}),
         **extra,
     }
+    return {name: v if len(v) == 4 else (*v, None) for name, v in variants.items()}
 
 
 def main() -> None:
@@ -177,14 +188,14 @@ def main() -> None:
     collate_s = []
 
     def step(name: str, i: int) -> None:
-        model, loss_cfg, shared = variants[name]
+        model, loss_cfg, shared, lower = variants[name]
         part = {k: v[i * args.micro_batch:(i + 1) * args.micro_batch] for k, v in rows.items()}
         t0 = time.perf_counter()
         batch = collate(part, 0 if loss_cfg.beta > 0 else None)
         collate_s.append(time.perf_counter() - t0)
         with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             terms = compute_losses(model, batch, ident, loss_cfg, pad, len(tok.header_ids), shared_prefix=shared,
-                                   scorer=scorer_of(model, tok))
+                                   scorer=scorer_of(model, tok), lower=lower)
         terms.total.backward()
         model.zero_grad(set_to_none=True)
 

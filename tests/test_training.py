@@ -24,7 +24,7 @@ from alro_ray.rank.ranker import load_ranker
 from alro_ray.config import load_config
 from alro_ray.errors import AlroError
 from alro_ray.rank.evaluation import prompt_ids
-from alro_ray.data.dataset import read_split
+from alro_ray.data.dataset import read_split, read_split_table
 from alro_ray.files import run_lock
 from alro_ray.train.averaging import AVERAGE_FILE
 from alro_ray.train.checkpoints import missing_parts
@@ -68,6 +68,31 @@ def test_a_seeded_run_repeats(trained, tmp_path):
     first, second = (load_file(o.final_dir / "adapter" / "adapter_model.safetensors") for o in (outcome, again))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert sorted(p.name for p in (out / "shares").iterdir()) == ["train_0.parquet", "train_1.parquet"]
+
+
+@pytest.mark.slow  # two runs over whole epochs (2-4 min here); tests/test_lower_states.py has the numbers
+def test_the_states_below_lora_are_read_once_and_shared_by_the_next_run(ray_local, tiny_data, tmp_path):
+    """train.cache_lower_layers under Ray Train and ZeRO-2: the states below the top LoRA layer
+    are read once per distinct sequence (epoch 1: the prompts and their first permutation, epoch
+    2: the second permutation, epoch e reading permutation e mod 2), and a run with another seed
+    on the same data reads them all back from the model cache (train/lower_states.py)."""
+    out = with_tiny_data(tiny_data, tmp_path / "first")
+    lower = ["model.lora.layers=1", "train.cache_lower_layers=true", f"model.cache_dir={tmp_path / 'cache'}",
+             "train.max_steps_per_epoch=0"]  # whole epochs: every row is met in each
+    first = run_training(_cfg(*lower), out)
+    again = run_training(_cfg(*lower, "train.seed=1", f"data.prepared={out / 'data'}"), tmp_path / "second")
+    read = [[h["lower_states_read"] for h in o.history] for o in (first, again)]
+    rows = read_split_table(out / "data", "train").to_pylist()
+    distinct = [{tuple(r["input_ids"]) for r in rows} | {tuple(r["perm_input_ids"][k]) for r in rows}
+                for k in (0, 1)]
+    assert read[0] == [len(distinct[0]), len(distinct[1] - distinct[0])] and read[0][1] > 0
+    assert read[1] == [0, 0]
+    assert len(list((tmp_path / "cache" / "frozen-states").glob("lower-*of2.pt"))) == 2  # one per worker
+    for o in (first, again):
+        assert all(math.isfinite(h["train_loss"]) and h["train_perm"] > 0 for h in o.history)
+        weights = load_file(o.final_dir / "adapter" / "adapter_model.safetensors")
+        assert all(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)
+        assert {n.split(".layers.")[1].split(".")[0] for n in weights} == {"1"}  # the top layer's LoRA only
 
 
 def test_checkpoint_loads_back_and_ranks(trained):

@@ -137,6 +137,11 @@ class TrainConfig:
     # ... and keep those states under the model cache ($ALRO_CACHE/frozen-states), keyed by the
     # weights, layer and prompts, for a later run to read back (another seed, a Tune trial, a resume).
     reuse_frozen_states: bool = True
+    # With model.lora.layers k (generative objective): keep each training sequence's states below
+    # the LoRA layers, which never change, and after its first step run only the top k layers on
+    # them; with reuse_frozen_states stored beside those states for later runs on the same data
+    # (another seed or recipe of an ablation; train/lower_states.py).
+    cache_lower_layers: bool = False
     eval_mode: RankMode = "one-pass"  # score: the score head
     eval_users: int | None = None  # cap on validation users per epoch; None or 0: all
     # The final ranker: the last epoch's, or the epoch with the best valid NDCG@10 (ties: the
@@ -257,7 +262,22 @@ class Config:
         for part in (self.data, self.model.lora, self.model.head, self.loss, self.train, self.tune, self.tracking):
             part.validate()
         check_head(self)
+        check_lower_layers(self)
         return self
+
+
+def check_lower_layers(cfg: Config) -> None:
+    """train.cache_lower_layers needs frozen layers below LoRA that a plain forward runs."""
+    if not cfg.train.cache_lower_layers:
+        return
+    why = ("model.lora.layers is not set (LoRA on every layer leaves none frozen below it)"
+           if cfg.model.lora.layers is None else
+           f"loss.objective={cfg.loss.objective} (it serves the generative objective)"
+           if cfg.loss.objective != "generative" else
+           "train.gradient_checkpointing is on" if cfg.train.gradient_checkpointing else
+           "train.compile is on" if cfg.train.compile else None)
+    if why:
+        raise ConfigError(f"train.cache_lower_layers=true, but {why}: set train.cache_lower_layers=false")
 
 
 def check_head(cfg: Config) -> None:

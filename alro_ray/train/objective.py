@@ -41,7 +41,7 @@ from alro_ray.train.losses import (
     sft_loss,
     slot_probabilities,
 )
-from alro_ray.model.hidden import forward_to_layer
+from alro_ray.model.hidden import forward_from_layer, forward_to_layer
 from alro_ray.model.padding import attention_mask_for, left_pad, positions
 from alro_ray.model.score_head import gather_hidden
 
@@ -139,16 +139,26 @@ def _tail_len(batch: TrainBatch, header_len: int) -> int:
 
 
 def forward_tails(model, batch: TrainBatch, pad_id: int, header_len: int, shared_prefix: bool,
-                  hidden_at: HiddenAt | None = None, logits: bool = True) -> list[_Tail]:
+                  hidden_at: HiddenAt | None = None, logits: bool = True, lower=None) -> list[_Tail]:
     """Logits of the response tail of the original (and permuted) sequences, and the hidden
     states `hidden_at` asks for. logits False (the score head's loss alone): no logits, and the
     forward stops at `hidden_at`'s layer (model/hidden.forward_to_layer) unless gradient
     checkpointing is on (a checkpointed layer recomputes its forward in the backward) or the model
-    is compiled (its stop is an exception raised inside the forward)."""
+    is compiled (its stop is an exception raised inside the forward). `lower`
+    (train/lower_states.LowerStates): the frozen layers' states below LoRA, read once per sequence;
+    only the layers above them run (both groups in one batch: no shared prefix to save)."""
     device = next(model.parameters()).device
     tail_len = _tail_len(batch, header_len)
     seqs = [batch.input_ids] + ([batch.perm_input_ids] if batch.perm_input_ids is not None else [])
     slots = [batch.slot_positions] + ([batch.perm_slot_positions] if batch.perm_input_ids is not None else [])
+    if lower is not None:
+        if hidden_at is not None:
+            raise ValueError("the lower layers' states serve the generative objective only")
+        states, mask = lower.padded(model, [s for group in seqs for s in group], pad_id, device)
+        out = forward_from_layer(model, lower.layer, states, position_ids=positions(mask), logits_to_keep=tail_len,
+                                 attention_mask=attention_mask_for(model, mask, states.shape[1]))
+        tail_logits = out.logits.view(len(seqs), batch.size, *out.logits.shape[1:]).unbind(0)
+        return [_tail(lg, s, p, tail_len, device) for lg, s, p in zip(tail_logits, seqs, slots)]
     compiled = getattr(getattr(model, "module", model), "_compiled_call_impl", None) is not None  # Module.compile
     upto = hidden_at.layer if not logits and hidden_at is not None and not checkpointing(model) and not compiled \
         else None
@@ -255,14 +265,14 @@ def step_loss(cfg: LossConfig, seed: int, epoch: int, step: int) -> LossConfig:
 
 
 def compute_losses(model, batch: TrainBatch, identifier_ids: torch.Tensor, cfg: LossConfig,
-                   pad_id: int, header_len: int, shared_prefix: bool = True, scorer=None) -> LossTerms:
+                   pad_id: int, header_len: int, shared_prefix: bool = True, scorer=None, lower=None) -> LossTerms:
     """The objective `cfg.objective` names; `scorer` (model/score_head.CandidateScorer, its head
-    registered on `model`) is needed by the score objective."""
+    registered on `model`) is needed by the score objective; `lower`: see `forward_tails`."""
     if cfg.beta > 0 and batch.perm_input_ids is None:
         raise ValueError("loss.beta > 0 needs a batch collated with a permutation (perm_index)")
     if cfg.objective == "score":
         return score_losses(model, batch, cfg, pad_id, header_len, shared_prefix, scorer)
-    tails = forward_tails(model, batch, pad_id, header_len, shared_prefix)
+    tails = forward_tails(model, batch, pad_id, header_len, shared_prefix, lower=lower)
     orig = tails[0]
     ident = identifier_ids.to(orig.logits.device)
     sft = sft_loss(orig.logits, orig.labels_mask, orig.ids)

@@ -29,10 +29,11 @@ from alro_ray.config import Config, from_dict
 from alro_ray.data.dataset import PreparedStats
 from alro_ray.data.tokenize import RankTokenizer
 from alro_ray.errors import AlroError, NonFiniteError
+from alro_ray.model.cache import STATES_DIR
 from alro_ray.model.loading import add_lora, cache_root, load_base_model, load_tokenizer
 from alro_ray.model.score_head import attach_head
 from alro_ray.rank.ranker import save_ranker
-from alro_ray.train import guard
+from alro_ray.train import guard, lower_states
 from alro_ray.train.averaging import AVERAGE_FILE, WeightAverage
 from alro_ray.train.checkpoints import DS_TAG, STATE, resume_dir, rng_file, write_part_list
 from alro_ray.train.epoch import EpochRun, train_epoch
@@ -250,22 +251,31 @@ def train_loop(loop_config: LoopConfig) -> None:
     if uses_cached_states(cfg) and start_epoch < t.epochs:  # the frozen LM's states, read once (train/frozen.py)
         splits = (("train", in_row_order(shard_rows(share_name(rank)))),
                   ("valid", valid_rows(cfg, stats, rank, world)))
-        store = cache_root(cfg.model.cache_dir) / "frozen-states" if t.reuse_frozen_states else None
+        store = cache_root(cfg.model.cache_dir) / STATES_DIR if t.reuse_frozen_states else None
         cached = {split: read_states(engine.module, rank_tok, rows, tokenizer.pad_token_id, rank, say, split, store)
                   for split, rows in splits}
         if cfg.loss.beta > 0:  # the consistency term's permuted prompts, each read once too
             read_permuted(engine.module, rank_tok, cached["train"], t.epochs,
                           tokenizer.pad_token_id, rank, say, "train", store)
+    lower = None
+    if t.cache_lower_layers and start_epoch < t.epochs:  # the frozen layers below LoRA (train/lower_states.py)
+        store = cache_root(cfg.model.cache_dir) / STATES_DIR if t.reuse_frozen_states else None
+        lower = lower_states.for_worker(engine.module, loop_config.data_dir, store, rank, world)
+        if rank == 0:
+            say(f"the states below LoRA's layers (layer {lower.layer}): {len(lower.states)} sequences read back"
+                + (f" from {lower.path}" if lower.states else "; each is read at its first step"))
     run = EpochRun(
         engine=engine, params=params, cfg=cfg, rank=rank, world=world, micro_steps=micro_steps,
         rank_tok=rank_tok, identifier_ids=torch.tensor(rank_tok.identifier_ids), pad_id=tokenizer.pad_token_id,
         checks=guard.NonFiniteGuard(t.max_nonfinite_steps, sum(h.get("nonfinite_steps", 0) for h in history)),
         # DeepSpeed skips non-finite gradient norms itself under ZeRO and bf16, not in plain fp32.
         own_grad_check=t.zero_stage == 0 and not bf16,
-        cached=cached, average=average, say=say)
+        cached=cached, lower=lower, average=average, say=say)
     try:
         for epoch in range(start_epoch, t.epochs):
             metrics = train_epoch(run, epoch)
+            if lower is not None and lower.save() and rank == 0:
+                say(f"saved the states below LoRA's layers of {len(lower.states)} sequences to {lower.path}")
             metrics.update(resumed=resumed and epoch == start_epoch, lr=scheduler.get_last_lr()[0], **engine_setup)
             with average.applied():  # validate what the checkpoint's ranker will hold
                 metrics.update(validate(engine.module, cfg, stats, rank_tok, tokenizer.pad_token_id, rank, world,
