@@ -66,3 +66,37 @@ def random_ranker(root, *overrides):
             p.data.normal_(0, 0.5)
     save_ranker(root / "ranker", model, load_tokenizer("tiny-random"), cfg, read_stats(root / "data"), root / "data")
     return root
+
+
+def objective_rows(*overrides):
+    """configs/tiny.yaml's model (LoRA dropout 0, LoRA B non-zero so the adapter matters) and three
+    rendered training rows (H=6, C=5, 2 stored permutations): (cfg, rows as a dict of columns,
+    model, RankTokenizer), for tests of the training objective on a real (tiny) model."""
+    import pyarrow as pa
+    import torch
+
+    from alro_ray.config import load_config
+    from alro_ray.data.dataset import SAMPLE_SCHEMA
+    from alro_ray.data.prepare import RenderTokenize, item_table
+    from alro_ray.data.samples import user_samples
+    from alro_ray.data.synthetic import generate
+    from alro_ray.model.loading import add_lora, load_base_model
+
+    cfg = load_config("configs/tiny.yaml", ["model.lora.dropout=0.0", *overrides])
+    source = generate(cfg.data.synthetic)
+    items, _ = item_table(source, cfg)
+    df = source.interactions.sort_values(["user", "timestamp", "item"])
+    rows = []
+    for user, g in df.groupby("user"):
+        rows += user_samples(user, g["item"].tolist(), g["rating"].tolist(), g["timestamp"].tolist(),
+                             split="train", history=6, candidates=5, windows=1, permutations=2, seed=0)
+        if len(rows) >= 3:
+            break
+    render = RenderTokenize("tiny-random", None, 5, items, source.attribute_name, source.domain_plural)
+    table = render(pa.Table.from_pylist(rows[:3], schema=SAMPLE_SCHEMA))
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model), cfg.model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return cfg, table.to_pydict(), model, render.tok

@@ -6,15 +6,11 @@ read back only under their own key."""
 import dataclasses
 import logging
 
-import pyarrow as pa
 import pytest
 import torch
 
+from conftest import objective_rows
 from alro_ray.config import ConfigError, load_config
-from alro_ray.data.dataset import SAMPLE_SCHEMA
-from alro_ray.data.prepare import RenderTokenize, item_table
-from alro_ray.data.samples import user_samples
-from alro_ray.data.synthetic import generate
 from alro_ray.model.hidden import forward_from_layer, hidden_states_at
 from alro_ray.model.loading import add_lora, load_base_model
 from alro_ray.model.padding import attention_mask_for, left_pad, positions
@@ -25,24 +21,7 @@ from alro_ray.train.objective import collate, compute_losses
 @pytest.fixture(scope="module")
 def setup():
     """configs/tiny.yaml (2 decoder layers) with LoRA on the top one, LoRA B non-zero."""
-    cfg = load_config("configs/tiny.yaml", ["model.lora.dropout=0.0", "model.lora.layers=1"])
-    source = generate(cfg.data.synthetic)
-    items, _ = item_table(source, cfg)
-    df = source.interactions.sort_values(["user", "timestamp", "item"])
-    rows = []
-    for user, g in df.groupby("user"):
-        rows += user_samples(user, g["item"].tolist(), g["rating"].tolist(), g["timestamp"].tolist(),
-                             split="train", history=6, candidates=5, windows=1, permutations=2, seed=0)
-        if len(rows) >= 3:
-            break
-    render = RenderTokenize("tiny-random", None, 5, items, source.attribute_name, source.domain_plural)
-    table = render(pa.Table.from_pylist(rows[:3], schema=SAMPLE_SCHEMA))
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg.model), cfg.model)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    return cfg, table.to_pydict(), model, render.tok
+    return objective_rows("model.lora.layers=1")
 
 
 def _losses(setup, lower=None):

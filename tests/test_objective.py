@@ -3,40 +3,18 @@
 import copy
 import dataclasses
 
-import pyarrow as pa
 import pytest
 import torch
 
+from conftest import objective_rows
 from alro_ray.config import ConfigError, load_config
 from alro_ray.model.loading import add_lora, load_base_model
 from alro_ray.train.objective import checkpointing, collate, compute_losses
-from alro_ray.data.dataset import SAMPLE_SCHEMA
-from alro_ray.data.prepare import RenderTokenize, item_table
-from alro_ray.data.samples import user_samples
-from alro_ray.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = load_config("configs/tiny.yaml", ["model.lora.dropout=0.0"])
-    source = generate(cfg.data.synthetic)
-    items, _ = item_table(source, cfg)
-    df = source.interactions.sort_values(["user", "timestamp", "item"])
-    rows = []
-    for user, g in df.groupby("user"):
-        rows += user_samples(user, g["item"].tolist(), g["rating"].tolist(), g["timestamp"].tolist(),
-                             split="train", history=6, candidates=5, windows=1, permutations=2, seed=0)
-        if len(rows) >= 3:
-            break
-    render = RenderTokenize("tiny-random", None, 5, items, source.attribute_name, source.domain_plural)
-    table = render(pa.Table.from_pylist(rows[:3], schema=SAMPLE_SCHEMA))
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg.model), cfg.model)
-    # LoRA B starts at zero; give it values so the adapter matters for the gradient comparison.
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    return cfg, table.to_pydict(), model, render.tok
+    return objective_rows()
 
 
 def _losses(setup, shared_prefix, perm_index=1):
