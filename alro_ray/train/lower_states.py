@@ -36,7 +36,8 @@ log = logging.getLogger("alro_ray")
 
 
 def lowest_lora_layer(model) -> int:
-    """n - k: the first decoder layer with a trained parameter, checked to be above all frozen ones."""
+    """n - k: the lowest decoder layer with a trained parameter (nothing outside the decoder
+    layers may train: a trained embedding would change the states below it)."""
     trained = [(name, re.search(r"\.layers\.(\d+)\.", name)) for name, p in model.named_parameters()
                if p.requires_grad]
     others = [name for name, m in trained if m is None]
