@@ -91,12 +91,23 @@ def test_claims_hand_example(compare_dir, tmp_path):
 
 
 def test_claims_name_what_is_missing(compare_dir):
-    with pytest.raises(AlroError, match="variant 'alro' seed 2"):
+    with pytest.raises(AlroError, match="variant 'alro' seeds 0, 2"):
         measure_claims(compare_dir, Ladder(path="p", alro="alro", sft="sft", wo_sll="wo-sll", wo_psl="wo-psl",
                                            seeds=(0, 1, 2)))
     with pytest.raises(AlroError, match="--reorders 4 or more"):
         measure_claims(compare_dir, Ladder(path="p", alro="alro", sft="sft", wo_sll="wo-sll", wo_psl="wo-psl",
                                            seeds=(0, 1), bootstrap=5))
+
+
+def test_seeds_trained_in_separate_runs_are_found_by_their_names(compare_dir):
+    """The plain row is the one seed without a `-seed<s>` row, whichever it is (alro compare
+    --seeds 1,2 beside an earlier seed-0 run): the hand example's numbers with seed 1 renamed 5."""
+    for variant in ("alro", "sft", "wo-sll", "wo-psl"):
+        (compare_dir / "eval" / f"{variant}-seed1").rename(compare_dir / "eval" / f"{variant}-seed5")
+    ladder = Ladder(path="p", alro="alro", sft="sft", wo_sll="wo-sll", wo_psl="wo-psl", seeds=(5, 0), bootstrap=3)
+    records = {r["claim"]: r for r in measure_claims(compare_dir, ladder)}
+    assert records["alro-vs-sft"]["diff_ndcg@10"] == pytest.approx(1 - (NDCG_WORST + 1) / 2)
+    assert records["alro-vs-sft"]["seeds"] == [5, 0]
 
 
 def test_a_reference_left_out_leaves_out_its_claims(compare_dir):

@@ -124,13 +124,16 @@ def test_seeds_name_their_rows_and_the_table_gives_each_recipe_its_mean_over_see
     from alro_ray.evaluate.results import MethodResult, seed_groups, write_results
 
     cfg = load_config("configs/tiny.yaml")
-    rows = seeded("w/o SLL", cfg, [3, 0, 7])
+    rows = seeded("w/o SLL", cfg, [3, 0, 7])  # the config's own seed (0) keeps the plain name, in any order
     assert [(n, c.train.seed, c.train.run_name) for n, c in rows] == [
-        ("w/o SLL", 3, "wo-sll"), ("w/o SLL-seed0", 0, "wo-sll-seed0"), ("w/o SLL-seed7", 7, "wo-sll-seed7")]
+        ("w/o SLL-seed3", 3, "wo-sll-seed3"), ("w/o SLL", 0, "wo-sll"), ("w/o SLL-seed7", 7, "wo-sll-seed7")]
+    assert [n for n, _ in seeded("sft", cfg, [1, 2])] == ["sft-seed1", "sft-seed2"]
     assert [n for n, _ in seeded("score", cfg, [])] == ["score"]
     assert seed_groups(["mf", "llm-x-score", "llm-x-seed1-score", "fused-x-score-mf", "fused-x-seed1-score-mf",
-                        "llm-y-seed2-score"]) == {"llm-x-score": ["llm-x-score", "llm-x-seed1-score"],
-                                                  "fused-x-score-mf": ["fused-x-score-mf", "fused-x-seed1-score-mf"]}
+                        "llm-y-seed2-score", "llm-z-seed1-score", "llm-z-seed2-score"]) == {
+        "llm-x-score": ["llm-x-score", "llm-x-seed1-score"],
+        "fused-x-score-mf": ["fused-x-score-mf", "fused-x-seed1-score-mf"],
+        "llm-z-score": ["llm-z-seed1-score", "llm-z-seed2-score"]}  # seeds trained apart from the config's own
 
     users = ["a", "b", "c", "d"]
     good, bad = [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]  # the ratings in the order each method ranked them

@@ -120,8 +120,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="add the rows of an earlier compare output (or results) DIR on the same test lists "
                         "(repeatable; this run's rows win a name clash)")
     p.add_argument("--seeds", default="", metavar="S0,S1,...",
-                   help="train every trained row once per train.seed: the first seed's rows keep their names, "
-                        "the others' get -seed<s>; the table adds each recipe's mean over its seeds")
+                   help="train every trained row once per train.seed: the rows of the config's own "
+                        "train.seed keep their names, the others' get -seed<s> (so seeds trained in separate "
+                        "runs merge); the table adds each recipe's mean over its seeds")
     p.add_argument("--results", metavar="DIR", help="copy the configs, compare.json/md, details.json and "
                                                    "predictions.parquet to DIR (e.g. docs/results/ml100k)")
     add_reorders_arg(p)

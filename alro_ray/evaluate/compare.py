@@ -62,15 +62,16 @@ def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> l
     return [b for b in baselines if b in names] + merged + rankers
 
 
-def seed_row(name: str, index: int, seed: int) -> str:
-    """The row of a recipe's `index`-th seed: `name` for the first, `name-seed<s>` for the others
-    (results.seed_groups and evaluate/claims.py find them again)."""
-    return name if index == 0 else f"{name}-seed{seed}"
+def seed_row(name: str, seed: int, own: int) -> str:
+    """The row of a recipe trained with train.seed `seed`: `name` for the config's own seed `own`,
+    `name-seed<s>` for the others, whatever the order of --seeds, so that seeds trained in separate
+    runs merge (results.seed_groups and evaluate/claims.py find them again)."""
+    return name if seed == own else f"{name}-seed{seed}"
 
 
 def seeded(name: str, cfg: Config, seeds: Sequence[int]) -> list[tuple[str, Config]]:
     """(row name, config) per train.seed (`seed_row`); no seeds: the config's own. Each runs as its row."""
-    rows = [(seed_row(name, i, s), s) for i, s in enumerate(seeds)] or [(name, cfg.train.seed)]
+    rows = [(seed_row(name, s, cfg.train.seed), s) for s in seeds] or [(name, cfg.train.seed)]
     return [(row, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s, run_name=slug(row))))
             for row, s in rows]
 

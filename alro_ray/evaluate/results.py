@@ -148,12 +148,13 @@ def intervals(results: dict[str, MethodResult], users: Sequence[str], table: dic
 
 
 def seed_groups(names: Sequence[str]) -> dict[str, list[str]]:
-    """The rows of one recipe trained with several train.seeds (`alro compare --seeds`: the first
-    seed's row `llm-x-score`, the others' `llm-x-seed1-score`, ...), by the first seed's row."""
+    """The rows of one recipe trained with several train.seeds (`alro compare --seeds`: the config's
+    own seed's row `llm-x-score`, the others' `llm-x-seed1-score`, ...), by the row without a seed
+    (which may be absent: seeds trained apart from the config's own)."""
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(SEED_ROW.sub("", name, count=1), []).append(name)
-    return {base: rows for base, rows in groups.items() if len(rows) > 1 and base in rows}
+    return {base: rows for base, rows in groups.items() if len(rows) > 1}
 
 
 def seed_means(results: dict[str, MethodResult], users: Sequence[str], table: dict[str, dict],
