@@ -116,7 +116,7 @@ def test_a_compare_with_nothing_to_rank_tables_the_baselines_with_the_merged_row
 
 
 def test_seeds_name_their_rows_and_the_table_gives_each_recipe_its_mean_over_seeds(tmp_path):
-    """--seeds: each trained row once per train.seed (`-seed<s>` after the first), and the recipe's
+    """--seeds: each trained row once per train.seed (`-seed<s>` but the config's own), and the recipe's
     level: the seeds' per-list mean against the reference, worked by hand on 4 planted lists."""
     from alro_ray.config import load_config
     from alro_ray.evaluate.compare import seeded
