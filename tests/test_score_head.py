@@ -693,7 +693,9 @@ def test_a_second_frozen_run_reads_the_stored_states_and_repeats(ray_local, tmp_
     reused = evaluate(first.final_dir, "eval-reuse", "--reuse-states")
     new = set(store.glob("*.pt")) - before
     assert len(new) == 3 * len(pd.read_parquet(tmp_path / "eval-reuse" / "predictions.parquet"))
-    assert evaluate(again.final_dir, "eval-again", "--reuse-states")["ndcg@10"] == reused["ndcg@10"]
+    # the same rankings; the mean has differed in its last bit under load (seen once, 2026-12-05)
+    assert evaluate(again.final_dir, "eval-again", "--reuse-states")["ndcg@10"] == pytest.approx(reused["ndcg@10"],
+                                                                                                abs=1e-12)
     assert set(store.glob("*.pt")) - before == new
     assert reused["ndcg@10"] == pytest.approx(plain["ndcg@10"], abs=1e-9)
     assert reused["stability_tau"] == pytest.approx(plain["stability_tau"], abs=1e-9)
