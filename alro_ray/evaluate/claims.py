@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from alro_ray.errors import AlroError
-from alro_ray.evaluate.compare import slug
+from alro_ray.evaluate.compare import seed_row, slug
 from alro_ray.files import write_json
 from alro_ray.rank.decoding import borda
 from alro_ray.rank.metrics import list_stability, ndcg_at_k, paired_bootstrap
@@ -56,14 +56,15 @@ def read_rows(out: Path, variant: str, ladder: Ladder) -> list[pd.DataFrame]:
     """One frame per seed: the variant's test rows in the ladder's mode, indexed by user. A seed's
     rows are `<variant>-seed<s>` (compare.seed_row), or the plain `<variant>` for the one seed
     without its own: the compare config's train.seed, unknown here."""
-    frames, plain = [], [s for s in ladder.seeds if not (out / "eval" / slug(f"{variant}-seed{s}")).is_dir()]
+    frames, plain = [], [s for s in ladder.seeds if not (out / "eval" / slug(seed_row(variant, s, None))).is_dir()]
     if len(plain) > 1:
         raise AlroError(f"{out / 'eval'}: no evaluation of variant {variant!r} seeds {', '.join(map(str, plain))} "
                         f"(rows {variant}-seed<s>; the plain row {variant} is one seed's at most, the compare "
                         f"config's train.seed): run alro compare with --variant {variant}=... --seeds "
                         f"{','.join(map(str, plain))} into {out}")
+    own = plain[0] if plain else None
     for seed in ladder.seeds:
-        path = out / "eval" / slug(variant if seed in plain else f"{variant}-seed{seed}") / "predictions.parquet"
+        path = out / "eval" / slug(seed_row(variant, seed, own)) / "predictions.parquet"
         if not path.is_file():
             raise AlroError(f"{path}: no evaluation of variant {variant!r} seed {seed}: run alro compare with "
                             f"--variant {variant}=... --seeds {','.join(map(str, ladder.seeds))} into {out}")

@@ -62,7 +62,7 @@ def table_order(names: Sequence[str], baselines: Sequence[str] = CLASSICAL) -> l
     return [b for b in baselines if b in names] + merged + rankers
 
 
-def seed_row(name: str, seed: int, own: int) -> str:
+def seed_row(name: str, seed: int, own: int | None) -> str:
     """The row of a recipe trained with train.seed `seed`: `name` for the config's own seed `own`,
     `name-seed<s>` for the others, whatever the order of --seeds, so that seeds trained in separate
     runs merge (results.seed_groups and evaluate/claims.py find them again)."""
