@@ -8,14 +8,15 @@ import pytest
 from alro_ray.config import Config, load_config, parse_yaml
 from alro_ray.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))  # configs/ablation/ too: they extend the ones above
 
 
 def test_configs_exist():
     assert {p.stem for p in CONFIGS} >= {"tiny", "quickstart", "cpu_small", "paper_gpu", "tune_tiny", "tune_gpu"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR).with_suffix("")))
 def test_every_yaml_in_configs_loads_and_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
