@@ -76,6 +76,18 @@ def test_a_variant_must_rank_the_same_lists(tmp_path):
         same_lists(tmp_path / "a", tmp_path / "other")
 
 
+def test_a_variant_with_the_tables_data_settings_trains_on_its_prepared_data(tiny_data):
+    """A variant that changes only the loss or the seed trains on the table's prepared prompts (and
+    the states stored for them), not on a copy prepared again; one that renders prompts otherwise
+    prepares its own."""
+    from alro_ray.config import load_config
+    from alro_ray.evaluate.compare import shares_data
+
+    assert shares_data(load_config("configs/tiny.yaml", ["loss.beta=0.1", "train.seed=3"]), tiny_data)
+    assert not shares_data(load_config("configs/tiny.yaml", ["data.hints=[item_mean]"]), tiny_data)
+    assert not shares_data(load_config("configs/tiny.yaml", ["data.permutations=1"]), tiny_data)
+
+
 def test_table_rows_follow_the_ladder_whatever_order_they_came_in():
     came = ["llm-wo-sll-generate", "fused-wo-sll-generate-mf", "mf", "llm-alro-generate", "llm-zero-shot-generate",
             "llm-score", "fused-score-mf", "llm-sft-generate", "llm-sft-bootstrap@3", "random"]

@@ -25,7 +25,7 @@ from typing import Sequence
 import pandas as pd
 
 from alro_ray import tracking
-from alro_ray.config import Config, save_config
+from alro_ray.config import Config, save_config, to_dict
 from alro_ray.data.dataset import read_split, read_stats
 from alro_ray.errors import AlroError
 from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
@@ -101,6 +101,13 @@ def same_lists(a: Path, b: Path, split: str = "test") -> None:
     if lists(a) != lists(b):
         raise AlroError(f"{b}: its {split} lists differ from {a}'s; a compare variant may change how prompts are "
                         f"rendered, not the data's users, windows or split (data.seed, history, candidates)")
+
+
+def shares_data(vcfg: Config, data: Path) -> bool:
+    """Whether a variant's data settings are the ones `data` was prepared with: then it trains and
+    ranks on that directory (its prompts, and the states stored for them, e.g. by
+    train.cache_lower_layers) instead of preparing the same prompts again under its own run."""
+    return not vcfg.data.prepared and to_dict(vcfg.data) == {**read_stats(data).config["data"], "prepared": None}
 
 
 @dataclass
@@ -207,8 +214,10 @@ def run_compare(cfg: Config, output_dir: str | Path, settings: CompareSettings |
         if "few-shot" in s.ladder:
             c.evaluate("few-shot", base, [s.mode], shots=s.few_shot, train={"train_samples": 0})
     for vname, vcfg in s.variants.items():
-        vdata = resolve_data(vcfg, out / "runs" / slug(vname))
-        same_lists(data, vdata)
+        vdata = data
+        if not shares_data(vcfg, data):
+            vdata = resolve_data(vcfg, out / "runs" / slug(vname))
+            same_lists(data, vdata)
         for name, scfg in seeded(vname, vcfg, s.seeds):
             save_config(scfg, out / f"config-{slug(name)}.yaml")
             scfg = dataclasses.replace(scfg, data=dataclasses.replace(scfg.data, prepared=str(vdata)))
