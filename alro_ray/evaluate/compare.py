@@ -25,14 +25,14 @@ from typing import Sequence
 import pandas as pd
 
 from alro_ray import tracking
-from alro_ray.config import Config, save_config, to_dict
+from alro_ray.config import Config, save_config
 from alro_ray.data.dataset import read_split, read_stats
 from alro_ray.errors import AlroError
 from alro_ray.evaluate.batch_eval import EvalSettings, run_evaluation
 from alro_ray.evaluate.results import MethodResult, baseline_results, ranker_results, read_results, write_results
 from alro_ray.model.loading import add_lora, load_base_model, load_tokenizer
 from alro_ray.rank.ranker import save_ranker
-from alro_ray.train.trainer import resolve_data, run_training
+from alro_ray.train.trainer import prepared_with, resolve_data, run_training
 
 LADDER = ("zero-shot", "few-shot", "SFT", "w/o SLL", "w/o PSL", "ALRO")
 CLASSICAL = ("random", "popularity", "item-mean", "mf", "gru4rec", "sasrec")
@@ -107,7 +107,7 @@ def shares_data(vcfg: Config, data: Path) -> bool:
     """Whether a variant's data settings are the ones `data` was prepared with: then it trains and
     ranks on that directory (its prompts, and the states stored for them, e.g. by
     train.cache_lower_layers) instead of preparing the same prompts again under its own run."""
-    return not vcfg.data.prepared and to_dict(vcfg.data) == {**read_stats(data).config["data"], "prepared": None}
+    return not vcfg.data.prepared and prepared_with(vcfg, data)
 
 
 @dataclass

@@ -57,6 +57,12 @@ class TrainOutcome:
     data_dir: Path
 
 
+def prepared_with(cfg: Config, data_dir: Path) -> bool:
+    """Whether data_dir holds what cfg.data would prepare: the same data settings, wherever either
+    points `prepared` (DataError: data_dir holds no readable prepared data)."""
+    return {**read_stats(data_dir).config["data"], "prepared": None} == {**to_dict(cfg.data), "prepared": None}
+
+
 def resolve_data(cfg: Config, out: Path) -> Path:
     """The prepared data directory: the configured one, or DIR/data prepared now (once)."""
     if cfg.data.prepared:
@@ -65,8 +71,7 @@ def resolve_data(cfg: Config, out: Path) -> Path:
         return data_dir
     data_dir = out / "data"
     try:
-        stats = read_stats(data_dir)
-        if stats.config["data"] == to_dict(cfg.data):
+        if prepared_with(cfg, data_dir):
             log.info("using the data prepared earlier in %s", data_dir)
             return data_dir
     except DataError:
